@@ -1,0 +1,1 @@
+"""saber_bench: workloads, load generator, discrete-event simulator, reports and plots."""

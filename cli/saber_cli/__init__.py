@@ -1,0 +1,1 @@
+"""saber_cli: the `saber` command; each component registers its own subcommands."""

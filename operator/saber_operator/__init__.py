@@ -1,0 +1,1 @@
+"""saber_operator: kopf operator that reconciles SaberService resources."""

@@ -1,0 +1,1 @@
+"""saber_sidecar: the SLA-aware admission gate in front of a vLLM engine."""

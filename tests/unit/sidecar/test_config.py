@@ -1,0 +1,61 @@
+import pytest
+
+from saber_sidecar.config import ConfigError, SidecarConfig, load_config, paper_config, parse_config
+
+GOOD = """
+classes:
+  - name: interactive
+    deadline_seconds: 1.5
+    ttft_seconds: 0.3
+    output_tokens: 64
+    on_miss: reject
+    model_aliases: [coder-fast]
+  - name: batch
+    deadline_seconds: 30
+default_class: batch
+scheduling:
+  policy: saber
+"""
+
+
+def test_parse_good_config():
+    cfg = parse_config(GOOD)
+    assert cfg.get_class("interactive").on_miss == "reject"
+    assert cfg.class_for_model("coder-fast").name == "interactive"
+    assert cfg.class_for_model("other") is None
+    assert cfg.scheduling.speed_model.form == "usl"
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("classes: [", "not valid YAML"),
+        ("- a\n- b", "expected a mapping"),
+        ("classes: []\ndefault_class: x", "classes"),
+        ("classes: [{name: a, deadline_seconds: 1}]\ndefault_class: b", "default_class 'b' is not one of"),
+        ("classes: [{name: a, deadline_seconds: -1}]\ndefault_class: a", "deadline_seconds"),
+        ("classes: [{name: a, deadline_seconds: 1}, {name: a, deadline_seconds: 2}]\ndefault_class: a", "duplicate"),
+        ("classes: [{name: A_B, deadline_seconds: 1}]\ndefault_class: A_B", "classes.0.name"),
+        (
+            "classes: [{name: a, deadline_seconds: 1}]\ndefault_class: a\n"
+            "scheduling: {speed_model: {form: linear, params: [1, 2, 3]}}",
+            "takes 2 params",
+        ),
+        ("classes: [{name: a, deadline_seconds: 1, color: red}]\ndefault_class: a", "color"),
+    ],
+)
+def test_bad_config_says_what_is_wrong(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(text)
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_paper_config_round_trips():
+    cfg = paper_config(policy="saber-paper")
+    again = SidecarConfig.model_validate(cfg.model_dump())
+    assert again == cfg
+    assert [c.deadline_seconds for c in cfg.classes] == [1.0, 1.0, 8.0, 12.0]
