@@ -1,0 +1,1 @@
+"""Admission policies: pure decision code shared by the sidecar and the simulator."""

@@ -1,0 +1,114 @@
+"""The admission-policy contract: one policy, two clocks.
+
+A policy is pure: every call passes `now` (seconds on the driver's clock), returns the actions the
+driver must carry out, reads no clock and does no I/O. The sidecar drives it with the wall clock
+and a real engine; the benchmark's simulator drives the same code with virtual time and the
+emulated engine.
+
+Driver obligations:
+- call `submit` when a request arrives, `finished` when an admitted request ends (any reason),
+  `cancel` when a still-queued request's client goes away, and `observe_engine` when fresh engine
+  metrics arrive;
+- call `wake(now)` no later than `next_wake()` whenever that is not None (deadline timers,
+  the paper's dispatch tick);
+- carry out every returned action in order: `Admit` sends the request to the engine (with a
+  lower engine priority when `best_effort`), `Reject` answers 429 with Retry-After, `Demote`
+  only records that the request lost its SLA guarantee (it stays queued as best effort).
+Every submitted request eventually gets exactly one `Admit` or `Reject` unless cancelled.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Request:
+    """A request as the policy sees it. Times are absolute, on the driver's clock."""
+
+    id: str
+    sla_class: str
+    arrival: float
+    deadline: float
+    max_tokens: int
+    expected_tokens: int
+    prompt_tokens: int = 0
+    on_miss: str = "demote"  # "demote" or "reject"
+    ttft_deadline: float | None = None
+    tpot_target: float | None = None
+    # Set by the policy:
+    best_effort: bool = False
+    admitted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    request_id: str
+    best_effort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    request_id: str
+    reason: str
+    retry_after_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Demote:
+    request_id: str
+    reason: str
+
+
+Action = Admit | Reject | Demote
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What the driver knows of the engine: from vLLM's /metrics live, from the model in simulation."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float = 0.0
+    healthy: bool = True
+
+
+@dataclass(slots=True)
+class PolicyStats:
+    """Introspection for metrics and reports; cheap to compute."""
+
+    queued_sla: int = 0
+    queued_best_effort: int = 0
+    running: int = 0
+    admission_limit: int | None = None
+    predicted_speed: float | None = None
+    speed_model_r2: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Policy(ABC):
+    name: str
+
+    @abstractmethod
+    def submit(self, req: Request, now: float) -> list[Action]: ...
+
+    @abstractmethod
+    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
+        """An admitted request ended (completed, failed or aborted) after producing `output_tokens`."""
+
+    @abstractmethod
+    def cancel(self, request_id: str, now: float) -> list[Action]:
+        """A queued (not yet admitted) request's client went away."""
+
+    @abstractmethod
+    def wake(self, now: float) -> list[Action]: ...
+
+    @abstractmethod
+    def next_wake(self) -> float | None: ...
+
+    def observe_engine(self, snapshot: EngineSnapshot, now: float) -> list[Action]:
+        return []
+
+    @abstractmethod
+    def stats(self) -> PolicyStats: ...
