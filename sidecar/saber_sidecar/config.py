@@ -74,6 +74,9 @@ class SpeedModelConfig(BaseModel):
     online_refit: bool = Field(default=True, description="Refit from finished requests on a recent window.")
     window: int = Field(default=512, ge=16, le=100_000, description="Finished requests kept for refitting.")
     min_samples: int = Field(default=32, ge=4, le=100_000, description="Samples needed before the first refit.")
+    refit_every: int = Field(
+        default=16, ge=1, le=100_000, description="Refit after this many new samples (fitting costs milliseconds)."
+    )
 
     @model_validator(mode="after")
     def _params_match_form(self) -> SpeedModelConfig:
@@ -82,6 +85,57 @@ class SpeedModelConfig(BaseModel):
             raise ValueError(f"speed model form {self.form!r} takes {expected} params, got {len(self.params)}")
         if self.min_samples > self.window:
             raise ValueError("speedModel.min_samples must not exceed speedModel.window")
+        return self
+
+
+class PaperSchedulingConfig(BaseModel):
+    """Parameters of the paper's Algorithm 1 (saber-paper); the defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tick_seconds: float = Field(default=0.1, gt=0, le=10, description="Dispatcher loop period.")
+    pick_window: int = Field(default=20, ge=1, le=10_000, description="Random pick among the first N HPQ entries.")
+    sweep_every: int = Field(default=10, ge=1, le=10_000, description="Demote expired HPQ entries every N cycles.")
+
+
+class SaberSchedulingConfig(BaseModel):
+    """Parameters of saber's own event-driven policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deadline_margin_seconds: float = Field(
+        default=0.02, ge=0, le=60, description="Plan to finish this long before each deadline."
+    )
+    speed_headroom: float = Field(
+        default=0.02, ge=0, le=1, description="Predicted speed must exceed the needed speed by this fraction."
+    )
+    lookahead: int = Field(
+        default=8, ge=0, le=64, description="Queued requests tried past an EDF head that needs a lighter batch."
+    )
+    best_effort_reserve: int = Field(
+        default=1, ge=0, le=1024, description="Batch slots best-effort admission keeps free for SLA arrivals."
+    )
+    kv_cache_high: float = Field(
+        default=0.95, gt=0, le=1, description="Engine KV-cache usage above which best effort is held back."
+    )
+    output_quantile: float = Field(
+        default=0.9, gt=0, le=1, description="Quantile of a class's recent output lengths used as its estimate."
+    )
+    output_window: int = Field(default=256, ge=8, le=100_000, description="Recent output lengths kept per class.")
+    output_min_samples: int = Field(
+        default=8, ge=1, le=100_000, description="Finished requests of a class before its online estimate is used."
+    )
+    initial_ttft_seconds: float = Field(
+        default=0.05, ge=0, le=60, description="Time from admission to first token assumed until measured."
+    )
+    min_recheck_seconds: float = Field(
+        default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_min(self) -> SaberSchedulingConfig:
+        if self.output_min_samples > self.output_window:
+            raise ValueError("saber.output_min_samples must not exceed saber.output_window")
         return self
 
 
@@ -100,6 +154,8 @@ class SchedulingConfig(BaseModel):
         description="The engine runs vLLM's priority scheduling: send best-effort requests with lower priority.",
     )
     speed_model: SpeedModelConfig = Field(default_factory=SpeedModelConfig)
+    paper: PaperSchedulingConfig = Field(default_factory=PaperSchedulingConfig)
+    saber: SaberSchedulingConfig = Field(default_factory=SaberSchedulingConfig)
 
 
 class SidecarConfig(BaseModel):

@@ -1,0 +1,190 @@
+"""`saber bench ...`: sim, live, demo, and the component benchmarks. Heavy imports stay inside."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMPONENT_PERF = {
+    "emulator": "saber_emulator.perf",
+    "sidecar": "saber_sidecar.perf",
+    "operator": "saber_operator.perf",
+}
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates must be comma-separated numbers, got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers, got {text!r}")
+    return rates
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks: the simulated paper grid, live runs, the demo, component benchmarks",
+        description="Measure saber against static caps and the paper's algorithm: `sim` (virtual time, "
+        "the shipped policy code over the emulator's engine model), `live` (real processes on loopback), "
+        "`demo` (one heavy live cell), and the emulator/sidecar/operator component benchmarks.",
+    )
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+    sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+
+    s = sub.add_parser("sim", help="run a suite in virtual time (the paper grid in about a minute)")
+    s.add_argument("--suite", default="paper", help="paper, humaneval, shapes, all or smoke (default paper)")
+    s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    s.add_argument("--out", default="out/bench-sim", help="output folder (default out/bench-sim)")
+    s.add_argument("--workloads", type=_names, default=None, help="comma-separated subset of the suite's workloads")
+    s.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (req/s) instead of the suite's")
+    s.add_argument("--policies", type=_names, default=None,
+                   help="comma-separated policies: static-N, saber-paper, saber, saber-oracle")
+    s.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sim)
+
+    lv = sub.add_parser("live", help="run chosen cells live: load generator -> sidecar -> emulator (or vLLM)")
+    lv.add_argument("--workload", default="W1", help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1)")
+    lv.add_argument("--rates", type=_rates, default=[15.0], help="comma-separated rates (default 15)")
+    lv.add_argument("--policies", type=_names, default=["static-50", "saber-paper", "saber"],
+                    help="comma-separated policies (default static-50,saber-paper,saber)")
+    lv.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
+    lv.add_argument("--requests", type=int, default=100, help="requests per run (paper mixes, humaneval; default 100)")
+    lv.add_argument("--engine", choices=["emulator", "vllm"], default="emulator",
+                    help="emulator (paper-calibrated, default) or a real vLLM CPU server")
+    lv.add_argument("--engine-url", default=None, help="use an engine already running at this URL")
+    lv.add_argument("--compare-sim", action="store_true", help="also simulate the same cells and compare goodput")
+    lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
+    lv.set_defaults(func=_live)
+
+    d = sub.add_parser("demo", help="live: one heavy cell, a static cap vs saber, table and plot (< 3 min)")
+    d.add_argument("--workload", default="W1", help="workload (default W1, the heavy mix)")
+    d.add_argument("--rate", type=float, default=15.0, help="request rate (default 15 req/s)")
+    d.add_argument("--static", default="static-50", help="the static cap to compare with (default static-50)")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.set_defaults(func=_demo)
+
+    for name, module in COMPONENT_PERF.items():
+        c = sub.add_parser(name, help=f"the {name}'s own benchmark ({module})", add_help=False,
+                           description=f"Delegates to `python -m {module}`; arguments after `{name}` go to it.")
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+        c.set_defaults(func=_component(module))
+
+
+def _component(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                print(f"saber bench: {module} is not available in this installation ({exc}); "
+                      "its component benchmark has not been written or installed yet", file=sys.stderr)
+                return 2
+            raise
+        main = getattr(mod, "main", None)
+        if main is None:
+            print(f"saber bench: {module} has no main(argv) function", file=sys.stderr)
+            return 2
+        return int(main(list(args.rest)) or 0)
+
+    return run
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores{' ' + model if model else ''}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def _sim(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .grid import SUITES, expand, run_grid, summarize
+    from .report import write_all
+
+    suite = SUITES.get(args.suite)
+    if suite is None:
+        print(f"saber bench sim: unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}", file=sys.stderr)
+        return 2
+    try:
+        keys = expand(suite, args.seeds, args.workloads, args.rates, args.policies)
+    except ValueError as exc:
+        print(f"saber bench sim: {exc}", file=sys.stderr)
+        return 2
+    cdf_rate = suite.cdf_rate if suite.cdf_rate in {k.rate for k in keys} else max(k.rate for k in keys)
+    t0 = time.perf_counter()
+    outputs, bounds = run_grid(keys, jobs=args.jobs, cdf_rate=cdf_rate, progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    summary = summarize(outputs, bounds)
+    cdf: dict = {}
+    for o in outputs:
+        if o.ratios is not None:
+            cdf.setdefault(o.key.workload, {}).setdefault(o.key.policy, []).extend(o.ratios)
+    summary["meta"] = {
+        "suite": suite.name, "mode": "sim", "seeds": args.seeds, "runs": len(outputs),
+        "elapsed_s": elapsed, "run_cpu_s": sum(o.elapsed_s for o in outputs),
+        "machine": _machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
+        f"saber bench sim --suite {suite.name} --seeds {args.seeds} --out {args.out}",
+        "cdf_rate": cdf_rate,
+    }
+    summary["elapsed_s"] = elapsed
+    out = Path(args.out)
+    paths = write_all(out, summary, cdf, cdf_rate)
+    _print_targets(summary)
+    print(f"{len(outputs)} runs in {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _print_targets(summary: dict) -> None:
+    for w, e in summary.get("targets", {}).get("workloads", {}).items():
+        paper = f" (paper +{e['paper_gain_points']})" if "paper_gain_points" in e else ""
+        red = e.get("cv_reduction")
+        print(
+            f"{w}: mean gain vs best static {e['mean_gain_points']:+.1f} pts{paper}; "
+            f"saber >= best static-1pt in every cell: {e['saber_ge_best_static_every_cell']}; "
+            f">= saber-paper-1pt: {e['saber_ge_saber_paper_every_cell']}; "
+            f"CV {e['cv_saber']:.3f} vs best static {e['cv_best_static']:.3f}"
+            + (f" ({100 * red:.0f}% lower)" if red == red and red is not None else "")
+        )
+
+
+def _live(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .live import LiveError, run_live_cli
+
+    try:
+        return asyncio.run(run_live_cli(args, Path(args.out)))
+    except LiveError as exc:
+        print(f"saber bench live: {exc}", file=sys.stderr)
+        return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .live import LiveError, run_demo
+
+    try:
+        return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out)))
+    except LiveError as exc:
+        print(f"saber bench demo: {exc}", file=sys.stderr)
+        return 1

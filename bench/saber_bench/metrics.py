@@ -1,0 +1,157 @@
+"""From per-request records to the numbers of a cell, and the paper's variability metric.
+
+Rules (the same for every policy, so all are compared on the same population of requests):
+- A request meets its SLA iff it was not rejected and `finish - arrival <= sla` (arrival is the
+  scheduled arrival time). Goodput is the share of all requests of the run that meet their SLA:
+  a rejected request, or one that never finished, is a miss.
+- The variability metric uses every request of the run. A served request (demoted ones included,
+  with their real end-to-end time) enters with `e2e / sla`. A rejected or unfinished request has no
+  end-to-end time; it enters as a miss no better than the worst served request of the same run:
+  `max(1, largest served e2e/sla)`. So rejecting cannot lower a policy's latency numbers.
+- Latency percentiles (e2e, TTFT) are over served requests only; the counts of rejected and
+  demoted requests are reported beside them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request. Times in seconds on the run's clock (0 = start of run)."""
+
+    id: str
+    sla_class: str
+    arrival: float
+    sla_s: float
+    rejected: bool = False
+    demoted: bool = False
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def served(self) -> bool:
+        return not self.rejected and self.finished_at is not None and self.error is None
+
+    @property
+    def e2e(self) -> float | None:
+        return self.finished_at - self.arrival if self.served else None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.first_token_at - self.arrival if self.served and self.first_token_at is not None else None
+
+    @property
+    def met(self) -> bool:
+        e2e = self.e2e
+        return e2e is not None and e2e <= self.sla_s + 1e-9
+
+
+@dataclass(slots=True)
+class RunStats:
+    """The numbers of one run (one workload, rate, policy and seed)."""
+
+    n: int
+    goodput: float
+    met: int
+    rejected: int
+    demoted: int
+    unfinished: int
+    attainment: dict[str, float]
+    e2e_p50: float
+    e2e_p95: float
+    e2e_p99: float
+    ttft_p50: float
+    ttft_p95: float
+    ttft_p99: float
+    mean_e2e_over_sla: float
+    throughput_rps: float
+    throughput_tok_s: float
+    makespan_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def run_stats(records: Sequence[RequestRecord]) -> RunStats:
+    n = len(records)
+    served = [r for r in records if r.served]
+    e2e = [r.e2e for r in served]
+    ttft = [r.ttft for r in served if r.ttft is not None]
+    met = sum(r.met for r in records)
+    by_class: dict[str, list[bool]] = {}
+    for r in records:
+        by_class.setdefault(r.sla_class, []).append(r.met)
+    ratios = [r.e2e / r.sla_s for r in served]
+    worst = max([1.0, *ratios])
+    population = ratios + [worst] * (n - len(served))
+    start = min((r.arrival for r in records), default=0.0)
+    end = max((r.finished_at for r in served), default=start)
+    makespan = max(end - start, 1e-9)
+    return RunStats(
+        n=n,
+        goodput=met / n if n else math.nan,
+        met=met,
+        rejected=sum(r.rejected for r in records),
+        demoted=sum(r.demoted for r in records),
+        unfinished=sum(1 for r in records if not r.rejected and not r.served),
+        attainment={k: sum(v) / len(v) for k, v in sorted(by_class.items())},
+        e2e_p50=_pct(e2e, 50),
+        e2e_p95=_pct(e2e, 95),
+        e2e_p99=_pct(e2e, 99),
+        ttft_p50=_pct(ttft, 50),
+        ttft_p95=_pct(ttft, 95),
+        ttft_p99=_pct(ttft, 99),
+        mean_e2e_over_sla=float(np.mean(population)) if population else math.nan,
+        throughput_rps=len(served) / makespan,
+        throughput_tok_s=sum(r.output_tokens for r in served) / makespan,
+        makespan_s=makespan,
+    )
+
+
+# Fields averaged over seeds to give a cell's numbers; counts are averaged too (per run).
+_MEAN_FIELDS = (
+    "goodput", "rejected", "demoted", "unfinished", "e2e_p50", "e2e_p95", "e2e_p99", "ttft_p50",
+    "ttft_p95", "ttft_p99", "mean_e2e_over_sla", "throughput_rps", "throughput_tok_s",
+)
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def combine_seeds(runs: Sequence[RunStats]) -> dict:
+    """A cell's numbers: the mean over its seeds, plus the per-seed goodputs."""
+    if not runs:
+        raise ValueError("no runs to combine")
+    cell: dict = {f: _nanmean(getattr(r, f) for r in runs) for f in _MEAN_FIELDS}
+    classes = sorted({k for r in runs for k in r.attainment})
+    cell["attainment"] = {k: _nanmean(r.attainment.get(k, math.nan) for r in runs) for k in classes}
+    cell["goodput_per_seed"] = [r.goodput for r in runs]
+    cell["goodput_std"] = float(np.std([r.goodput for r in runs]))
+    extra_keys = sorted({k for r in runs for k in r.extra})
+    for k in extra_keys:
+        cell[k] = _nanmean(r.extra.get(k, math.nan) for r in runs)
+    return cell
+
+
+def coefficient_of_variation(values: Sequence[float]) -> float:
+    """Population std / mean (the paper's latency variability over rates)."""
+    vals = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if len(vals) == 0 or vals.mean() == 0:
+        return math.nan
+    return float(vals.std() / vals.mean())

@@ -1,0 +1,141 @@
+"""kopf wiring: login, settings, and the handlers that call `reconcile`.
+
+The registry is built per operator instance (no module-level handlers), so tests and the
+benchmark can run an operator in-process against an API emulator and stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import kopf
+
+from saber_operator.builders import FIELD_MANAGER
+from saber_operator.kube import Connection, KubeClient
+from saber_operator.reconcile import Context, InvalidSpec, delete_children, reconcile, refresh_owner
+from saber_operator.settings import OperatorSettings
+from saber_operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("saber.operator")
+
+
+class ConnectionHolder:
+    """The credentials kopf logged in with, shared with our own API client."""
+
+    def __init__(self) -> None:
+        self.connection: Connection | None = None
+
+    def __call__(self) -> Connection | None:
+        return self.connection
+
+
+def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
+    """kopf's settings: our domain for its annotations and finalizer, peering, quiet events."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # kopf would post an event for every handler run; we post our own on condition transitions.
+    settings.posting.level = logging.WARNING
+    # The CRDs are installed with the operator; no need to watch CRDs and namespaces (or RBAC for it).
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = op.api_timeout_seconds * 3
+    settings.peering.name = op.peering_name
+    settings.peering.clusterwide = not op.namespaces
+    settings.peering.mandatory = op.peering
+    settings.peering.standalone = not op.peering
+    # Equal priorities make every peer pause; a random one elects the highest as the active replica.
+    settings.peering.priority = op.priority if op.priority is not None else random.randint(1, 2**31 - 1)
+
+
+def build_registry(op: OperatorSettings, holder: ConnectionHolder, ctx: Context) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
+    backoff = op.retry_backoff_seconds
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if op.api_server:
+            info: kopf.ConnectionInfo | None = kopf.ConnectionInfo(server=op.api_server, insecure=True)
+        else:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        if info is not None:
+            holder.connection = Connection.from_kopf(info)
+        return info
+
+    async def run(body: kopf.Body, **_: Any) -> None:
+        try:
+            await reconcile(ctx, _plain(body))
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from None
+
+    kopf.on.create(**resource, registry=registry, backoff=backoff, id="reconcile")(run)
+    kopf.on.update(**resource, registry=registry, backoff=backoff, id="reconcile", field="spec")(run)
+    kopf.on.resume(**resource, registry=registry, backoff=backoff, id="reconcile")(run)
+
+    @kopf.timer(**resource, registry=registry, interval=op.timer_interval_seconds, initial_delay=op.timer_interval_seconds)
+    async def drift(body: kopf.Body, **_: Any) -> None:
+        try:
+            await reconcile(ctx, _plain(body))
+        except InvalidSpec:
+            pass  # already reported as Degraded; the timer keeps checking
+
+    @kopf.on.delete(**resource, registry=registry, backoff=backoff, id="cleanup")
+    async def cleanup(body: kopf.Body, **_: Any) -> None:
+        await delete_children(ctx, _plain(body))
+
+    @kopf.on.event("apps", "v1", "deployments", registry=registry, labels={"app.kubernetes.io/managed-by": FIELD_MANAGER})
+    async def child_changed(event: dict[str, Any], **_: Any) -> None:
+        if event.get("type") in ("ADDED", "MODIFIED") and event.get("object"):
+            try:
+                await refresh_owner(ctx, event["object"])
+            except Exception as exc:  # the timer corrects it; a watch handler must not fail loudly
+                log.debug("status refresh after a Deployment event failed: %s", exc)
+
+    return registry
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {k: _thaw(v) for k, v in body.items()}
+
+
+def _thaw(value: Any) -> Any:
+    if hasattr(value, "items"):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+async def run_operator(
+    op: OperatorSettings,
+    *,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+) -> None:
+    """Run until `stop_flag` is set (or forever)."""
+    holder = ConnectionHolder()
+    ctx = Context(kube=KubeClient(holder, timeout_seconds=op.api_timeout_seconds), settings=op)
+    registry = build_registry(op, holder, ctx)
+    settings = kopf.OperatorSettings()
+    configure(settings, op)
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=settings,
+            clusterwide=not op.namespaces,
+            namespaces=op.namespaces,
+            standalone=not op.peering,
+            peering_name=op.peering_name if op.peering else None,
+            priority=settings.peering.priority,
+            liveness_endpoint=op.liveness_endpoint,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await ctx.close()

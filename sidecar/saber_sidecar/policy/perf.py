@@ -1,0 +1,157 @@
+"""Decision cost of each policy with 1,000 requests queued.
+
+    python -m saber_sidecar.policy.perf --out DIR [--queued 1000] [--ops 2000]
+
+For each policy the engine is filled (the policy admits what it will at t=0 from a burst of the
+paper's four task classes), then `--queued` more requests wait. Timed, one call at a time:
+
+- submit:   a new request arrives and is queued (then cancelled, untimed, to hold the queue size);
+- finished: a running request ends and the policy admits from the queue (the queue is refilled,
+            untimed);
+- wake:     the paper's dispatcher tick (saber-paper only; the others have no tick).
+
+Writes DIR/policy_perf.json with mean, median, p99 and max nanoseconds per call, and prints a
+table. The budget is 20 µs per decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from saber_sidecar.config import paper_config
+from saber_sidecar.policy import Admit, make_policy, request_for
+
+TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
+BUDGET_NS = 20_000
+
+
+def _summary(samples: list[int]) -> dict:
+    ordered = sorted(samples)
+    return {
+        "calls": len(samples),
+        "mean_ns": statistics.fmean(samples),
+        "median_ns": ordered[len(ordered) // 2],
+        "p99_ns": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "max_ns": ordered[-1],
+    }
+
+
+def measure(policy_name: str, queued: int, ops: int) -> dict:
+    cfg = paper_config(policy_name, max_queue=max(10 * queued, 1024))
+    pol = make_policy(cfg, seed=1)
+    now = 0.0
+    seq = 0
+    running: list[str] = []
+
+    def new_request(t: float):
+        nonlocal seq
+        seq += 1
+        name, mt = TASKS[seq % len(TASKS)]
+        # Long deadlines keep the queue from going hopeless while the clock creeps forward.
+        return request_for(cfg, name, f"r{seq}", t, mt, deadline=t + 3600.0)
+
+    def apply(actions) -> None:
+        for a in actions:
+            if isinstance(a, Admit):
+                running.append(a.request_id)
+
+    # Fill the engine, then the queue.
+    while pol.stats().queued_sla + pol.stats().queued_best_effort < queued:
+        apply(pol.submit(new_request(now), now))
+        if policy_name == "saber-paper" and seq % 10 == 0:
+            now = pol.next_wake() or now
+            apply(pol.wake(now))
+    results: dict = {"queued": queued, "running_at_start": len(running)}
+
+    gc.collect()
+    gc.disable()
+    try:
+        samples: list[int] = []
+        for _ in range(ops):
+            now += 1e-6
+            req = new_request(now)
+            t0 = time.perf_counter_ns()
+            actions = pol.submit(req, now)
+            samples.append(time.perf_counter_ns() - t0)
+            apply(actions)
+            if req.id not in running:
+                pol.cancel(req.id, now)
+        results["submit"] = _summary(samples)
+
+        samples = []
+        for i in range(ops):
+            now += 1e-6
+            if not running:
+                break
+            rid = running.pop(i % len(running))
+            t0 = time.perf_counter_ns()
+            actions = pol.finished(rid, now, 100, None)
+            samples.append(time.perf_counter_ns() - t0)
+            apply(actions)
+            apply(pol.submit(new_request(now), now))
+        results["finished"] = _summary(samples)
+
+        if pol.next_wake() is not None:
+            samples = []
+            for _ in range(ops):
+                now = max(now, pol.next_wake() or now)
+                t0 = time.perf_counter_ns()
+                actions = pol.wake(now)
+                samples.append(time.perf_counter_ns() - t0)
+                apply(actions)
+                apply(pol.submit(new_request(now), now))
+                if running:
+                    pol.finished(running.pop(0), now, 100, None)
+            results["wake"] = _summary(samples)
+    finally:
+        gc.enable()
+    stats = pol.stats()
+    results["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
+    results["running_at_end"] = stats.running
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m saber_sidecar.policy.perf", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for policy_perf.json")
+    ap.add_argument("--queued", type=int, default=1000, help="requests waiting in the queue (default 1000)")
+    ap.add_argument("--ops", type=int, default=2000, help="timed calls per operation (default 2000)")
+    args = ap.parse_args(argv)
+    if args.queued < 1 or args.ops < 1:
+        ap.error("--queued and --ops must be positive")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "budget_ns": BUDGET_NS,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "policies": {name: measure(name, args.queued, args.ops) for name in ("static", "saber-paper", "saber")},
+    }
+    path = out / "policy_perf.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'policy':<12} {'op':<9} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8}  queued/running")
+    worst = 0.0
+    for name, res in report["policies"].items():
+        for op in ("submit", "finished", "wake"):
+            if op not in res:
+                continue
+            s = res[op]
+            worst = max(worst, s["mean_ns"])
+            print(
+                f"{name:<12} {op:<9} {s['mean_ns'] / 1e3:>8.2f} {s['median_ns'] / 1e3:>8.2f} "
+                f"{s['p99_ns'] / 1e3:>8.2f} {s['max_ns'] / 1e3:>8.2f}  {res['queued']}/{res['running_at_start']}"
+            )
+    verdict = "within" if worst <= BUDGET_NS else "OVER"
+    print(f"worst mean {worst / 1e3:.2f} µs: {verdict} the {BUDGET_NS / 1e3:.0f} µs budget; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

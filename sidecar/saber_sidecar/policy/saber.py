@@ -1,0 +1,535 @@
+"""`saber`: our event-driven, deadline-aware admission policy.
+
+Decisions happen when a request arrives, when one finishes, and on timers the policy asks for
+(`next_wake`); there is no polling tick. Where it goes past the paper's Algorithm 1:
+
+- Output length: each request is expected to produce the `output_quantile` (p90) of its class's
+  recent output lengths once `output_min_samples` have finished (the class's `output_tokens`, or
+  `max_tokens`, before that), capped by its `max_tokens`; the paper assumes `max_tokens`.
+- Speed: v(L) is refitted online from finished requests (`SpeedModel`).
+- The batch: every running request's progress is tracked. All running requests advance at the
+  model's v(L) while L run, so one running integral W(t) = ∫ v(L) dt gives each one's tokens so
+  far (W(now) - W(admitted)) and its remaining tokens. A candidate is admitted only when, with it,
+  the speed v(L+1) (less `speed_headroom`) still meets the speed every running SLA request needs
+  to finish its remaining tokens by its deadline (less `deadline_margin_seconds`), and the
+  candidate's own need (expected tokens over its remaining time). TPOT targets add a floor of
+  1/tpot to a request's needed speed.
+- Order: SLA requests wait in earliest-deadline-first order. When the head needs a lighter batch
+  than now runs, up to `lookahead` requests behind it are tried, so one demanding request does not
+  block the others.
+- Hopeless requests: a queued request is hopeless when it could not make its deadline even
+  alone on the engine (needed speed above v(1)), when its deadline has passed, or when its TTFT
+  target would be missed (now + the measured admission-to-first-token time). A timer fires at the
+  moment each queued request becomes hopeless. For classes with `on_miss: reject` the policy also
+  predicts when the request could be admitted, draining the running batch at the model's speed
+  and counting the SLA requests queued ahead of it as occupying slots; if that is too late, the
+  request is rejected at once (429 with a Retry-After estimated from the batch) rather than after
+  waiting. `on_miss: demote` requests become best effort, as in the paper.
+- Best effort runs FIFO, only when no SLA request is queued, the engine's KV cache is below
+  `kv_cache_high`, and v(L + 1 + best_effort_reserve) still meets both what the running SLA
+  requests need and what a fresh request of the most demanding class would need, so best effort
+  never takes the slots that SLA arrivals need.
+- Blocked by the batch: when the running requests' needs are what blocks admission, the policy
+  predicts when they will have made enough progress and asks for a wake then.
+- No deadlock: with nothing running, the head of the queue is admitted (or found hopeless and
+  handled) unconditionally.
+Limitations: the finished() call cannot tell an aborted request from a completed one, so aborted
+requests' shorter outputs feed the output estimate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import dataclass, field
+
+from saber_sidecar.config import SidecarConfig
+from saber_sidecar.policy.base import Action, Admit, Demote, EngineSnapshot, Policy, PolicyStats, Reject, Request
+from saber_sidecar.speed_model import SpeedModel
+
+INF = math.inf
+FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a running request late"
+TTFT_EWMA = 0.2
+
+
+@dataclass(slots=True)
+class _Queued:
+    req: Request
+    expected: int
+    key: tuple[float, int, str]  # position in the EDF order
+    tpot_speed: float
+    timer: int = 0  # generation of this request's current timer; older timers are stale
+
+
+@dataclass(slots=True)
+class _Run:
+    req: Request
+    k: float  # W at which it is predicted to finish: W(admitted) + expected tokens
+    a0: float  # ∫L dt at admission, for the request's average concurrency
+    t0: float
+    sla: bool
+    tpot_speed: float
+    sort_key: tuple[float, str] = field(default=(0.0, ""))
+
+
+class _OutputEstimate:
+    """A high quantile of one class's recent output lengths, recomputed every few samples."""
+
+    __slots__ = ("window", "quantile", "min_samples", "value", "_since")
+
+    def __init__(self, window: int, quantile: float, min_samples: int) -> None:
+        self.window: deque[int] = deque(maxlen=window)
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.value: int | None = None
+        self._since = 0
+
+    def add(self, tokens: int) -> bool:
+        self.window.append(tokens)
+        self._since += 1
+        if len(self.window) < self.min_samples or (self.value is not None and self._since < 8):
+            return False
+        ordered = sorted(self.window)
+        self.value = max(1, ordered[max(0, math.ceil(self.quantile * len(ordered)) - 1)])
+        self._since = 0
+        return True
+
+
+class SaberPolicy(Policy):
+    name = "saber"
+
+    def __init__(self, config: SidecarConfig) -> None:
+        sched = config.scheduling
+        p = sched.saber
+        self.margin = p.deadline_margin_seconds
+        self.headroom = 1.0 + p.speed_headroom
+        self.lookahead = p.lookahead
+        self.reserve = p.best_effort_reserve
+        self.kv_high = p.kv_cache_high
+        self.min_recheck = p.min_recheck_seconds
+        self.max_queue = sched.max_queue
+        self.model = SpeedModel.from_config(sched.speed_model)
+        self.classes = {c.name: c for c in config.classes}
+        self._estimates = {
+            c.name: _OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
+        }
+        self.ttft_estimate = p.initial_ttft_seconds
+        # The running integrals: W = ∫ v(L) dt (tokens per request), A = ∫ L dt.
+        self._W = 0.0
+        self._A = 0.0
+        self._t: float | None = None
+        self._running: dict[str, _Run] = {}
+        self._by_finish: list[tuple[float, str]] = []  # (k, id) of running requests, ascending
+        self._sla_running = 0
+        self._queued: dict[str, _Queued] = {}
+        self._order: list[tuple[float, int, str]] = []  # queued SLA requests, EDF
+        self._timers: list[tuple[float, int, str, int]] = []  # (when, seq, id, timer generation)
+        self._be: deque[str] = deque()
+        self._be_reqs: dict[str, _Queued] = {}
+        self._seq = 0
+        self._tpot_running = 0  # running SLA requests with a TPOT target
+        self._kv_usage = 0.0
+        self._fresh_need = self._compute_fresh_need()
+
+    # -- driver calls -------------------------------------------------------------------------
+
+    def submit(self, req: Request, now: float) -> list[Action]:
+        if req.id in self._queued or req.id in self._be_reqs or req.id in self._running:
+            raise ValueError(f"request id {req.id!r} is already known to the policy")
+        self._advance(now)
+        if len(self._queued) + len(self._be_reqs) >= self.max_queue:
+            return [Reject(req.id, "queue full", retry_after_s=self._retry_after(now))]
+        self._seq += 1
+        est = self._estimates.get(req.sla_class)
+        expected = req.expected_tokens
+        if est is not None and est.value is not None:
+            expected = est.value
+        expected = max(1, min(req.max_tokens, expected))
+        q = _Queued(req, expected, (req.deadline, self._seq, req.id), 1.0 / req.tpot_target if req.tpot_target else 0.0)
+        out: list[Action] = []
+        reason = self._hopeless(q, now)
+        if reason:
+            self._miss(q, now, reason, out)
+        else:
+            self._queued[req.id] = q
+            insort(self._order, q.key)
+            self._set_timer(q, now)
+        out.extend(self._dispatch(now))
+        if req.id in self._queued and req.on_miss == "reject":
+            self._reject_if_late(q, now, out)
+        return out
+
+    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
+        self._advance(now)
+        run = self._running.pop(request_id, None)
+        if run is None:
+            return self._dispatch(now)
+        del self._by_finish[bisect_left(self._by_finish, run.sort_key)]
+        if run.sla:
+            self._sla_running -= 1
+        if run.tpot_speed:
+            self._tpot_running -= 1
+        duration = now - run.t0
+        if output_tokens > 0 and duration > 0:
+            concurrency = max(1.0, (self._A - run.a0) / duration)
+            self.model.observe(concurrency, output_tokens / duration)
+            est = self._estimates.get(run.req.sla_class)
+            if est is not None and est.add(output_tokens):
+                self._fresh_need = self._compute_fresh_need()
+        if first_token_at is not None and first_token_at >= run.t0:
+            self.ttft_estimate += TTFT_EWMA * ((first_token_at - run.t0) - self.ttft_estimate)
+        return self._dispatch(now)
+
+    def cancel(self, request_id: str, now: float) -> list[Action]:
+        q = self._queued.pop(request_id, None)
+        if q is not None:
+            del self._order[bisect_left(self._order, q.key)]
+        elif self._be_reqs.pop(request_id, None) is not None and not self._be_reqs:
+            self._be.clear()
+        return []
+
+    def wake(self, now: float) -> list[Action]:
+        self._advance(now)
+        return self._dispatch(now)
+
+    def next_wake(self) -> float | None:
+        timers = self._timers
+        while timers:
+            when, _, rid, gen = timers[0]
+            q = self._queued.get(rid)
+            if q is not None and q.timer == gen:
+                break
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def observe_engine(self, snapshot: EngineSnapshot, now: float) -> list[Action]:
+        was_high = self._kv_usage >= self.kv_high
+        self._kv_usage = snapshot.kv_cache_usage
+        if was_high and self._kv_usage < self.kv_high and self._be:
+            self._advance(now)
+            return self._dispatch(now)
+        return []
+
+    def stats(self) -> PolicyStats:
+        L = len(self._running)
+        return PolicyStats(
+            queued_sla=len(self._queued),
+            queued_best_effort=len(self._be_reqs),
+            running=L,
+            admission_limit=self._fresh_limit(),
+            predicted_speed=self.model.speed(L + 1),
+            speed_model_r2=self.model.r2,
+            extra={
+                "ttft_estimate_seconds": self.ttft_estimate,
+                "speed_model_refits": float(self.model.refits),
+                "sla_running": float(self._sla_running),
+            },
+        )
+
+    def expected_tokens(self, sla_class: str) -> int | None:
+        """The class's current online output-length estimate, if it has one yet."""
+        est = self._estimates.get(sla_class)
+        return est.value if est is not None else None
+
+    # -- the batch model -----------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        if self._t is None:
+            self._t = now
+            return
+        dt = now - self._t
+        if dt > 0:
+            L = len(self._running)
+            if L:
+                self._W += self.model.speed(L) * dt
+                self._A += L * dt
+            self._t = now
+
+    def _fits(self, expected: float, deadline: float | None, tpot_speed: float, now: float) -> str:
+        """Would the batch, with a candidate of `expected` tokens added now, meet its deadlines?
+
+        The batch is played forward without further admissions: requests finish in order of
+        remaining tokens, and while n run each advances at v(n) (less the headroom). The candidate
+        is admitted only if it meets its own deadline (when `deadline` is set) and no running SLA
+        request that would otherwise finish in time is pushed past its deadline. That invariant
+        holds between admissions, because the batch only changes by admissions (checked) and
+        finishes. Cost: one pass over the running requests.
+        """
+        table = self.model.table
+        n = len(self._running)
+        if n + 2 >= len(table):
+            return MISSES_OWN
+        h = self.headroom
+        margin = self.margin
+        if self._tpot_running and self._max_running_tpot() * h > table[n + 1]:
+            return HURTS_BATCH
+        if tpot_speed * h > table[n + 1]:
+            return MISSES_OWN
+        W = self._W
+        running = self._running
+        t1 = t0 = now  # finish clock with and without the candidate
+        p1 = p0 = 0.0  # tokens done (per request) on each clock
+        L1, L0 = n + 1, n
+        pending = True
+        for k, rid in self._by_finish:
+            r = k - W
+            if r < 1.0:
+                r = 1.0  # ran past its estimate: it has at least a token left
+            if pending and expected <= r:
+                t1 += (expected - p1) * h / table[L1]
+                p1 = expected
+                L1 -= 1
+                pending = False
+                if deadline is not None and t1 > deadline - margin:
+                    return MISSES_OWN
+            if r > p1:
+                t1 += (r - p1) * h / table[L1]
+                p1 = r
+            if r > p0:
+                t0 += (r - p0) * h / table[L0]
+                p0 = r
+            L1 -= 1
+            L0 -= 1
+            run = running[rid]
+            if run.sla:
+                due = run.req.deadline - margin
+                if t1 > due and t0 <= due:
+                    return HURTS_BATCH
+        if pending:
+            t1 += (expected - p1) * h / table[L1]
+            if deadline is not None and t1 > deadline - margin:
+                return MISSES_OWN
+        return FITS
+
+    def _max_running_tpot(self) -> float:
+        return max((r.tpot_speed for r in self._running.values()), default=0.0)
+
+    def _need(self, q: _Queued, now: float) -> float:
+        slack = q.req.deadline - self.margin - now
+        if slack <= 0:
+            return INF
+        need = q.expected / slack
+        return need if need > q.tpot_speed else q.tpot_speed
+
+    def _hopeless(self, q: _Queued, now: float) -> str | None:
+        if q.req.deadline - self.margin <= now:
+            return "deadline cannot be met"
+        if self._need(q, now) > self.model.speed(1):
+            return "deadline needs more than the engine's single-request speed"
+        ttft = q.req.ttft_deadline
+        if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+            return "time-to-first-token target cannot be met"
+        return None
+
+    def _hopeless_at(self, q: _Queued) -> float:
+        t = q.req.deadline - self.margin - q.expected / self.model.speed(1)
+        if q.tpot_speed > self.model.speed(1):
+            t = -INF
+        if q.req.ttft_deadline is not None:
+            t = min(t, q.req.ttft_deadline - self.margin - self.ttft_estimate)
+        return t
+
+    def _set_timer(self, q: _Queued, now: float, when: float | None = None) -> None:
+        q.timer += 1
+        at = self._hopeless_at(q) if when is None else when
+        heapq.heappush(self._timers, (max(at, now), q.key[1], q.req.id, q.timer))
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        self._fire_timers(now, out)
+        if self._order:
+            self._admit_sla(now, out)
+        if not self._order and self._be:
+            self._admit_best_effort(now, out)
+        return out
+
+    def _fire_timers(self, now: float, out: list[Action]) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, rid, gen = heapq.heappop(timers)
+            q = self._queued.get(rid)
+            if q is None or q.timer != gen:
+                continue
+            reason = self._hopeless(q, now)
+            if reason:
+                self._dequeue(q)
+                self._miss(q, now, reason, out)
+            elif q.req.on_miss == "reject":
+                self._reject_if_late(q, now, out)
+            else:
+                self._set_timer(q, now, max(self._hopeless_at(q), now + self.min_recheck))
+
+    def _admit_sla(self, now: float, out: list[Action]) -> None:
+        """EDF: admit the head while it fits; when it does not, try up to `lookahead` behind it."""
+        order = self._order
+        queued = self._queued
+        while order:
+            admitted = False
+            i = 0
+            tried = 0
+            # A candidate that would push a running request late fails for every larger one too
+            # (it runs alongside the batch longer): skip those without playing the batch again.
+            too_big = INF
+            while i < len(order) and tried <= self.lookahead:
+                q = queued[order[i][2]]
+                reason = self._hopeless(q, now)
+                if reason:
+                    del order[i]
+                    del queued[q.req.id]
+                    self._miss(q, now, reason, out)
+                    continue
+                tried += 1
+                if q.expected >= too_big:
+                    i += 1
+                    continue
+                verdict = self._fits(q.expected, q.req.deadline, q.tpot_speed, now) if self._running else FITS
+                if verdict is HURTS_BATCH:
+                    too_big = q.expected
+                if verdict is FITS:
+                    del order[i]
+                    del queued[q.req.id]
+                    self._admit(q.req, q.expected, q.tpot_speed, now, out)
+                    admitted = True
+                    break
+                i += 1
+            if not admitted:
+                return
+
+    def _admit_best_effort(self, now: float, out: list[Action]) -> None:
+        """FIFO, and only while a fresh SLA arrival would still find room (see module docstring)."""
+        table = self.model.table
+        while self._be:
+            rid = self._be[0]
+            q = self._be_reqs.get(rid)
+            if q is None:
+                self._be.popleft()
+                continue
+            L = len(self._running)
+            if L:
+                if self._kv_usage >= self.kv_high:
+                    return
+                slot = L + 1 + self.reserve
+                if slot >= len(table) or table[slot] < self._fresh_need * self.headroom:
+                    return
+                if self._fits(q.expected, None, 0.0, now) is not FITS:
+                    return
+            self._be.popleft()
+            del self._be_reqs[rid]
+            self._admit(q.req, q.expected, 0.0, now, out)
+
+    def _admit(self, req: Request, expected: int, tpot_speed: float, now: float, out: list[Action]) -> None:
+        req.admitted_at = now
+        sla = not req.best_effort
+        run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0)
+        run.sort_key = (run.k, req.id)
+        self._running[req.id] = run
+        insort(self._by_finish, run.sort_key)
+        if sla:
+            self._sla_running += 1
+        if run.tpot_speed:
+            self._tpot_running += 1
+        out.append(Admit(req.id, best_effort=req.best_effort))
+
+    def _dequeue(self, q: _Queued) -> None:
+        del self._queued[q.req.id]
+        del self._order[bisect_left(self._order, q.key)]
+
+    def _miss(self, q: _Queued, now: float, reason: str, out: list[Action]) -> None:
+        req = q.req
+        if req.on_miss == "reject":
+            out.append(Reject(req.id, reason, retry_after_s=self._retry_after(now)))
+            return
+        req.best_effort = True
+        self._be.append(req.id)
+        self._be_reqs[req.id] = q
+        out.append(Demote(req.id, reason))
+
+    def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
+        """For reject classes: reject now if the request is predicted not to get in in time."""
+        eta = self._admission_eta(q, now)
+        if eta is None:
+            self._dequeue(q)
+            out.append(Reject(q.req.id, "predicted to miss its deadline", retry_after_s=self._retry_after(now)))
+            return
+        hopeless = self._hopeless_at(q)
+        when = eta if now + self.min_recheck < eta < hopeless else hopeless
+        self._set_timer(q, now, max(when, now + self.min_recheck))
+
+    def _admission_eta(self, q: _Queued, now: float) -> float | None:
+        """Earliest time the running batch will have drained enough to admit `q`, or None if too late.
+
+        SLA requests queued ahead of `q` are counted as taking slots and never leaving (a
+        deliberately cautious view); running requests drain at the model's speed.
+        """
+        speed = self.model.speed
+        ahead = bisect_left(self._order, q.key)
+        L_eff = len(self._running) + ahead
+        W = self._W
+        D = q.req.deadline - self.margin
+        v1 = speed(1)
+        latest = D - q.expected / v1
+        t = now
+        gen = 0.0
+        for k, _ in self._by_finish:
+            if t > latest:
+                return None
+            need = max(q.expected / (D - t), q.tpot_speed)
+            if speed(L_eff + 1) / self.headroom >= need:
+                return t
+            rem = k - W
+            if rem > gen:
+                t += (rem - gen) / speed(L_eff)
+                gen = rem
+            L_eff -= 1
+        if t > latest:
+            return None
+        need = max(q.expected / (D - t), q.tpot_speed)
+        if (L_eff == 0 and need <= v1) or speed(L_eff + 1) / self.headroom >= need:
+            return t
+        return None
+
+    def _retry_after(self, now: float) -> float:
+        """Seconds until the engine is predicted to have room, counting the queued SLA requests."""
+        L = len(self._running)
+        if not L:
+            return 0.1
+        v = self.model.speed(L)
+        first = max(self._by_finish[0][0] - self._W, 0.0) / v
+        drain = max(self._by_finish[-1][0] - self._W, 0.0) / v
+        estimate = first + drain / L * len(self._queued)
+        return min(60.0, max(0.1, estimate))
+
+    def _compute_fresh_need(self) -> float:
+        """The speed a fresh request of the most demanding class needs (for best-effort gating)."""
+        worst = 0.0
+        for c in self.classes.values():
+            est = self._estimates[c.name].value or c.output_tokens
+            slack = c.deadline_seconds - self.margin
+            if est is None or slack <= 0:
+                continue
+            need = est / slack
+            if c.tpot_seconds:
+                need = max(need, 1.0 / c.tpot_seconds)
+            worst = max(worst, need)
+        return worst
+
+    def _fresh_limit(self) -> int | None:
+        """The largest batch at which a fresh request of every class is still predicted to fit."""
+        if self._fresh_need <= 0:
+            return None
+        table = self.model.table
+        target = self._fresh_need * self.headroom
+        lo, hi = 0, len(table) - 1
+        if table[1] < target:
+            return 0
+        while lo < hi:  # table is non-increasing: find the last L with table[L] >= target
+            mid = (lo + hi + 1) // 2
+            if table[mid] >= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo

@@ -1,0 +1,316 @@
+"""The operator (real kopf, real HTTP) against kmock's Kubernetes API *emulator* on loopback.
+
+No kube-apiserver can run here, so `SaberAPIEmulator` (kmock's KubernetesEmulator plus
+server-side-apply creation, uid/generation and an outage switch) stands in for it. Nothing
+emulates the Deployment controller or the garbage collector: where a test needs a Deployment
+to report ready pods it writes that status itself, as the controller would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SABER, SERVICES, SaberAPIEmulator
+from saber_operator.builders import ENGINE_HASH_ANNOTATION
+from saber_operator.handlers import run_operator
+from saber_operator.settings import OperatorSettings
+from saber_sidecar.config import parse_config
+
+NS = "team-a"
+TEST_CLIENT = {"X-Test-Client": "1"}
+
+
+def cr(name: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "model": {"name": "coder"},
+        "engine": {"kind": "emulator", "maxNumSeqs": 64},
+        "sla": {
+            "classes": [
+                {"name": "interactive", "deadlineSeconds": 1.0, "targetAttainment": 0.9},
+                {"name": "batch", "deadlineSeconds": 12.0},
+            ],
+            "defaultClass": "batch",
+        },
+        "scheduling": {"policy": "saber"},
+    }
+    body.update(spec)
+    return {"apiVersion": "saber.dev/v1alpha1", "kind": "SaberService", "metadata": {"name": name, "namespace": NS}, "spec": body}
+
+
+class API:
+    """The test's own client of the emulated API (exempt from injected outages)."""
+
+    def __init__(self, emu: SaberAPIEmulator, url: str, session: aiohttp.ClientSession) -> None:
+        self.emu, self.url, self.session = emu, url, session
+
+    async def create(self, body: dict[str, Any]) -> None:
+        path = f"/apis/saber.dev/v1alpha1/namespaces/{NS}/saberservices"
+        async with self.session.post(self.url + path, json=body, headers=TEST_CLIENT) as rsp:
+            assert rsp.status == 200, await rsp.text()
+
+    async def patch(self, resource: str, name: str, patch: dict[str, Any], sub: str = "") -> None:
+        group_version, plural = resource.rsplit("/", 1)
+        base = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
+        path = f"{base}/namespaces/{NS}/{plural}/{name}" + (f"/{sub}" if sub else "")
+        headers = {**TEST_CLIENT, "Content-Type": "application/merge-patch+json"}
+        async with self.session.patch(self.url + path, json=patch, headers=headers) as rsp:
+            assert rsp.status == 200, await rsp.text()
+
+    async def delete(self, resource: str, name: str) -> None:
+        group_version, plural = resource.rsplit("/", 1)
+        base = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
+        async with self.session.delete(f"{self.url}{base}/namespaces/{NS}/{plural}/{name}", headers=TEST_CLIENT) as rsp:
+            assert rsp.status == 200, await rsp.text()
+
+    def get(self, resource: str, name: str) -> dict[str, Any] | None:
+        key = (kmock.resource(resource), NS, name)
+        if key not in self.emu.objects or self.emu.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.emu.objects[key].raw)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [
+            obj.raw for (res, ns, _), obj in self.emu.objects.items()
+            if res == kmock.resource(EVENTS) and not obj.deleted and obj.raw["involvedObject"]["name"] == name
+        ]
+
+
+def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for cond in ((body or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return cond
+    return {}
+
+
+async def eventually(check, timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def api():
+    emu = SaberAPIEmulator()
+    # Injected outages hit the operator only, so the test can keep changing things meanwhile.
+    async with emu, kmock.Server(emu) as server, aiohttp.ClientSession() as session:
+        yield API(emu, str(server.url).rstrip("/"), session)
+
+
+@pytest.fixture
+async def operator(api: API):
+    settings = OperatorSettings(
+        api_server=api.url, timer_interval_seconds=0.5, retry_backoff_seconds=0.2, scrape_timeout_seconds=1.0
+    )
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_operator(settings, stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    yield settings
+    stop.set()
+    # kopf ends its own task by cancelling it once everything has stopped.
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+    assert task.done()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def sidecar_metrics():
+    """A stand-in for one sidecar's /metrics (the real sidecar is tested in its own suite):
+    a real HTTP server on loopback serving prometheus_client's text format."""
+    registry = CollectorRegistry()
+    attainment = Gauge("saber_sla_attainment_ratio", "SLA attainment", ["class"], registry=registry)
+    requests = Counter("saber_requests", "Requests", ["class", "outcome"], registry=registry)
+    goodput = Gauge("saber_goodput_requests_per_second", "Goodput", registry=registry)
+    limit = Gauge("saber_admission_limit", "Admission limit", registry=registry)
+    attainment.labels("interactive").set(0.80)
+    attainment.labels("batch").set(0.99)
+    requests.labels("interactive", "met").inc(80)
+    requests.labels("interactive", "missed").inc(20)
+    requests.labels("batch", "met").inc(99)
+    requests.labels("batch", "missed").inc(1)
+    goodput.set(3.5)
+    limit.set(24)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield port
+    await runner.cleanup()
+
+
+async def test_create_builds_children_status_and_reads_sidecar_metrics(api: API, operator, sidecar_metrics: int):
+    await api.create(cr("svc", sidecar={"port": sidecar_metrics}))
+    svc = await eventually(lambda: api.get(SABER, "svc") if condition(api.get(SABER, "svc"), "Ready") else None,
+                           what="status")
+    uid = svc["metadata"]["uid"]
+
+    cm, dep, service = api.get(CONFIGMAPS, "svc-sidecar"), api.get(DEPLOYMENTS, "svc"), api.get(SERVICES, "svc")
+    for child in (cm, dep, service):
+        assert child["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert child["metadata"]["ownerReferences"][0]["controller"] is True
+    config = parse_config(cm["data"]["config.yaml"])
+    assert [c.name for c in config.classes] == ["interactive", "batch"]
+    assert config.get_class("interactive").target_attainment == 0.9
+    engine, sidecar = dep["spec"]["template"]["spec"]["containers"]
+    assert engine["command"] == ["saber", "emulator"] and "64" in engine["args"]
+    assert sidecar["args"][:2] == ["--port", str(sidecar_metrics)]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert svc["status"]["observedGeneration"] == 1
+    assert condition(svc, "Ready")["status"] == "False"
+    assert condition(svc, "Progressing")["status"] == "True"
+    assert condition(svc, "Degraded")["status"] == "False"
+    assert condition(svc, "SLAMet")["reason"] == "NoData"
+    assert svc["status"]["selector"] == "app.kubernetes.io/name=saber,app.kubernetes.io/instance=svc"
+    assert "saber.dev/finalizer" in svc["metadata"]["finalizers"]
+    assert all(k.startswith("saber.dev/") for k in svc["metadata"].get("annotations", {}))
+
+    # The Deployment controller's part: a pod runs and the rollout completes.
+    await api.session.post(
+        f"{api.url}/api/v1/namespaces/{NS}/pods",
+        headers=TEST_CLIENT,
+        json={
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "svc-abc", "namespace": NS, "labels": dep["spec"]["template"]["metadata"]["labels"]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+        },
+    )
+    await api.patch(DEPLOYMENTS, "svc", {"status": {
+        "observedGeneration": dep["metadata"]["generation"], "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1,
+    }}, sub="status")
+
+    svc = await eventually(
+        lambda: (b := api.get(SABER, "svc")) and condition(b, "SLAMet").get("status") == "False" and b, what="SLAMet"
+    )
+    assert condition(svc, "Ready")["status"] == "True"
+    assert condition(svc, "Progressing")["status"] == "False"
+    assert "interactive 0.800 < 0.900" in condition(svc, "SLAMet")["message"]
+    classes = {c["name"]: c for c in svc["status"]["classes"]}
+    assert classes["interactive"]["attainment"] == pytest.approx(0.80)
+    assert classes["batch"]["requests"] == pytest.approx(100)
+    assert svc["status"]["slaAttainment"] == pytest.approx((0.8 * 100 + 0.99 * 100) / 200)
+    assert svc["status"]["goodputRequestsPerSecond"] == pytest.approx(3.5)
+    assert svc["status"]["readyReplicas"] == 1
+    reasons = lambda: {(e["type"], e["reason"]) for e in api.events("svc")}  # noqa: E731
+    await eventually(lambda: {("Normal", "AllReplicasReady"), ("Warning", "BelowTarget")} <= reasons(), what="events")
+
+
+async def test_sla_change_reaches_configmap_without_rolling_pods(api: API, operator):
+    await api.create(cr("svc"))
+    await eventually(lambda: api.get(DEPLOYMENTS, "svc"), what="deployment")
+    template = api.get(DEPLOYMENTS, "svc")["spec"]["template"]
+
+    await api.patch(SABER, "svc", {"spec": {
+        "sla": {"classes": [{"name": "interactive", "deadlineSeconds": 2.5}], "defaultClass": "interactive"},
+        "scheduling": {"policy": "static", "staticMaxConcurrency": 8},
+    }})
+    cm = await eventually(
+        lambda: (c := api.get(CONFIGMAPS, "svc-sidecar")) and "static" in c["data"]["config.yaml"] and c, what="configmap"
+    )
+    config = parse_config(cm["data"]["config.yaml"])
+    assert config.classes[0].deadline_seconds == 2.5 and config.scheduling.static_max_concurrency == 8
+    svc = await eventually(lambda: (b := api.get(SABER, "svc"))["status"].get("observedGeneration") == 2 and b)
+    assert svc["status"]["policy"] == "static"
+    assert api.get(DEPLOYMENTS, "svc")["spec"]["template"] == template
+
+
+async def test_engine_change_rolls_deployment(api: API, operator):
+    await api.create(cr("svc"))
+    before = await eventually(lambda: api.get(DEPLOYMENTS, "svc"), what="deployment")
+    await api.patch(SABER, "svc", {"spec": {"engine": {"kind": "emulator", "maxNumSeqs": 128}, "replicas": 3}})
+    after = await eventually(
+        lambda: (d := api.get(DEPLOYMENTS, "svc")) and "128" in d["spec"]["template"]["spec"]["containers"][0]["args"] and d,
+        what="new engine args",
+    )
+    annotation = lambda d: d["spec"]["template"]["metadata"]["annotations"][ENGINE_HASH_ANNOTATION]  # noqa: E731
+    assert annotation(after) != annotation(before)
+    assert after["spec"]["replicas"] == 3
+
+
+async def test_hand_edited_children_are_put_back(api: API, operator):
+    await api.create(cr("svc"))
+    await eventually(lambda: api.get(SERVICES, "svc") and api.get(CONFIGMAPS, "svc-sidecar"), what="children")
+    original = api.get(CONFIGMAPS, "svc-sidecar")["data"]
+    await api.patch(CONFIGMAPS, "svc-sidecar", {"data": {"config.yaml": "classes: []\n"}})
+    await api.patch(DEPLOYMENTS, "svc", {"spec": {"replicas": 7}})
+    await api.delete(SERVICES, "svc")
+    await eventually(lambda: api.get(SERVICES, "svc"), what="service recreated")
+    await eventually(lambda: api.get(CONFIGMAPS, "svc-sidecar")["data"] == original, what="config restored")
+    await eventually(lambda: api.get(DEPLOYMENTS, "svc")["spec"]["replicas"] == 1, what="replicas restored")
+
+
+async def test_invalid_spec_is_degraded_and_applies_nothing(api: API, operator):
+    # Schema-valid, but vLLM with tensor parallelism 2 on one GPU cannot start.
+    body = cr("bad", engine={
+        "kind": "vllm", "tensorParallelSize": 2, "resources": {"limits": {"nvidia.com/gpu": 1}},
+    }, model={"name": "coder", "source": {"hub": {"id": "Qwen/Qwen2.5-Coder-3B-Instruct"}}})
+    await api.create(body)
+    svc = await eventually(
+        lambda: (b := api.get(SABER, "bad")) and condition(b, "Degraded").get("status") == "True" and b, what="Degraded"
+    )
+    cond = condition(svc, "Degraded")
+    assert cond["reason"] == "InvalidSpec"
+    assert "tensorParallelSize 2 needs as many GPUs" in cond["message"]
+    assert cond["observedGeneration"] == 1
+    await asyncio.sleep(1.0)  # a couple of timer runs: still nothing applied
+    assert api.get(DEPLOYMENTS, "bad") is None and api.get(CONFIGMAPS, "bad-sidecar") is None
+    assert api.get(SERVICES, "bad") is None
+    assert ("Warning", "InvalidSpec") in {(e["type"], e["reason"]) for e in api.events("bad")}
+
+    # Fixing the spec clears it.
+    await api.patch(SABER, "bad", {"spec": {"engine": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}})
+    await eventually(lambda: condition(api.get(SABER, "bad"), "Degraded").get("status") == "False", what="recovery")
+    assert api.get(DEPLOYMENTS, "bad")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "nvidia.com/gpu": "2"
+    }
+
+
+async def test_delete_removes_children(api: API, operator):
+    await api.create(cr("svc"))
+    await eventually(lambda: api.get(SERVICES, "svc"), what="children")
+    await api.delete(SABER, "svc")
+    await eventually(
+        lambda: all(api.get(r, n) is None for r, n in
+                    ((DEPLOYMENTS, "svc"), (SERVICES, "svc"), (CONFIGMAPS, "svc-sidecar"), (SABER, "svc"))),
+        what="children deleted and finalizer released",
+    )
+
+
+async def test_api_outage_then_converges(api: API, operator):
+    api.emu.outage_unless = TEST_CLIENT  # the operator's calls fail with 503; ours go through
+    api.emu.outage = True
+    await api.create(cr("svc"))
+    await asyncio.sleep(1.5)
+    assert api.get(DEPLOYMENTS, "svc") is None
+    api.emu.outage = False
+    await eventually(
+        lambda: (b := api.get(SABER, "svc")) and (b.get("status") or {}).get("observedGeneration") == 1,
+        timeout=20, what="convergence after the outage",
+    )
+    assert api.get(DEPLOYMENTS, "svc") and api.get(SERVICES, "svc") and api.get(CONFIGMAPS, "svc-sidecar")
+    assert yaml.safe_load(api.get(CONFIGMAPS, "svc-sidecar")["data"]["config.yaml"])["default_class"] == "batch"

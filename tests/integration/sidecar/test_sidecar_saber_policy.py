@@ -1,0 +1,54 @@
+"""The `saber` policy behind the real proxy: online refit from relayed completions, and rejection."""
+
+import asyncio
+
+import aiohttp
+import openai
+from conftest import MODEL, emulator_url, scrape
+
+SABER = """
+classes:
+  - name: interactive
+    deadline_seconds: 1
+    on_miss: reject
+  - name: batch
+    deadline_seconds: 60
+default_class: batch
+scheduling:
+  policy: saber
+  speed_model:
+    min_samples: 4
+    window: 16
+    refit_every: 4
+"""
+
+
+async def test_speed_model_refits_from_completions(emulator, start_sidecar):
+    sidecar = await start_sidecar(emulator_url(emulator), SABER)
+    client = openai.AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="x", max_retries=0)
+
+    async def one(i):
+        stream = await client.completions.create(model=MODEL, prompt="x", max_tokens=10 + 2 * i, stream=True)
+        return sum([1 async for c in stream if c.choices and c.choices[0].text])
+
+    for wave in range(3):  # different concurrency levels give the fit something to explain
+        counts = await asyncio.gather(*(one(i) for i in range(4 * (wave + 1))))
+        assert counts == [10 + 2 * i for i in range(4 * (wave + 1))]
+    await asyncio.sleep(0.05)
+    stats = sidecar.sidecar.gate.stats()
+    assert stats.extra["speed_model_refits"] >= 1
+    metrics = await scrape(sidecar.url)
+    assert ("saber_speed_model_r2", ()) in metrics
+    assert metrics[("saber_predicted_speed_tokens_per_second", ())] > 0
+    assert metrics[("saber_requests_total", (("class", "batch"), ("outcome", "met")))] == 24
+
+
+async def test_hopeless_request_of_reject_class_gets_429(emulator, start_sidecar):
+    sidecar = await start_sidecar(emulator_url(emulator), SABER)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(sidecar.url + "/v1/completions",
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 1000},
+                          headers={"x-saber-sla-class": "interactive"}) as r:
+            assert r.status == 429
+            assert r.headers["x-saber-outcome"] == "rejected" and int(r.headers["Retry-After"]) >= 1
+            assert "cannot meet its deadline" in (await r.json())["error"]["message"]

@@ -1,0 +1,68 @@
+import pytest
+
+from saber_sidecar.classify import RequestError, body_info, classify
+from saber_sidecar.config import parse_config
+
+CONFIG = parse_config(
+    """
+classes:
+  - name: interactive
+    deadline_seconds: 1.5
+    model_aliases: [coder-fast]
+  - name: batch
+    deadline_seconds: 30
+default_class: batch
+"""
+)
+
+
+def test_header_class_wins_over_alias_and_default():
+    c = classify(CONFIG, {"x-saber-sla-class": "batch"}, "coder-fast")
+    assert c.sla_class.name == "batch" and c.deadline_s is None and c.alias
+
+
+def test_alias_then_default():
+    assert classify(CONFIG, {}, "coder-fast").sla_class.name == "interactive"
+    c = classify(CONFIG, {}, "real-model")
+    assert c.sla_class.name == "batch" and not c.alias
+
+
+def test_explicit_deadline_header():
+    c = classify(CONFIG, {"x-saber-deadline-ms": "250"}, None)
+    assert c.sla_class.name == "batch" and c.deadline_s == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "99999999999"])
+def test_bad_deadline_header(value):
+    with pytest.raises(RequestError, match="x-saber-deadline-ms"):
+        classify(CONFIG, {"x-saber-deadline-ms": value}, None)
+
+
+def test_unknown_class_lists_valid_ones():
+    with pytest.raises(RequestError) as err:
+        classify(CONFIG, {"x-saber-sla-class": "gold"}, None)
+    assert "interactive, batch" in str(err.value) and err.value.code == "unknown_sla_class"
+
+
+def test_body_info_completion_and_chat():
+    info = body_info({"model": "m", "prompt": "x" * 400, "max_tokens": 7, "stream": True,
+                      "stream_options": {"include_usage": True}}, chat=False)
+    assert (info.model, info.stream, info.max_tokens, info.prompt_tokens, info.include_usage) == ("m", True, 7, 100, True)
+    info = body_info({"messages": [{"role": "user", "content": "y" * 40}], "max_completion_tokens": 3}, chat=True)
+    assert (info.max_tokens, info.prompt_tokens, info.stream) == (3, 10, False)
+
+
+@pytest.mark.parametrize(
+    "body, chat, fragment",
+    [
+        ([1, 2], False, "JSON object"),
+        ({"max_tokens": 0}, False, "max_tokens"),
+        ({"max_tokens": "9"}, False, "max_tokens"),
+        ({"stream": "yes"}, False, "stream"),
+        ({"model": 5}, False, "model"),
+        ({"messages": "hi"}, True, "messages"),
+    ],
+)
+def test_body_info_rejects(body, chat, fragment):
+    with pytest.raises(RequestError, match=fragment):
+        body_info(body, chat)
