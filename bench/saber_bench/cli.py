@@ -63,10 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
     lv.set_defaults(func=_live)
 
-    d = sub.add_parser("demo", help="live: one heavy cell, a static cap vs saber, table and plot (< 3 min)")
+    d = sub.add_parser("demo", help="live: one heavy cell, static caps vs saber, table and plot (< 3 min)")
     d.add_argument("--workload", default="W1", help="workload (default W1, the heavy mix)")
     d.add_argument("--rate", type=float, default=15.0, help="request rate (default 15 req/s)")
-    d.add_argument("--static", default="static-50", help="the static cap to compare with (default static-50)")
+    d.add_argument("--static", type=_names, default=["static-256", "best"],
+                   help="comma-separated static caps to compare with; `best` is the best cap 10..100 for this "
+                   "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
+                   "and the best tuned one)")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     d.set_defaults(func=_demo)
 
@@ -172,7 +175,7 @@ def _live(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run_live_cli(args, Path(args.out)))
-    except LiveError as exc:
+    except (LiveError, ValueError) as exc:
         print(f"saber bench live: {exc}", file=sys.stderr)
         return 1
 
@@ -185,6 +188,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out)))
-    except LiveError as exc:
+    except (LiveError, ValueError) as exc:
         print(f"saber bench demo: {exc}", file=sys.stderr)
         return 1

@@ -70,7 +70,6 @@ def simulate(
     last_arrival = max((s.arrival for s in specs), default=0.0)
     horizon = horizon_s if horizon_s is not None else last_arrival + 3600.0
     outstanding = len(specs)  # not yet rejected, finished or given up
-    first_token: dict[str, float] = {}
     calls = 0
     step = None  # the engine step in progress (its results land at step.end)
     seq = len(specs)
@@ -116,8 +115,6 @@ def simulate(
         now = max(now, now_next)
         if t_step <= now_next:
             done, step = step, None
-            for rid in done.first_token:
-                first_token[rid] = done.end
             for f in done.finished:
                 rec = records[f.id]
                 rec.first_token_at = f.first_token_time
@@ -125,7 +122,7 @@ def simulate(
                 rec.output_tokens = f.output_tokens
                 outstanding -= 1
                 calls += 1
-                carry_out(policy.finished(f.id, now, f.output_tokens, first_token.pop(f.id, None)), now)
+                carry_out(policy.finished(f.id, now, f.output_tokens, f.first_token_time), now)
             if step is None and engine.has_work:
                 step = engine.step(now)
         elif t_wake <= now_next:

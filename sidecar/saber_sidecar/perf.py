@@ -54,6 +54,12 @@ scheduling:
   max_queue: 100000
 """
 
+# The same without online refits: separates the decision code's cost from the curve fitting's.
+SABER_NO_REFIT = SABER + """  speed_model:
+    online_refit: false
+"""
+CONFIGS = {"static": STATIC, "saber": SABER, "saber-no-refit": SABER_NO_REFIT}
+
 TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "tokens_per_second_ratio": 0.95}
 
 
@@ -117,6 +123,15 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
         await asyncio.gather(*(worker() for _ in range(streams)))
         run.wall_s = time.perf_counter() - started
     return run
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), to report the sidecar's cost per token."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
@@ -184,14 +199,23 @@ async def bench_policy(name: str, config: str, engine_url: str, out: Path, opts:
     try:
         await load(url, min(opts.streams, 16), 1.0, opts.max_tokens, "warmup")
         direct, via = [], []
+        sidecar_cpu, relayed = 0.0, 0
         for i in range(opts.rounds):
             # Alternate the order between rounds so slow drift (other load on the machine) is shared.
             order = [("direct", engine_url), ("sidecar", url)]
             for target, base in order if i % 2 == 0 else order[::-1]:
+                cpu0 = cpu_seconds(proc.pid)
                 run = await load(base, opts.streams, opts.duration, opts.max_tokens, target)
+                cpu1 = cpu_seconds(proc.pid)
                 (direct if target == "direct" else via).append(run)
+                if target == "sidecar" and cpu0 is not None and cpu1 is not None:
+                    sidecar_cpu += cpu1 - cpu0
+                    relayed += run.tokens
                 print(f"  {name} round {i + 1} {target:8s} {run.summary()}", flush=True)
-        return compare(direct, via)
+        result = compare(direct, via)
+        result["sidecar_cpu_seconds"] = round(sidecar_cpu, 3)
+        result["sidecar_cpu_ms_per_1000_tokens"] = round(1e6 * sidecar_cpu / relayed, 2) if relayed else None
+        return result
     finally:
         stop(proc)
 
@@ -209,7 +233,7 @@ async def main_async(opts: argparse.Namespace) -> dict:
         for name in opts.policies:
             print(f"policy {name}: {opts.streams} streams, {opts.duration}s x {opts.rounds} rounds per target",
                   flush=True)
-            results[name] = await bench_policy(name, STATIC if name == "static" else SABER, engine_url, out, opts)
+            results[name] = await bench_policy(name, CONFIGS[name], engine_url, out, opts)
     finally:
         stop(emulator)
     return {
@@ -232,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
-    parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=["static", "saber"])
+    parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=list(CONFIGS))
     opts = parser.parse_args(argv)
     if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1:
         parser.error("--streams, --duration, --rounds and --max-tokens must be positive")
@@ -241,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in report["policies"].items():
         print(f"{name}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms, p99 {r['added_ttft_p99_ms']:+.3f} ms, "
-              f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}  meets {r['meets_targets']}")
+              f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}, sidecar CPU "
+              f"{r['sidecar_cpu_ms_per_1000_tokens']} ms per 1000 tokens; meets {r['meets_targets']}")
     print(f"wrote {path}")
     return 0
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import itertools
 import logging
 import math
-import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -357,8 +357,7 @@ class _Relay:
                 await resp.write(chunk)
             except (ConnectionError, aiohttp.ClientConnectionError):
                 self._record(m.CANCELLED, gate.now())
-                self.tokens = events
-                return resp
+                return resp  # tokens stay 0: a cut-off output would bias the policy's length estimates
         end_bytes = prev + last
         done = b"[DONE]" in end_bytes
         if failure is None and not done:
@@ -371,6 +370,7 @@ class _Relay:
             self.tokens = usage
         end = gate.now()
         if failure is not None:
+            self.tokens = 0  # as for a cancelled request: not a complete output
             self._record(m.ERROR, end)
             error = {"error": {"message": failure + "; the response is incomplete, retry", "type": "server_error",
                                "param": None, "code": "engine_error"}}

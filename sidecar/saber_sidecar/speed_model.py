@@ -22,6 +22,7 @@ positive floor, and past the largest L the model was fitted on it extrapolates t
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,11 +92,12 @@ def _score(form: str, params: Sequence[float], L: np.ndarray, v: np.ndarray) -> 
 
 def fit_form(form: str, L: np.ndarray, v: np.ndarray) -> FitResult | None:
     """Least-squares fit of one form; None when it does not converge to a finite curve."""
-    from scipy.optimize import curve_fit  # scipy is heavy; only fitting needs it
+    from scipy.optimize import OptimizeWarning, curve_fit  # scipy is heavy; only fitting needs it
 
     vmax_obs = float(v.max())
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
             if form == "linear":
                 b, a = np.polyfit(L, v, 1)
                 params: tuple[float, ...] = (float(a), float(b))

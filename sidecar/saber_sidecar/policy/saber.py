@@ -64,6 +64,18 @@ class _Queued:
 
 
 @dataclass(slots=True)
+class _Plan:
+    now: float
+    n: int
+    rs: list[float]
+    p0: list[float]
+    p1: list[float]
+    suffix_min: list[float]
+    first_hurt: int
+    max_tpot: float
+
+
+@dataclass(slots=True)
 class _Run:
     req: Request
     k: float  # W at which it is predicted to finish: W(admitted) + expected tokens
@@ -71,7 +83,7 @@ class _Run:
     t0: float
     sla: bool
     tpot_speed: float
-    sort_key: tuple[float, str] = field(default=(0.0, ""))
+    sort_key: tuple[float, str, float] = field(default=(0.0, "", INF))
 
 
 class _OutputEstimate:
@@ -121,7 +133,8 @@ class SaberPolicy(Policy):
         self._A = 0.0
         self._t: float | None = None
         self._running: dict[str, _Run] = {}
-        self._by_finish: list[tuple[float, str]] = []  # (k, id) of running requests, ascending
+        # (k, id, deadline less margin, INF for best effort) of running requests, by k
+        self._by_finish: list[tuple[float, str, float]] = []
         self._sla_running = 0
         self._queued: dict[str, _Queued] = {}
         self._order: list[tuple[float, int, str]] = []  # queued SLA requests, EDF
@@ -130,6 +143,10 @@ class SaberPolicy(Policy):
         self._be_reqs: dict[str, _Queued] = {}
         self._seq = 0
         self._tpot_running = 0  # running SLA requests with a TPOT target
+        self._inv: list[float] = []
+        self._version = 0  # bumped whenever the batch, the queue's front or an estimate changes
+        self._blocked_at = -1  # the version at which the queue's front was last found blocked
+        self._inv_for: list[float] | None = None
         self._kv_usage = 0.0
         self._fresh_need = self._compute_fresh_need()
 
@@ -156,13 +173,25 @@ class SaberPolicy(Policy):
             self._queued[req.id] = q
             insort(self._order, q.key)
             self._set_timer(q, now)
-        out.extend(self._dispatch(now))
+        if (
+            self._blocked_at == self._version
+            and req.id in self._queued
+            and bisect_left(self._order, q.key) > self.lookahead
+        ):
+            # Nothing has changed since the last decision found the queue's front blocked, and
+            # this request queues behind the whole window that decision tried: it cannot change
+            # the outcome, so skip replaying the batch (this keeps arrivals cheap when the queue
+            # is long).
+            self._fire_timers(now, out)
+        else:
+            out.extend(self._dispatch(now))
         if req.id in self._queued and req.on_miss == "reject":
             self._reject_if_late(q, now, out)
         return out
 
     def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
         self._advance(now)
+        self._version += 1
         run = self._running.pop(request_id, None)
         if run is None:
             return self._dispatch(now)
@@ -185,7 +214,10 @@ class SaberPolicy(Policy):
     def cancel(self, request_id: str, now: float) -> list[Action]:
         q = self._queued.pop(request_id, None)
         if q is not None:
-            del self._order[bisect_left(self._order, q.key)]
+            i = bisect_left(self._order, q.key)
+            del self._order[i]
+            if i <= self.lookahead:
+                self._version += 1  # the window the last decision tried has changed
         elif self._be_reqs.pop(request_id, None) is not None and not self._be_reqs:
             self._be.clear()
         return []
@@ -206,6 +238,7 @@ class SaberPolicy(Policy):
 
     def observe_engine(self, snapshot: EngineSnapshot, now: float) -> list[Action]:
         was_high = self._kv_usage >= self.kv_high
+        self._version += 1
         self._kv_usage = snapshot.kv_cache_usage
         if was_high and self._kv_usage < self.kv_high and self._be:
             self._advance(now)
@@ -247,61 +280,93 @@ class SaberPolicy(Policy):
                 self._A += L * dt
             self._t = now
 
-    def _fits(self, expected: float, deadline: float | None, tpot_speed: float, now: float) -> str:
-        """Would the batch, with a candidate of `expected` tokens added now, meet its deadlines?
+    def _plan(self, now: float) -> _Plan:
+        """Play the running batch forward without further admissions, once per decision.
 
-        The batch is played forward without further admissions: requests finish in order of
-        remaining tokens, and while n run each advances at v(n) (less the headroom). The candidate
-        is admitted only if it meets its own deadline (when `deadline` is set) and no running SLA
-        request that would otherwise finish in time is pushed past its deadline. That invariant
-        holds between admissions, because the batch only changes by admissions (checked) and
-        finishes. Cost: one pass over the running requests.
+        Requests finish in order of remaining tokens; while n run, each advances at v(n) (less the
+        headroom). `_fits` then prices any candidate against this plan in O(log n).
+        """
+        inv = self._inverse_speeds()
+        n = len(self._running)
+        W = self._W
+        rs = [0.0] * n
+        p0 = [0.0] * n  # seconds from now until each running request finishes
+        p1 = [0.0] * n  # the same, had one more request run alongside until then
+        slack = [INF] * n  # deadline (less margin) minus finish time; INF: nothing to protect
+        a0 = a1 = 0.0
+        prev = 0.0
+        first_hurt = n
+        j = 0
+        for k, _, due in self._by_finish:
+            r = k - W
+            if r < prev:
+                r = prev
+            if r < 1.0:
+                r = 1.0  # ran past its estimate: it has at least a token left
+            d = r - prev
+            a0 += d * inv[n - j]
+            a1 += d * inv[n + 1 - j]
+            prev = r
+            rs[j] = r
+            p0[j] = a0
+            p1[j] = a1
+            if due < INF:
+                s_j = due - now - a0
+                if s_j >= 0:  # one already late cannot be saved: it holds nothing back
+                    slack[j] = s_j
+                    if a1 - a0 > s_j and first_hurt == n:
+                        first_hurt = j
+            j += 1
+        for j in range(n - 2, -1, -1):  # suffix minimum
+            if slack[j + 1] < slack[j]:
+                slack[j] = slack[j + 1]
+        suffix_min = slack
+        max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
+        return _Plan(now, n, rs, p0, p1, suffix_min, first_hurt, max_tpot)
+
+    def _fits(self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float) -> str:
+        """Would the batch, with this candidate added now, still meet its deadlines?
+
+        The candidate must meet its own deadline (when it has one), and no running SLA request
+        that the plan has finishing in time may be pushed past its deadline. That invariant holds
+        between admissions, because the batch only changes by admissions (checked) and finishes.
+        Requests finishing before the candidate are slowed by a known amount (`plan.first_hurt`);
+        every one finishing after it is delayed by the same amount, so a suffix minimum of
+        their slack decides them.
         """
         table = self.model.table
-        n = len(self._running)
+        n = plan.n
         if n + 2 >= len(table):
-            return MISSES_OWN
+            return HURTS_BATCH
         h = self.headroom
-        margin = self.margin
-        if self._tpot_running and self._max_running_tpot() * h > table[n + 1]:
+        if plan.max_tpot * h > table[n + 1]:
             return HURTS_BATCH
         if tpot_speed * h > table[n + 1]:
             return MISSES_OWN
-        W = self._W
-        running = self._running
-        t1 = t0 = now  # finish clock with and without the candidate
-        p1 = p0 = 0.0  # tokens done (per request) on each clock
-        L1, L0 = n + 1, n
-        pending = True
-        for k, rid in self._by_finish:
-            r = k - W
-            if r < 1.0:
-                r = 1.0  # ran past its estimate: it has at least a token left
-            if pending and expected <= r:
-                t1 += (expected - p1) * h / table[L1]
-                p1 = expected
-                L1 -= 1
-                pending = False
-                if deadline is not None and t1 > deadline - margin:
-                    return MISSES_OWN
-            if r > p1:
-                t1 += (r - p1) * h / table[L1]
-                p1 = r
-            if r > p0:
-                t0 += (r - p0) * h / table[L0]
-                p0 = r
-            L1 -= 1
-            L0 -= 1
-            run = running[rid]
-            if run.sla:
-                due = run.req.deadline - margin
-                if t1 > due and t0 <= due:
-                    return HURTS_BATCH
-        if pending:
-            t1 += (expected - p1) * h / table[L1]
-            if deadline is not None and t1 > deadline - margin:
-                return MISSES_OWN
+        pos = bisect_left(plan.rs, expected)
+        if pos:
+            before0, before1, r_prev = plan.p0[pos - 1], plan.p1[pos - 1], plan.rs[pos - 1]
+        else:
+            before0 = before1 = r_prev = 0.0
+        finish = before1 + (expected - r_prev) * h / table[n + 1 - pos]
+        if deadline is not None and plan.now + finish > deadline - self.margin:
+            return MISSES_OWN
+        if plan.first_hurt < pos:
+            return HURTS_BATCH
+        if pos < n:
+            delay = finish - (before0 + (expected - r_prev) * h / table[n - pos])
+            if plan.suffix_min[pos] < delay:
+                return HURTS_BATCH
         return FITS
+
+    def _inverse_speeds(self) -> list[float]:
+        """headroom / v(L) for every L, rebuilt only when the speed model changes."""
+        table = self.model.table
+        if self._inv_for is not table:
+            h = self.headroom
+            self._inv = [h / v for v in table]
+            self._inv_for = table
+        return self._inv
 
     def _max_running_tpot(self) -> float:
         return max((r.tpot_speed for r in self._running.values()), default=0.0)
@@ -355,6 +420,11 @@ class SaberPolicy(Policy):
             if q is None or q.timer != gen:
                 continue
             reason = self._hopeless(q, now)
+            if not reason and now >= self._hopeless_at(q) - 1e-9:
+                # Its last chance has come and it is still queued: by the next event it is late.
+                reason = "deadline cannot be met"
+                if q.req.ttft_deadline is not None and now >= q.req.ttft_deadline - self.margin - self.ttft_estimate - 1e-9:
+                    reason = "time-to-first-token target cannot be met"
             if reason:
                 self._dequeue(q)
                 self._miss(q, now, reason, out)
@@ -374,6 +444,7 @@ class SaberPolicy(Policy):
             # A candidate that would push a running request late fails for every larger one too
             # (it runs alongside the batch longer): skip those without playing the batch again.
             too_big = INF
+            plan = self._plan(now) if self._running else None
             while i < len(order) and tried <= self.lookahead:
                 q = queued[order[i][2]]
                 reason = self._hopeless(q, now)
@@ -386,7 +457,7 @@ class SaberPolicy(Policy):
                 if q.expected >= too_big:
                     i += 1
                     continue
-                verdict = self._fits(q.expected, q.req.deadline, q.tpot_speed, now) if self._running else FITS
+                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed) if plan else FITS
                 if verdict is HURTS_BATCH:
                     too_big = q.expected
                 if verdict is FITS:
@@ -397,6 +468,7 @@ class SaberPolicy(Policy):
                     break
                 i += 1
             if not admitted:
+                self._blocked_at = self._version
                 return
 
     def _admit_best_effort(self, now: float, out: list[Action]) -> None:
@@ -415,7 +487,7 @@ class SaberPolicy(Policy):
                 slot = L + 1 + self.reserve
                 if slot >= len(table) or table[slot] < self._fresh_need * self.headroom:
                     return
-                if self._fits(q.expected, None, 0.0, now) is not FITS:
+                if self._fits(self._plan(now), q.expected, None, 0.0) is not FITS:
                     return
             self._be.popleft()
             del self._be_reqs[rid]
@@ -423,9 +495,10 @@ class SaberPolicy(Policy):
 
     def _admit(self, req: Request, expected: int, tpot_speed: float, now: float, out: list[Action]) -> None:
         req.admitted_at = now
+        self._version += 1
         sla = not req.best_effort
         run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0)
-        run.sort_key = (run.k, req.id)
+        run.sort_key = (run.k, req.id, req.deadline - self.margin if sla else INF)
         self._running[req.id] = run
         insort(self._by_finish, run.sort_key)
         if sla:
@@ -474,7 +547,7 @@ class SaberPolicy(Policy):
         latest = D - q.expected / v1
         t = now
         gen = 0.0
-        for k, _ in self._by_finish:
+        for k, _, _ in self._by_finish:
             if t > latest:
                 return None
             need = max(q.expected / (D - t), q.tpot_speed)

@@ -1,0 +1,307 @@
+"""saber: our policy. The speed curve is v(L) = 100 - L and margins are 0 unless a test sets them,
+so each expected decision can be checked by hand."""
+
+import pytest
+
+from saber_sidecar.config import SidecarConfig
+from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_policy, request_for
+from saber_sidecar.policy.saber import SaberPolicy
+
+CLASSES = [
+    {"name": "loose", "deadline_seconds": 100},
+    {"name": "tight", "deadline_seconds": 1.0},
+    {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject"},
+    {"name": "ttft", "deadline_seconds": 10, "ttft_seconds": 0.5},
+    {"name": "tpot", "deadline_seconds": 100, "tpot_seconds": 0.0103},  # needs 97.09 tok/s
+    {"name": "est", "deadline_seconds": 1.0},
+]
+
+
+def config(**saber):
+    params = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4, **saber}
+    return SidecarConfig.model_validate(
+        {
+            "classes": CLASSES,
+            "default_class": "loose",
+            "scheduling": {
+                "policy": "saber",
+                "max_queue": 100,
+                "speed_model": {"form": "linear", "params": [100, -1], "online_refit": False},
+                "saber": params,
+            },
+        }
+    )
+
+
+def fmt(actions):
+    out = []
+    for a in actions:
+        if isinstance(a, Admit):
+            out.append(f"{'be' if a.best_effort else 'admit'}:{a.request_id}")
+        elif isinstance(a, Demote):
+            out.append(f"demote:{a.request_id}")
+        elif isinstance(a, Reject):
+            out.append(f"reject:{a.request_id}")
+    return " ".join(out)
+
+
+class Driver:
+    def __init__(self, **saber):
+        self.cfg = config(**saber)
+        self.pol = make_policy(self.cfg)
+        assert isinstance(self.pol, SaberPolicy)
+
+    def submit(self, cls, rid, t, max_tokens, deadline=None):
+        return fmt(self.pol.submit(request_for(self.cfg, cls, rid, t, max_tokens, deadline=deadline), t))
+
+    def finish(self, rid, t, tokens=10, first_token_at=None):
+        return fmt(self.pol.finished(rid, t, tokens, first_token_at))
+
+    def wake(self, t):
+        return fmt(self.pol.wake(t))
+
+    def blocker(self):
+        """One running request that any extra request would push past its deadline.
+
+        990 tokens alone take 990/99 = 10.0 s; one more request slows it by at least
+        1/98 - 1/99 ≈ 0.0001 s, more than its 0.00005 s of slack.
+        """
+        margin = self.cfg.scheduling.saber.deadline_margin_seconds
+        assert self.submit("loose", "A", 0.0, 990, deadline=10.00005 + margin) == "admit:A"
+
+
+def test_admits_at_once_when_feasible():
+    d = Driver()
+    assert d.submit("loose", "a", 0.0, 10) == "admit:a"
+    assert d.submit("tight", "b", 0.0, 50) == "admit:b"
+    assert d.pol.next_wake() is None
+
+
+def test_holds_a_request_that_would_push_a_running_one_late_then_admits_on_finish():
+    d = Driver()
+    d.blocker()
+    assert d.submit("loose", "B", 0.0, 200) == ""
+    assert d.pol.stats().queued_sla == 1
+    assert d.finish("A", 10.0, 990) == "admit:B"
+
+
+def test_earliest_deadline_first():
+    d = Driver()
+    d.blocker()
+    assert d.submit("loose", "C", 0.0, 10, deadline=50.0) == ""
+    assert d.submit("loose", "D", 0.1, 10, deadline=20.0) == ""
+    assert d.finish("A", 10.0, 990) == "admit:D admit:C"
+
+
+def test_lookahead_admits_past_a_head_that_needs_a_lighter_batch():
+    d = Driver()
+    # Three long requests with plenty of time keep L at 3: v(4) = 96.
+    for i in range(3):
+        assert d.submit("loose", f"bg{i}", 0.0, 5000) == f"admit:bg{i}"
+    # The head (earliest deadline) needs 97.0 tok/s: it only fits a lighter batch.
+    assert d.submit("loose", "head", 0.0, 97, deadline=1.0) == ""
+    # A later-deadline request behind it fits now.
+    assert d.submit("loose", "small", 0.0, 10, deadline=2.0) == "admit:small"
+    assert d.pol.stats().queued_sla == 1
+
+
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        # 500 tokens in 1 s needs 500 tok/s > v(1) = 99: hopeless on arrival.
+        ("tight", "demote:x be:x"),  # demoted, and the idle engine takes it as best effort
+        ("rej", "reject:x"),  # rejected at once
+    ],
+)
+def test_hopeless_on_arrival_demote_or_reject_by_class(cls, expected):
+    d = Driver()
+    assert d.submit(cls, "x", 0.0, 500) == expected
+
+
+def test_reject_carries_retry_after_and_reason():
+    d = Driver()
+    d.blocker()
+    acts = d.pol.submit(request_for(d.cfg, "rej", "r", 0.0, 500), 0.0)
+    assert len(acts) == 1 and isinstance(acts[0], Reject)
+    assert 0.1 <= acts[0].retry_after_s <= 60 and "single-request speed" in acts[0].reason
+
+
+def test_reject_class_is_rejected_at_once_when_predicted_too_late():
+    d = Driver()
+    for i in range(60):  # L = 60: v(61) = 39 tok/s, and nothing finishes for ~2 minutes
+        d.submit("loose", f"bg{i}", 0.0, 5000, deadline=1000.0)
+    # 90 tokens in 1 s could be done alone (v(1) = 99), but not before the batch drains.
+    acts = d.pol.submit(request_for(d.cfg, "rej", "r", 0.0, 90), 0.0)
+    assert fmt(acts) == "reject:r"
+    assert acts[0].reason == "predicted to miss its deadline" and acts[0].retry_after_s == 60.0
+    # The same request of a demote class waits until it is hopeless instead.
+    assert d.submit("tight", "t", 0.0, 90) == ""
+    assert d.pol.next_wake() == pytest.approx(1.0 - 90 / 99)
+
+
+def test_wake_timer_demotes_when_a_queued_request_becomes_hopeless():
+    d = Driver()
+    d.blocker()
+    assert d.submit("tight", "x", 0.0, 50) == ""
+    hopeless_at = 1.0 - 50 / 99  # after this, even alone it cannot finish 50 tokens by t = 1.0
+    assert d.pol.next_wake() == pytest.approx(hopeless_at)
+    assert d.wake(hopeless_at - 0.01) == ""
+    assert d.wake(hopeless_at) == "demote:x"  # best effort now; A still blocks it
+    assert d.pol.stats().queued_best_effort == 1
+    assert d.finish("A", 10.0, 990) == "be:x"
+
+
+def test_deadline_margin_moves_the_timer():
+    d = Driver(deadline_margin_seconds=0.1)
+    d.blocker()
+    d.submit("tight", "x", 0.0, 50)
+    assert d.pol.next_wake() == pytest.approx(1.0 - 0.1 - 50 / 99)
+
+
+def test_ttft_target_too_short_for_the_engine_is_missed_on_arrival():
+    d = Driver(initial_ttft_seconds=0.6)
+    assert d.submit("ttft", "x", 0.0, 10) == "demote:x be:x"
+
+
+def test_ttft_deadline_timer():
+    d = Driver()  # TTFT estimate 0.05 s until measured
+    d.blocker()
+    assert d.submit("ttft", "x", 0.0, 10) == ""
+    assert d.pol.next_wake() == pytest.approx(0.5 - 0.05)
+    assert d.wake(0.45) == "demote:x"  # the blocker still runs: best effort must wait
+
+
+def test_ttft_estimate_is_measured():
+    d = Driver()
+    d.submit("loose", "a", 0.0, 10)
+    d.finish("a", 1.0, 10, first_token_at=0.3)
+    assert d.pol.ttft_estimate == pytest.approx(0.05 + 0.2 * (0.3 - 0.05))
+
+
+def test_tpot_target_limits_the_batch():
+    d = Driver()
+    assert d.submit("tpot", "t1", 0.0, 100) == "admit:t1"  # v(1) = 99 >= 97.09
+    assert d.submit("tpot", "t2", 0.0, 100) == "admit:t2"  # v(2) = 98
+    assert d.submit("tpot", "t3", 0.0, 100) == ""  # v(3) = 97 < 97.09
+    assert d.submit("loose", "l", 0.0, 10) == ""  # would slow t1 and t2 below their TPOT
+    assert d.finish("t1", 1.0, 100) == "admit:t3"
+
+
+def test_best_effort_waits_for_sla_queue_and_kv_cache():
+    d = Driver()
+    d.blocker()
+    assert d.submit("loose", "S", 0.0, 10, deadline=50.0) == ""
+    assert d.submit("tight", "B", 0.0, 500) == "demote:B"
+    assert d.finish("A", 10.0, 990) == "admit:S be:B"  # SLA first, then best effort
+    # With the engine's KV cache nearly full, best effort is held back, and released after.
+    assert fmt(d.pol.observe_engine(EngineSnapshot(running=2, waiting=0, kv_cache_usage=0.99), 10.0)) == ""
+    assert d.submit("tight", "B2", 10.0, 500) == "demote:B2"
+    assert fmt(d.pol.observe_engine(EngineSnapshot(running=2, waiting=0, kv_cache_usage=0.5), 10.1)) == "be:B2"
+
+
+def test_best_effort_keeps_room_for_fresh_sla_requests():
+    # A class whose fresh requests need 400 tok / 5 s = 80 tok/s: best effort may run only while
+    # v(L + 1 + reserve) >= 80, i.e. L <= 18 with reserve 1.
+    cfg = SidecarConfig.model_validate(
+        {
+            "classes": [
+                {"name": "fast", "deadline_seconds": 5, "output_tokens": 400},
+                {"name": "bulk", "deadline_seconds": 5},
+            ],
+            "default_class": "fast",
+            "scheduling": {
+                "policy": "saber",
+                "speed_model": {"form": "linear", "params": [100, -1], "online_refit": False},
+                "saber": {"deadline_margin_seconds": 0, "speed_headroom": 0},
+            },
+        }
+    )
+    pol = make_policy(cfg)
+    admitted = 0
+    for i in range(30):  # hopeless arrivals (10000 tokens in 5 s): all become best effort
+        acts = pol.submit(request_for(cfg, "bulk", f"b{i}", 0.0, 10000), 0.0)
+        admitted += sum(isinstance(a, Admit) for a in acts)
+    assert admitted == 19  # the first needs nothing running; then up to L = 18 more
+    assert pol.stats().admission_limit == 20  # v(20) = 80: fresh requests fit up to L = 20
+
+
+def test_output_length_is_learned_per_class():
+    d = Driver()
+    # 'est' requests with max_tokens 500 look hopeless (500 tok in 1 s) until the class's
+    # real output length (20 tokens) is learned from finished requests.
+    assert d.submit("est", "e0", 0.0, 500) == "demote:e0 be:e0"
+    for i in range(4):
+        d.pol.submit(request_for(d.cfg, "loose", f"w{i}", 1.0, 500), 1.0)
+        d.pol.finished(f"w{i}", 2.0, 20, None)  # other classes do not count
+    assert d.pol.expected_tokens("est") is None
+    d.finish("e0", 2.0, 20)
+    for i in range(1, 4):
+        d.pol.submit(request_for(d.cfg, "est", f"e{i}", 2.0, 500), 2.0)
+        d.pol.finished(f"e{i}", 2.5, 20, None)
+    assert d.pol.expected_tokens("est") == 20
+    assert d.submit("est", "e9", 3.0, 500) == "admit:e9"
+
+
+def test_finished_requests_feed_the_speed_model():
+    d = Driver()
+    d.submit("loose", "a", 0.0, 100)
+    d.submit("loose", "b", 0.0, 100)
+    d.finish("a", 1.0, 98)
+    assert d.pol.model.samples == 1
+    assert d.pol.model._samples[-1] == pytest.approx((2.0, 98.0))
+
+
+def test_never_deadlocks_with_nothing_running():
+    d = Driver()
+    d.blocker()
+    # Requests that only fit a lighter batch pile up behind the blocker.
+    for i in range(5):
+        assert d.submit("loose", f"q{i}", 0.0, 98, deadline=1.0 + 2 * i) == ""
+    # The blocker ends early: the engine is empty, and the head gets in although it needs
+    # nearly all of the engine (98 tokens by t = 1.0); the rest must wait for it.
+    assert d.finish("A", 0.001, 10) == "admit:q0"
+
+
+def test_cancel_removes_a_queued_request_and_its_timer():
+    d = Driver()
+    d.blocker()
+    d.submit("tight", "x", 0.0, 50)
+    d.pol.cancel("x", 0.1)
+    assert d.pol.next_wake() is None and d.pol.stats().queued_sla == 0
+    assert d.wake(0.5) == ""
+
+
+def test_queue_full_and_duplicate_ids():
+    cfg = config()
+    cfg.scheduling.max_queue = 2
+    pol = make_policy(cfg)
+    pol.submit(request_for(cfg, "loose", "A", 0.0, 990, deadline=10.00005), 0.0)
+    for rid in ("q1", "q2"):
+        assert pol.submit(request_for(cfg, "loose", rid, 0.0, 10), 0.0) == []
+    acts = pol.submit(request_for(cfg, "loose", "q3", 0.0, 10), 0.0)
+    assert fmt(acts) == "reject:q3" and acts[0].reason == "queue full"
+    with pytest.raises(ValueError, match="already known"):
+        pol.submit(request_for(cfg, "loose", "q1", 0.0, 10), 0.0)
+
+
+def test_request_for():
+    cfg = config()
+    r = request_for(cfg, "ttft", "x", 5.0, 100, prompt_tokens=7)
+    assert (r.deadline, r.ttft_deadline, r.expected_tokens, r.prompt_tokens) == (15.0, 5.5, 100, 7)
+    assert request_for(cfg, "rej", "y", 0.0, 10, deadline=3.0).on_miss == "reject"
+    assert request_for(cfg, "tpot", "z", 0.0, 10).tpot_target == 0.0103
+    with pytest.raises(ValueError, match="unknown SLA class 'nope'"):
+        request_for(cfg, "nope", "x", 0.0, 10)
+    with pytest.raises(ValueError, match="max_tokens"):
+        request_for(cfg, "loose", "x", 0.0, 0)
+    with pytest.raises(ValueError, match="not after arrival"):
+        request_for(cfg, "loose", "x", 5.0, 10, deadline=4.0)
+
+
+def test_an_empty_engine_always_takes_the_head():
+    # With 50% headroom a request needing 70 tok/s "does not fit" (70 * 1.5 > 99), but it is
+    # not hopeless (70 <= v(1)); with nothing running it must be admitted, not left waiting.
+    d = Driver(speed_headroom=0.5)
+    assert d.submit("loose", "x", 0.0, 70, deadline=1.0) == "admit:x"
+    assert d.submit("loose", "y", 0.0, 70, deadline=1.05) == ""  # alongside x: 70 * 1.5 / 98 > 1.05
+    assert d.finish("x", 0.3, 70) == "admit:y"  # needs 93 * 1.5 tok/s: "does not fit", admitted
