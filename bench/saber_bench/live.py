@@ -241,6 +241,7 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
                         )
                     finally:
                         sidecar.stop()
+                    _dump_records(out / "requests" / f"{workload}-{rate:g}-{policy}-{seed}.jsonl", records)
                     runs.append(run_stats(records))
                     infos.append(info)
                     ratios += [r.e2e / r.sla_s if r.served else math.inf for r in records]
@@ -259,6 +260,16 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
             engine_proc.stop()
         if vllm is not None:
             vllm.stop()
+
+
+def _dump_records(path: Path, records: list[RequestRecord]) -> None:
+    """Per-request outcomes of a live run, one JSON object a line (for diagnosis against the simulator)."""
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(asdict(r)) + "\n")
 
 
 async def _start_vllm(out: Path):

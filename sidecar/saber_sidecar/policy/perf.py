@@ -55,11 +55,13 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
     now = 0.0
     seq = 0
     running: list[str] = []
+    tokens: dict[str, int] = {}  # finished requests report their full output
 
     def new_request(t: float):
         nonlocal seq
         seq += 1
         name, mt = TASKS[seq % len(TASKS)]
+        tokens[f"r{seq}"] = mt
         return request_for(cfg, name, f"r{seq}", t, mt)
 
     def apply(actions) -> None:
@@ -97,7 +99,7 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
                 break
             rid = running.pop(i % len(running))
             t0 = time.perf_counter_ns()
-            actions = pol.finished(rid, now, 100, None)
+            actions = pol.finished(rid, now, tokens[rid], None)
             samples.append(time.perf_counter_ns() - t0)
             apply(actions)
             apply(pol.submit(new_request(now), now))
@@ -113,7 +115,8 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
                 apply(actions)
                 apply(pol.submit(new_request(now), now))
                 if running:
-                    pol.finished(running.pop(0), now, 100, None)
+                    rid = running.pop(0)
+                    pol.finished(rid, now, tokens[rid], None)
             results["wake"] = _summary(samples)
     finally:
         gc.enable()

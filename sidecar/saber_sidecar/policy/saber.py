@@ -9,11 +9,14 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
 - Speed: v(L) is refitted online from finished requests (`SpeedModel`).
 - The batch: every running request's progress is tracked. All running requests advance at the
   model's v(L) while L run, so one running integral W(t) = ∫ v(L) dt gives each one's tokens so
-  far (W(now) - W(admitted)) and its remaining tokens. A candidate is admitted only when, with it,
-  the speed v(L+1) (less `speed_headroom`) still meets the speed every running SLA request needs
-  to finish its remaining tokens by its deadline (less `deadline_margin_seconds`), and the
-  candidate's own need (expected tokens over its remaining time). TPOT targets add a floor of
-  1/tpot to a request's needed speed.
+  far (W(now) - W(admitted)) and so its remaining tokens. A decision plays the batch forward
+  (`_plan`): requests finish in order of remaining tokens and the survivors speed up as L falls
+  (v(n) less `speed_headroom` while n run). A candidate is admitted only if, with it added now,
+  it finishes by its deadline (less `deadline_margin_seconds`) and no running SLA request that
+  would otherwise be on time is pushed late. Admissions are the only way the batch grows, so this
+  keeps every admitted request on time as far as the model can tell, without assuming the batch
+  stays at L+1 for ever (which throttles the engine well below what it can carry). TPOT targets
+  cap the batch at the L where v(L) still gives 1/tpot tokens per second.
 - Order: SLA requests wait in earliest-deadline-first order. When the head needs a lighter batch
   than now runs, up to `lookahead` requests behind it are tried, so one demanding request does not
   block the others.
@@ -26,11 +29,12 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
   request is rejected at once (429 with a Retry-After estimated from the batch) rather than after
   waiting. `on_miss: demote` requests become best effort, as in the paper.
 - Best effort runs FIFO, only when no SLA request is queued, the engine's KV cache is below
-  `kv_cache_high`, and v(L + 1 + best_effort_reserve) still meets both what the running SLA
-  requests need and what a fresh request of the most demanding class would need, so best effort
-  never takes the slots that SLA arrivals need.
-- Blocked by the batch: when the running requests' needs are what blocks admission, the policy
-  predicts when they will have made enough progress and asks for a wake then.
+  `kv_cache_high`, it pushes no running SLA request late, and v(L + 1 + best_effort_reserve)
+  still gives what a fresh request of the most demanding class needs, so best effort never takes
+  the slots that SLA arrivals need. Demoted requests go to the engine with `best_effort=True`
+  (the proxy lowers their vLLM priority).
+- Blocked by the batch: admission waits for a request to finish (or a timer), never for a tick.
+  Arrivals that queue behind a blocked front are not replayed against the batch (O(log n) each).
 - No deadlock: with nothing running, the head of the queue is admitted (or found hopeless and
   handled) unconditionally.
 Limitations: the finished() call cannot tell an aborted request from a completed one, so aborted
@@ -67,9 +71,7 @@ class _Queued:
 class _Plan:
     now: float
     n: int
-    rs: list[float]
-    p0: list[float]
-    p1: list[float]
+    steps: list[tuple[float, float, float]]  # (tokens left, finish, finish with one more)
     suffix_min: list[float]
     first_hurt: int
     max_tpot: float
@@ -289,14 +291,17 @@ class SaberPolicy(Policy):
         inv = self._inverse_speeds()
         n = len(self._running)
         W = self._W
-        rs = [0.0] * n
-        p0 = [0.0] * n  # seconds from now until each running request finishes
-        p1 = [0.0] * n  # the same, had one more request run alongside until then
-        slack = [INF] * n  # deadline (less margin) minus finish time; INF: nothing to protect
+        # (tokens left, seconds until it finishes, the same had one more request run alongside
+        # until then), in finishing order; and each one's slack: deadline (less margin) minus
+        # finish time, INF when there is nothing to protect.
+        steps: list[tuple[float, float, float]] = []
+        slack: list[float] = []
+        add_step = steps.append
+        add_slack = slack.append
         a0 = a1 = 0.0
         prev = 0.0
+        L = n
         first_hurt = n
-        j = 0
         for k, _, due in self._by_finish:
             r = k - W
             if r < prev:
@@ -304,25 +309,23 @@ class SaberPolicy(Policy):
             if r < 1.0:
                 r = 1.0  # ran past its estimate: it has at least a token left
             d = r - prev
-            a0 += d * inv[n - j]
-            a1 += d * inv[n + 1 - j]
+            a0 += d * inv[L]
+            a1 += d * inv[L + 1]
+            L -= 1
             prev = r
-            rs[j] = r
-            p0[j] = a0
-            p1[j] = a1
-            if due < INF:
-                s_j = due - now - a0
-                if s_j >= 0:  # one already late cannot be saved: it holds nothing back
-                    slack[j] = s_j
-                    if a1 - a0 > s_j and first_hurt == n:
-                        first_hurt = j
-            j += 1
+            add_step((r, a0, a1))
+            s_j = due - now - a0
+            if s_j < 0.0:
+                add_slack(INF)  # late whatever we do (or best effort): it holds nothing back
+            else:
+                add_slack(s_j)
+                if a1 - a0 > s_j and first_hurt == n:
+                    first_hurt = n - L - 1
         for j in range(n - 2, -1, -1):  # suffix minimum
             if slack[j + 1] < slack[j]:
                 slack[j] = slack[j + 1]
-        suffix_min = slack
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        return _Plan(now, n, rs, p0, p1, suffix_min, first_hurt, max_tpot)
+        return _Plan(now, n, steps, slack, first_hurt, max_tpot)
 
     def _fits(self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float) -> str:
         """Would the batch, with this candidate added now, still meet its deadlines?
@@ -343,9 +346,9 @@ class SaberPolicy(Policy):
             return HURTS_BATCH
         if tpot_speed * h > table[n + 1]:
             return MISSES_OWN
-        pos = bisect_left(plan.rs, expected)
+        pos = bisect_left(plan.steps, (expected,))
         if pos:
-            before0, before1, r_prev = plan.p0[pos - 1], plan.p1[pos - 1], plan.rs[pos - 1]
+            r_prev, before0, before1 = plan.steps[pos - 1]
         else:
             before0 = before1 = r_prev = 0.0
         finish = before1 + (expected - r_prev) * h / table[n + 1 - pos]
@@ -434,42 +437,56 @@ class SaberPolicy(Policy):
                 self._set_timer(q, now, max(self._hopeless_at(q), now + self.min_recheck))
 
     def _admit_sla(self, now: float, out: list[Action]) -> None:
-        """EDF: admit the head while it fits; when it does not, try up to `lookahead` behind it."""
+        """EDF: admit the head while it fits; past a head that does not, try up to `lookahead` more.
+
+        One scan of the window. Admitting only ever grows the batch, so a candidate that failed
+        against the batch before an admission fails after it too, and a candidate that would push
+        a running request late rules out every larger one; the batch is replayed (`_plan`) only
+        for a candidate that passed against an outdated plan.
+        """
         order = self._order
         queued = self._queued
-        while order:
-            admitted = False
-            i = 0
-            tried = 0
-            # A candidate that would push a running request late fails for every larger one too
-            # (it runs alongside the batch longer): skip those without playing the batch again.
-            too_big = INF
-            plan = self._plan(now) if self._running else None
-            while i < len(order) and tried <= self.lookahead:
-                q = queued[order[i][2]]
+        plan: _Plan | None = None
+        stale = True
+        too_big = INF
+        i = 0
+        tried = 0
+        while i < len(order) and tried <= self.lookahead:
+            q = queued[order[i][2]]
+            if not self._running:
+                # An empty engine takes the head unconditionally (no deadlock), unless it is hopeless.
                 reason = self._hopeless(q, now)
+                del order[i]
+                del queued[q.req.id]
                 if reason:
-                    del order[i]
-                    del queued[q.req.id]
                     self._miss(q, now, reason, out)
-                    continue
-                tried += 1
-                if q.expected >= too_big:
-                    i += 1
-                    continue
-                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed) if plan else FITS
-                if verdict is HURTS_BATCH:
-                    too_big = q.expected
-                if verdict is FITS:
-                    del order[i]
-                    del queued[q.req.id]
+                else:
                     self._admit(q.req, q.expected, q.tpot_speed, now, out)
-                    admitted = True
-                    break
+                continue
+            # Queued requests that became hopeless were handled by their timers, which fire first
+            # in every decision; `_fits` checks each deadline against the batch.
+            tried += 1
+            if q.expected >= too_big:
                 i += 1
-            if not admitted:
-                self._blocked_at = self._version
-                return
+                continue
+            if plan is None:
+                plan, stale = self._plan(now), False
+            verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed)
+            if verdict is FITS and stale:
+                plan, stale = self._plan(now), False
+                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed)
+            if verdict is FITS:
+                del order[i]
+                del queued[q.req.id]
+                self._admit(q.req, q.expected, q.tpot_speed, now, out)
+                stale = True
+                tried -= 1
+                continue
+            if verdict is HURTS_BATCH and q.expected < too_big:
+                too_big = q.expected
+            i += 1
+        if order:
+            self._blocked_at = self._version
 
     def _admit_best_effort(self, now: float, out: list[Action]) -> None:
         """FIFO, and only while a fresh SLA arrival would still find room (see module docstring)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
+import threading
 import time
 from typing import Any
 
@@ -114,17 +115,19 @@ async def api():
 
 @pytest.fixture
 async def operator(api: API):
+    """The operator in its own thread and event loop, as in its own process: kopf treats every
+    task that appears in its loop as its own and stops them all when it exits."""
     settings = OperatorSettings(
         api_server=api.url, timer_interval_seconds=0.5, retry_backoff_seconds=0.2, scrape_timeout_seconds=1.0
     )
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_operator(settings, stop_flag=stop, ready_flag=ready))
-    await asyncio.wait_for(ready.wait(), 10)
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=asyncio.run, args=(run_operator(settings, stop_flag=stop, ready_flag=ready),))
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
     yield settings
     stop.set()
-    # kopf ends its own task by cancelling it once everything has stopped.
-    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
-    assert task.done()
+    await asyncio.to_thread(thread.join, 15)
+    assert not thread.is_alive(), "the operator did not stop"
 
 
 def free_port() -> int:
@@ -230,7 +233,7 @@ async def test_sla_change_reaches_configmap_without_rolling_pods(api: API, opera
         "scheduling": {"policy": "static", "staticMaxConcurrency": 8},
     }})
     cm = await eventually(
-        lambda: (c := api.get(CONFIGMAPS, "svc-sidecar")) and "static" in c["data"]["config.yaml"] and c, what="configmap"
+        lambda: (c := api.get(CONFIGMAPS, "svc-sidecar")) and "policy: static" in c["data"]["config.yaml"] and c, what="configmap"
     )
     config = parse_config(cm["data"]["config.yaml"])
     assert config.classes[0].deadline_seconds == 2.5 and config.scheduling.static_max_concurrency == 8
