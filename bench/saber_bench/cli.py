@@ -163,7 +163,7 @@ def _print_targets(summary: dict) -> None:
             f"saber >= best static-1pt in every cell: {e['saber_ge_best_static_every_cell']}; "
             f">= saber-paper-1pt: {e['saber_ge_saber_paper_every_cell']}; "
             f"CV {e['cv_saber']:.3f} vs best static {e['cv_best_static']:.3f}"
-            + (f" ({100 * red:.0f}% lower)" if red == red and red is not None else "")
+            + (f" ({100 * abs(red):.0f}% {'lower' if red >= 0 else 'higher'})" if red is not None and red == red else "")
         )
 
 

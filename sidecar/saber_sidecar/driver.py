@@ -95,13 +95,20 @@ class Gate:
                 self._drop(req.id)
             raise
 
-    def finished(self, request_id: str, output_tokens: int, first_token_at: float | None) -> None:
-        """An admitted request ended for any reason; must be called exactly once per Admit."""
+    def finished(
+        self, request_id: str, output_tokens: int, first_token_at: float | None, completed: bool = True
+    ) -> None:
+        """An admitted request ended for any reason; must be called exactly once per Admit.
+
+        `completed=False` for one cut off (client gone, engine error): `output_tokens` is then what
+        it produced before that, which the policy must not learn lengths or speeds from.
+        """
         policy = self._owner.get(request_id)
         if policy is None:
             return
         try:
-            self._run(policy, policy.finished(request_id, self._clock(), output_tokens, first_token_at))
+            now = self._clock()
+            self._run(policy, policy.finished(request_id, now, output_tokens, first_token_at, completed=completed))
         finally:
             self._drop(request_id)
             self._retire_empty()
@@ -159,7 +166,7 @@ class Gate:
         if fut is None or fut.done():
             # The client left while the decision was in flight: give an admitted slot straight back.
             if isinstance(action, Admit) and rid in self._owner:
-                self._run(policy, policy.finished(rid, self._clock(), 0, None))
+                self._run(policy, policy.finished(rid, self._clock(), 0, None, completed=False))
                 self._drop(rid)
             elif isinstance(action, Reject):
                 self._drop(rid)

@@ -222,7 +222,7 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     try:
         return await relay.run()
     finally:
-        sc.gate.finished(req.id, relay.tokens, relay.first_token_at)
+        sc.gate.finished(req.id, relay.tokens, relay.first_token_at, completed=relay.completed)
 
 
 class _Relay:
@@ -233,6 +233,9 @@ class _Relay:
         self.sc, self.request, self.req, self.raw, self.body = sc, request, req, raw, body
         self.classified, self.best_effort = classified, best_effort
         self.tokens = 0
+        # Only a response relayed to its natural end is a complete output; anything cut off (client
+        # gone, engine error) reaches the policy with completed=False and the tokens it did produce.
+        self.completed = False
         self.first_token_at: float | None = None
         self.admitted_at = sc.gate.now()
 
@@ -325,6 +328,7 @@ class _Relay:
                         "engine_error") from None
         end = self.sc.gate.now()
         self.tokens = _completion_tokens(payload)
+        self.completed = True
         outcome = self._final_outcome(end)
         self._record(outcome, end)
         return web.Response(status=200, body=payload, content_type=upstream.content_type, headers=self._headers(outcome))
@@ -339,6 +343,7 @@ class _Relay:
         tail = b""
         prev = last = b""
         failure: str | None = None
+        chat_role = 1 if self.request.path.endswith("/chat/completions") else 0
         chunks = upstream.content.iter_any().__aiter__()
         while True:
             try:
@@ -357,20 +362,21 @@ class _Relay:
                 await resp.write(chunk)
             except (ConnectionError, aiohttp.ClientConnectionError):
                 self._record(m.CANCELLED, gate.now())
-                return resp  # tokens stay 0: a cut-off output would bias the policy's length estimates
+                # The client went away: report what was produced, as an incomplete output.
+                self.tokens = max(0, events - min(chat_role, events) - (1 if b"[DONE]" in prev + last else 0))
+                return resp
         end_bytes = prev + last
         done = b"[DONE]" in end_bytes
         if failure is None and not done:
             failure = "engine ended the stream without [DONE]"
         # Not tokens: the [DONE] marker, and a chat stream's opening role-only chunk.
-        chat_role = 1 if self.request.path.endswith("/chat/completions") and events > 0 else 0
-        self.tokens = max(0, events - (1 if done else 0) - chat_role)
+        self.tokens = max(0, events - (1 if done else 0) - min(chat_role, events))
         usage = _usage_tokens(end_bytes)
         if usage is not None:
             self.tokens = usage
         end = gate.now()
         if failure is not None:
-            self.tokens = 0  # as for a cancelled request: not a complete output
+            # Not a complete output: the policy gets the count with completed=False.
             self._record(m.ERROR, end)
             error = {"error": {"message": failure + "; the response is incomplete, retry", "type": "server_error",
                                "param": None, "code": "engine_error"}}
@@ -380,6 +386,7 @@ class _Relay:
             except (ConnectionError, aiohttp.ClientConnectionError):
                 pass
             return resp
+        self.completed = True
         self._record(self._final_outcome(end), end)
         try:
             await resp.write_eof()

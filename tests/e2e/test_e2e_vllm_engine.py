@@ -7,6 +7,7 @@ reporting, streaming, the Prometheus metric names the sidecar reads, and priorit
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 
@@ -34,8 +35,6 @@ def client(vllm_server) -> OpenAI:
 
 
 def _post_json(url: str, payload: dict) -> dict:
-    import json
-
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:

@@ -6,7 +6,9 @@ and a real engine; the benchmark's simulator drives the same code with virtual t
 emulated engine.
 
 Driver obligations:
-- call `submit` when a request arrives, `finished` when an admitted request ends (any reason),
+- call `submit` when a request arrives, `finished` when an admitted request ends (any reason:
+  `completed=False` when it was cut off, by the client going away or an engine error, so that a
+  partial output is not taken for the request's real length or speed),
   `cancel` when a still-queued request's client goes away, and `observe_engine` when fresh engine
   metrics arrive;
 - call `wake(now)` no later than `next_wake()` whenever that is not None (deadline timers,
@@ -94,8 +96,21 @@ class Policy(ABC):
     def submit(self, req: Request, now: float) -> list[Action]: ...
 
     @abstractmethod
-    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
-        """An admitted request ended (completed, failed or aborted) after producing `output_tokens`."""
+    def finished(
+        self,
+        request_id: str,
+        now: float,
+        output_tokens: int,
+        first_token_at: float | None,
+        *,
+        completed: bool = True,
+    ) -> list[Action]:
+        """An admitted request ended after producing `output_tokens`.
+
+        `completed` is False when it did not run to its natural end (client disconnect, engine
+        error, abort): its slot is free all the same, but `output_tokens` is only what it produced
+        before being cut off, so policies must not learn output lengths or speeds from it.
+        """
 
     @abstractmethod
     def cancel(self, request_id: str, now: float) -> list[Action]:

@@ -77,7 +77,9 @@ class PaperPolicy(Policy):
         self._schedule_tick(now)
         return []
 
-    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
+    def finished(
+        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+    ) -> list[Action]:
         self._running.pop(request_id, None)
         return []  # freed capacity is used at the next tick, as in the paper's polling loop
 

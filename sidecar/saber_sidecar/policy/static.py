@@ -46,7 +46,9 @@ class StaticPolicy(Policy):
                 out.append(self._admit(req, now))
         return out
 
-    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
+    def finished(
+        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+    ) -> list[Action]:
         self._running.discard(request_id)
         return self._drain(now)
 

@@ -1,0 +1,96 @@
+"""Status logic: sidecar metrics parsing and aggregation, conditions, transitions."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from saber_operator.reconcile import contains
+from saber_operator.spec import Condition
+from saber_operator.status import (
+    aggregate,
+    deployment_conditions,
+    event_type,
+    merge_conditions,
+    parse_sidecar_metrics,
+    sla_condition,
+    transitions,
+)
+from saber_sidecar.config import SidecarConfig
+
+
+def sidecar_text(attain: dict[str, float], counts: dict[str, tuple[int, int]], goodput: float, limit: int) -> str:
+    registry = CollectorRegistry()
+    a = Gauge("saber_sla_attainment_ratio", "x", ["class"], registry=registry)
+    r = Counter("saber_requests", "x", ["class", "outcome"], registry=registry)
+    Gauge("saber_goodput_requests_per_second", "x", registry=registry).set(goodput)
+    Gauge("saber_admission_limit", "x", registry=registry).set(limit)
+    for name, value in attain.items():
+        a.labels(name).set(value)
+    for name, (met, missed) in counts.items():
+        r.labels(name, "met").inc(met)
+        r.labels(name, "missed").inc(missed)
+    return generate_latest(registry).decode()
+
+
+CONFIG = SidecarConfig.model_validate({
+    "classes": [{"name": "fast", "deadline_seconds": 1, "target_attainment": 0.9}, {"name": "slow", "deadline_seconds": 10}],
+    "default_class": "slow",
+})
+
+
+def test_parse_and_weighted_aggregate():
+    pod1 = parse_sidecar_metrics(sidecar_text({"fast": 1.0, "slow": 0.5}, {"fast": (30, 0), "slow": (5, 5)}, 2.0, 16))
+    pod2 = parse_sidecar_metrics(sidecar_text({"fast": 0.8}, {"fast": (8, 2)}, 1.5, 8))
+    assert pod1.requests == {"fast": 30, "slow": 10}
+    figures = aggregate(CONFIG, [pod1, pod2])
+    by = {c.name: c for c in figures.classes}
+    assert by["fast"].attainment == pytest.approx((1.0 * 30 + 0.8 * 10) / 40)
+    assert by["slow"].attainment == pytest.approx(0.5) and by["slow"].requests == 10
+    assert figures.overall == pytest.approx((0.95 * 40 + 0.5 * 10) / 50)
+    assert figures.goodput == pytest.approx(3.5) and figures.admission_limit == 24
+
+
+def test_sla_condition():
+    none = aggregate(CONFIG, [])
+    assert sla_condition(none, 3).status == "Unknown" and sla_condition(none, 3).reason == "NoData"
+    ok = aggregate(CONFIG, [parse_sidecar_metrics(sidecar_text({"fast": 0.95, "slow": 0.99}, {}, 1, 1))])
+    assert sla_condition(ok, 3).status == "True"
+    bad = aggregate(CONFIG, [parse_sidecar_metrics(sidecar_text({"fast": 0.5}, {}, 1, 1))])
+    cond = sla_condition(bad, 3)
+    assert cond.status == "False" and "fast 0.500 < 0.900" in cond.message and cond.observed_generation == 3
+
+
+def test_deployment_conditions():
+    conds, replicas, ready = deployment_conditions(2, None, 1)
+    assert {c.type: c.status for c in conds} == {"Ready": "False", "Progressing": "True", "Degraded": "False"}
+    dep = {"metadata": {"generation": 4}, "status": {"observedGeneration": 4, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
+    conds, replicas, ready = deployment_conditions(2, dep, 1)
+    assert {c.type: c.status for c in conds} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert (replicas, ready) == (2, 2)
+    stale = {"metadata": {"generation": 5}, "status": dep["status"]}
+    assert {c.type: c.status for c in deployment_conditions(2, stale, 1)[0]}["Progressing"] == "True"
+    stuck = {"metadata": {"generation": 4}, "status": {**dep["status"], "readyReplicas": 1, "conditions": [
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]}}
+    degraded = {c.type: c for c in deployment_conditions(2, stuck, 1)[0]}["Degraded"]
+    assert degraded.status == "True" and degraded.reason == "RolloutStuck"
+
+
+def test_transition_times_and_events():
+    old = [{"type": "Ready", "status": "False", "reason": "X", "lastTransitionTime": "2020-01-01T00:00:00Z"}]
+    same = [Condition(type="Ready", status="False", reason="Y")]
+    assert merge_conditions(old, same, "NOW")[0].last_transition_time == "2020-01-01T00:00:00Z"
+    assert transitions(old, same) == []
+    flipped = [Condition(type="Ready", status="True", reason="AllReplicasReady")]
+    assert merge_conditions(old, flipped, "NOW")[0].last_transition_time == "NOW"
+    assert transitions(old, flipped) == flipped and event_type(flipped[0]) == "Normal"
+    assert event_type(Condition(type="Degraded", status="True", reason="InvalidSpec")) == "Warning"
+
+
+def test_contains_ignores_server_defaults():
+    desired = {"spec": {"ports": [{"port": 80, "name": "http"}], "replicas": 1}}
+    live = {"spec": {"ports": [{"port": 80, "name": "http", "protocol": "TCP"}], "replicas": 1, "extra": True}}
+    assert contains(live, desired)
+    assert not contains({"spec": {"ports": [], "replicas": 1}}, desired)
+    assert not contains({"spec": {"ports": [{"port": 81, "name": "http"}], "replicas": 1}}, desired)
+    assert contains({"cpu": 1}, {"cpu": "1"})
