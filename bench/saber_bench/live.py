@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from .workloads import PAPER_REQUESTS, RequestSpec, make_workload
 CLASS_HEADER = "x-saber-sla-class"
 OUTCOME_HEADER = "x-saber-outcome"
 # Longest a single request may take before the client gives up and records an error (no hangs).
-REQUEST_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 120.0
 
 
 class LiveError(RuntimeError):
@@ -217,6 +218,11 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
     logs = out / "logs"
     engine_proc = None
     vllm = None
+    # SIGTERM cancels the run like Ctrl-C does, so the processes started here are always stopped.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         if engine_url is None:
             if engine == "emulator":
@@ -256,6 +262,8 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
                       f"(client send lag max {1000 * cell['send_lag_max_s']:.0f} ms)", flush=True)
         return cells
     finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
         if engine_proc is not None:
             engine_proc.stop()
         if vllm is not None:

@@ -122,7 +122,7 @@ def simulate(
                 rec.output_tokens = f.output_tokens
                 outstanding -= 1
                 calls += 1
-                carry_out(policy.finished(f.id, now, f.output_tokens, f.first_token_time), now)
+                carry_out(policy.finished(f.id, now, f.output_tokens, f.first_token_time, completed=f.reason != "abort"), now)
             if step is None and engine.has_work:
                 step = engine.step(now)
         elif t_wake <= now_next:

@@ -128,6 +128,27 @@ class SaberSchedulingConfig(BaseModel):
     initial_ttft_seconds: float = Field(
         default=0.05, ge=0, le=60, description="Time from admission to first token assumed until measured."
     )
+    initial_prefill_seconds_per_token: float = Field(
+        default=5e-5,
+        ge=0,
+        le=0.01,
+        description="Engine seconds one prompt token's prefill stalls the batch, assumed until learned from "
+        "time to first token (default: ~20k prompt tokens/s, a 3B fp16 model on one datacenter GPU).",
+    )
+    shed_batch_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Under contention, shed a queued request that needs a batch smaller than this share of "
+        "the requests contending (capped by the batch fresh requests fit in); 0 sheds only the hopeless.",
+    )
+    slack_reserve_share: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.5,
+        description="An admission must leave every running request this share of the candidate's own time to "
+        "deadline as slack, so long requests leave room for short, urgent ones.",
+    )
     min_recheck_seconds: float = Field(
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )

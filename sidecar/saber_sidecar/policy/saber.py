@@ -56,6 +56,7 @@ from saber_sidecar.speed_model import SpeedModel
 INF = math.inf
 FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a running request late"
 TTFT_EWMA = 0.2
+PRIOR_WEIGHT = 16.0  # samples' worth of trust in the configured prefill cost
 
 
 @dataclass(slots=True)
@@ -72,8 +73,9 @@ class _Plan:
     now: float
     n: int
     steps: list[tuple[float, float, float]]  # (tokens left, finish, finish with one more)
-    suffix_min: list[float]
-    first_hurt: int
+    suffix_min: list[float]  # least slack among the requests finishing at or after each step
+    # least slack left, among the requests finishing before each step, once slowed by one more
+    prefix_min: list[float]
     max_tpot: float
 
 
@@ -85,7 +87,47 @@ class _Run:
     t0: float
     sla: bool
     tpot_speed: float
+    p0: float = 0.0  # prompt tokens admitted before it (the running total), for its prefill stalls
     sort_key: tuple[float, str, float] = field(default=(0.0, "", INF))
+
+
+class _PrefillCost:
+    """Engine seconds per prompt token, learned from time to first token.
+
+    Every admission makes the engine prefill the new prompt, and while it does every running
+    request waits (vLLM's chunked prefill shares each step). With gating in front, time to first
+    token is about a fixed cost plus the prompt's prefill, so a least-squares line of TTFT against
+    prompt tokens (with exponential forgetting) gives the per-token cost.
+    """
+
+    __slots__ = ("per_token", "_prior", "_n", "_sx", "_sy", "_sxx", "_sxy", "_decay")
+
+    def __init__(self, initial: float, memory: int = 256) -> None:
+        self.per_token = self._prior = initial
+        self._decay = 1.0 - 1.0 / memory
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+
+    def observe(self, prompt_tokens: int, ttft: float) -> None:
+        if prompt_tokens <= 0 or not ttft >= 0.0:
+            return
+        d = self._decay
+        x = float(prompt_tokens)
+        self._n = self._n * d + 1.0
+        self._sx = self._sx * d + x
+        self._sy = self._sy * d + ttft
+        self._sxx = self._sxx * d + x * x
+        self._sxy = self._sxy * d + x * ttft
+        n = self._n
+        var = self._sxx - self._sx * self._sx / n
+        # Prompts of (nearly) one size say nothing about the slope: keep what we had. TTFT is
+        # noisy (the step in progress, other prefills in the same step), so the fitted slope is
+        # shrunk toward the prior, which counts as PRIOR_WEIGHT samples.
+        if var > 1e-6 * self._sxx:
+            slope = min(max((self._sxy - self._sx * self._sy / n) / var, 0.0), 0.01)
+            self.per_token = (n * slope + PRIOR_WEIGHT * self._prior) / (n + PRIOR_WEIGHT)
+
+    def seconds(self, prompt_tokens: float) -> float:
+        return self.per_token * prompt_tokens
 
 
 class _OutputEstimate:
@@ -123,6 +165,10 @@ class SaberPolicy(Policy):
         self.reserve = p.best_effort_reserve
         self.kv_high = p.kv_cache_high
         self.min_recheck = p.min_recheck_seconds
+        self.shed = p.shed_batch_fraction
+        self.be_alongside = True
+        self.reserve_share = p.slack_reserve_share
+        self._longest_deadline = max(c.deadline_seconds for c in config.classes)
         self.max_queue = sched.max_queue
         self.model = SpeedModel.from_config(sched.speed_model)
         self.classes = {c.name: c for c in config.classes}
@@ -130,6 +176,8 @@ class SaberPolicy(Policy):
             c.name: _OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
         self.ttft_estimate = p.initial_ttft_seconds
+        self._prefill = _PrefillCost(p.initial_prefill_seconds_per_token)
+        self._P = 0.0  # prompt tokens admitted so far
         # The running integrals: W = ∫ v(L) dt (tokens per request), A = ∫ L dt.
         self._W = 0.0
         self._A = 0.0
@@ -141,7 +189,8 @@ class SaberPolicy(Policy):
         self._queued: dict[str, _Queued] = {}
         self._order: list[tuple[float, int, str]] = []  # queued SLA requests, EDF
         self._timers: list[tuple[float, int, str, int]] = []  # (when, seq, id, timer generation)
-        self._be: deque[str] = deque()
+        # Best effort, shortest weighted job first: (expected tokens x SLA seconds, seq, id).
+        self._be: list[tuple[float, int, str]] = []
         self._be_reqs: dict[str, _Queued] = {}
         self._seq = 0
         self._tpot_running = 0  # running SLA requests with a TPOT target
@@ -151,6 +200,8 @@ class SaberPolicy(Policy):
         self._inv_for: list[float] | None = None
         self._kv_usage = 0.0
         self._fresh_need = self._compute_fresh_need()
+        self._limit_key: tuple[list[float], float] | None = None
+        self._limit = 1
 
     # -- driver calls -------------------------------------------------------------------------
 
@@ -191,7 +242,9 @@ class SaberPolicy(Policy):
             self._reject_if_late(q, now, out)
         return out
 
-    def finished(self, request_id: str, now: float, output_tokens: int, first_token_at: float | None) -> list[Action]:
+    def finished(
+        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+    ) -> list[Action]:
         self._advance(now)
         self._version += 1
         run = self._running.pop(request_id, None)
@@ -202,15 +255,21 @@ class SaberPolicy(Policy):
             self._sla_running -= 1
         if run.tpot_speed:
             self._tpot_running -= 1
+        if first_token_at is not None and first_token_at >= run.t0:
+            ttft = first_token_at - run.t0
+            self.ttft_estimate += TTFT_EWMA * (ttft - self.ttft_estimate)
+            self._prefill.observe(run.req.prompt_tokens, ttft)
         duration = now - run.t0
-        if output_tokens > 0 and duration > 0:
+        # A request cut off (client gone, engine error) says nothing about its class's output
+        # length, and its speed sample would mix in the abort: learn only from complete ones.
+        if completed and output_tokens > 0 and duration > 0:
+            stall = self._prefill.seconds(self._P - run.p0)
+            decode = duration - stall if duration - stall > 0.5 * duration else 0.5 * duration
             concurrency = max(1.0, (self._A - run.a0) / duration)
-            self.model.observe(concurrency, output_tokens / duration)
+            self.model.observe(concurrency, output_tokens / decode)
             est = self._estimates.get(run.req.sla_class)
             if est is not None and est.add(output_tokens):
                 self._fresh_need = self._compute_fresh_need()
-        if first_token_at is not None and first_token_at >= run.t0:
-            self.ttft_estimate += TTFT_EWMA * ((first_token_at - run.t0) - self.ttft_estimate)
         return self._dispatch(now)
 
     def cancel(self, request_id: str, now: float) -> list[Action]:
@@ -296,12 +355,14 @@ class SaberPolicy(Policy):
         # finish time, INF when there is nothing to protect.
         steps: list[tuple[float, float, float]] = []
         slack: list[float] = []
+        prefix: list[float] = [INF]
         add_step = steps.append
         add_slack = slack.append
+        add_prefix = prefix.append
         a0 = a1 = 0.0
         prev = 0.0
         L = n
-        first_hurt = n
+        least = INF
         for k, _, due in self._by_finish:
             r = k - W
             if r < prev:
@@ -319,23 +380,25 @@ class SaberPolicy(Policy):
                 add_slack(INF)  # late whatever we do (or best effort): it holds nothing back
             else:
                 add_slack(s_j)
-                if a1 - a0 > s_j and first_hurt == n:
-                    first_hurt = n - L - 1
+                if s_j - (a1 - a0) < least:
+                    least = s_j - (a1 - a0)
+            add_prefix(least)
         for j in range(n - 2, -1, -1):  # suffix minimum
             if slack[j + 1] < slack[j]:
                 slack[j] = slack[j + 1]
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        return _Plan(now, n, steps, slack, first_hurt, max_tpot)
+        return _Plan(now, n, steps, slack, prefix, max_tpot)
 
-    def _fits(self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float) -> str:
+    def _fits(self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float, prompt: int = 0) -> str:
         """Would the batch, with this candidate added now, still meet its deadlines?
 
         The candidate must meet its own deadline (when it has one), and no running SLA request
         that the plan has finishing in time may be pushed past its deadline. That invariant holds
         between admissions, because the batch only changes by admissions (checked) and finishes.
-        Requests finishing before the candidate are slowed by a known amount (`plan.first_hurt`);
-        every one finishing after it is delayed by the same amount, so a suffix minimum of
-        their slack decides them.
+        The candidate's prefill stalls the whole batch for a moment. Requests finishing before
+        the candidate are slowed by one more request plus that stall (a prefix minimum of the
+        slack they would have left decides them); every one finishing after it is delayed by the
+        same amount, so a suffix minimum of their slack decides them.
         """
         table = self.model.table
         n = plan.n
@@ -351,14 +414,18 @@ class SaberPolicy(Policy):
             r_prev, before0, before1 = plan.steps[pos - 1]
         else:
             before0 = before1 = r_prev = 0.0
-        finish = before1 + (expected - r_prev) * h / table[n + 1 - pos]
-        if deadline is not None and plan.now + finish > deadline - self.margin:
+        stall = self._prefill.per_token * prompt
+        finish = before1 + (expected - r_prev) * h / table[n + 1 - pos] + stall
+        # The slack a candidate must leave: a share of its own time to deadline, so a long request
+        # stops taking the batch's last slack while short, urgent ones still can.
+        reserve = self.reserve_share * (deadline - plan.now if deadline is not None else self._longest_deadline)
+        if deadline is not None and plan.now + finish > deadline - self.margin - reserve:
             return MISSES_OWN
-        if plan.first_hurt < pos:
+        if plan.prefix_min[pos] < stall + reserve:
             return HURTS_BATCH
         if pos < n:
             delay = finish - (before0 + (expected - r_prev) * h / table[n - pos])
-            if plan.suffix_min[pos] < delay:
+            if plan.suffix_min[pos] < delay + reserve:
                 return HURTS_BATCH
         return FITS
 
@@ -381,18 +448,39 @@ class SaberPolicy(Policy):
         need = q.expected / slack
         return need if need > q.tpot_speed else q.tpot_speed
 
+    def _shed_speed(self) -> float:
+        """The most speed a queued request may still need and be kept waiting for.
+
+        A request admitted late needs a fast, hence small, batch until it is done, and every
+        admission after it must keep it on time: under contention one such request throttles the
+        engine for everyone. So while `contenders` SLA requests are queued or running, a request
+        that would need more than v(shed_batch_fraction x min(contenders, fresh limit)) is shed
+        (demoted or rejected) rather than admitted; with nothing else around, the floor is one
+        request alone on the engine, as in the paper.
+        """
+        table = self.model.table
+        if self.shed <= 0.0:
+            return table[1]
+        contenders = len(self._queued) + self._sla_running
+        limit = self._fresh_limit_cached()
+        floor = int(self.shed * (contenders if contenders < limit else limit))
+        return table[floor] if floor > 1 else table[1]
+
     def _hopeless(self, q: _Queued, now: float) -> str | None:
         if q.req.deadline - self.margin <= now:
             return "deadline cannot be met"
-        if self._need(q, now) > self.model.speed(1):
+        need = self._need(q, now)
+        if need > self.model.speed(1):
             return "deadline needs more than the engine's single-request speed"
+        if need > self._shed_speed():
+            return "deadline needs a batch too small for the load"
         ttft = q.req.ttft_deadline
         if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
             return "time-to-first-token target cannot be met"
         return None
 
     def _hopeless_at(self, q: _Queued) -> float:
-        t = q.req.deadline - self.margin - q.expected / self.model.speed(1)
+        t = q.req.deadline - self.margin - q.expected / self._shed_speed()
         if q.tpot_speed > self.model.speed(1):
             t = -INF
         if q.req.ttft_deadline is not None:
@@ -411,7 +499,7 @@ class SaberPolicy(Policy):
         self._fire_timers(now, out)
         if self._order:
             self._admit_sla(now, out)
-        if not self._order and self._be:
+        if self._be and (self.be_alongside or not self._order):
             self._admit_best_effort(now, out)
         return out
 
@@ -448,7 +536,7 @@ class SaberPolicy(Policy):
         queued = self._queued
         plan: _Plan | None = None
         stale = True
-        too_big = INF
+        shed_v: float | None = None
         i = 0
         tried = 0
         while i < len(order) and tried <= self.lookahead:
@@ -464,17 +552,22 @@ class SaberPolicy(Policy):
                     self._admit(q.req, q.expected, q.tpot_speed, now, out)
                 continue
             # Queued requests that became hopeless were handled by their timers, which fire first
-            # in every decision; `_fits` checks each deadline against the batch.
-            tried += 1
-            if q.expected >= too_big:
-                i += 1
+            # in every decision, but the load may have grown since (`_shed_speed`); `_fits` checks
+            # each deadline against the batch.
+            if shed_v is None:
+                shed_v = self._shed_speed()
+            if self._need(q, now) > shed_v:
+                del order[i]
+                del queued[q.req.id]
+                self._miss(q, now, "deadline needs a batch too small for the load", out)
                 continue
+            tried += 1
             if plan is None:
                 plan, stale = self._plan(now), False
-            verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed)
+            verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed, q.req.prompt_tokens)
             if verdict is FITS and stale:
                 plan, stale = self._plan(now), False
-                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed)
+                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed, q.req.prompt_tokens)
             if verdict is FITS:
                 del order[i]
                 del queued[q.req.id]
@@ -482,8 +575,6 @@ class SaberPolicy(Policy):
                 stale = True
                 tried -= 1
                 continue
-            if verdict is HURTS_BATCH and q.expected < too_big:
-                too_big = q.expected
             i += 1
         if order:
             self._blocked_at = self._version
@@ -492,10 +583,10 @@ class SaberPolicy(Policy):
         """FIFO, and only while a fresh SLA arrival would still find room (see module docstring)."""
         table = self.model.table
         while self._be:
-            rid = self._be[0]
+            rid = self._be[0][2]
             q = self._be_reqs.get(rid)
             if q is None:
-                self._be.popleft()
+                heapq.heappop(self._be)
                 continue
             L = len(self._running)
             if L:
@@ -504,9 +595,9 @@ class SaberPolicy(Policy):
                 slot = L + 1 + self.reserve
                 if slot >= len(table) or table[slot] < self._fresh_need * self.headroom:
                     return
-                if self._fits(self._plan(now), q.expected, None, 0.0) is not FITS:
+                if self._fits(self._plan(now), q.expected, None, 0.0, q.req.prompt_tokens) is not FITS:
                     return
-            self._be.popleft()
+            heapq.heappop(self._be)
             del self._be_reqs[rid]
             self._admit(q.req, q.expected, 0.0, now, out)
 
@@ -514,10 +605,14 @@ class SaberPolicy(Policy):
         req.admitted_at = now
         self._version += 1
         sla = not req.best_effort
-        run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0)
+        run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0, self._P)
         run.sort_key = (run.k, req.id, req.deadline - self.margin if sla else INF)
         self._running[req.id] = run
         insort(self._by_finish, run.sort_key)
+        if req.prompt_tokens:
+            # Its prefill holds up every running request (itself included) for a moment.
+            self._P += req.prompt_tokens
+            self._W -= self.model.speed(len(self._running)) * self._prefill.seconds(req.prompt_tokens)
         if sla:
             self._sla_running += 1
         if run.tpot_speed:
@@ -534,7 +629,7 @@ class SaberPolicy(Policy):
             out.append(Reject(req.id, reason, retry_after_s=self._retry_after(now)))
             return
         req.best_effort = True
-        self._be.append(req.id)
+        heapq.heappush(self._be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
         self._be_reqs[req.id] = q
         out.append(Demote(req.id, reason))
 
@@ -606,6 +701,14 @@ class SaberPolicy(Policy):
                 need = max(need, 1.0 / c.tpot_seconds)
             worst = max(worst, need)
         return worst
+
+    def _fresh_limit_cached(self) -> int:
+        key = (self.model.table, self._fresh_need)
+        if self._limit_key is None or self._limit_key[0] is not key[0] or self._limit_key[1] != key[1]:
+            limit = self._fresh_limit()
+            self._limit = len(self.model.table) - 1 if limit is None else max(1, limit)
+            self._limit_key = key
+        return self._limit
 
     def _fresh_limit(self) -> int | None:
         """The largest batch at which a fresh request of every class is still predicted to fit."""

@@ -123,6 +123,9 @@ class Stack:
             proc.kill()
             proc.wait(timeout=5)
 
+    def tails(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {name}.log\n{path.read_text()[-chars:]}" for name, path in self.logs.items())
+
     def query(self, expr: str) -> list[dict[str, Any]]:
         url = f"{self.prom_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         status, body = _get(url)
@@ -275,7 +278,7 @@ def test_shipped_relabelling_yields_the_dashboard_labels(stack: Stack):
 
 
 def test_every_dashboard_query_returns_data(stack: Stack, loaded: dict[str, int]):
-    assert loaded.get("ok", 0) >= 48, f"load did not get through the sidecar: {loaded}"
+    assert loaded.get("ok", 0) >= 48, f"load did not get through the sidecar: {loaded}\n{stack.tails()}"
     dashboards = _load_tool("dashboards")
     empty, no_number = [], []
     queries = list(dashboards.iter_queries(dashboards.dashboard()))

@@ -39,8 +39,8 @@ class ScriptedCapPolicy(Policy):
         self.queue.append(req)
         return self._fill(now)
 
-    def finished(self, request_id, now, output_tokens, first_token_at):
-        self.calls.append(("finished", request_id))
+    def finished(self, request_id, now, output_tokens, first_token_at, *, completed=True):
+        self.calls.append(("finished", request_id) if completed else ("finished-cut-off", request_id))
         self.running.discard(request_id)
         return self._fill(now)
 
