@@ -143,7 +143,7 @@ class SaberSchedulingConfig(BaseModel):
         "the requests contending (capped by the batch fresh requests fit in); 0 sheds only the hopeless.",
     )
     slack_reserve_share: float = Field(
-        default=0.02,
+        default=0.01,
         ge=0,
         le=0.5,
         description="An admission must leave every running request this share of the candidate's own time to "

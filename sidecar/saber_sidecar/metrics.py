@@ -75,9 +75,11 @@ class SlidingOutcomes:
 
 
 class _GateCollector(Collector):
-    def __init__(self, stats: Callable[[], PolicyStats], outcomes: SlidingOutcomes) -> None:
+    def __init__(self, stats: Callable[[], PolicyStats], outcomes: SlidingOutcomes,
+                 targets: Callable[[], dict[str, float]]) -> None:
         self._stats = stats
         self._outcomes = outcomes
+        self._targets = targets
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         stats = self._stats()
@@ -102,6 +104,13 @@ class _GateCollector(Collector):
         for cls, value in sorted(self._outcomes.attainment().items()):
             ratio.add_metric([cls], value)
         yield ratio
+        # Exported so dashboards and alerts compare attainment with each class's own target.
+        target = GaugeMetricFamily("saber_sla_attainment_target_ratio",
+                                   "Configured share of requests that should meet the SLA, by class.",
+                                   labels=["class"])
+        for cls, value in sorted(self._targets().items()):
+            target.add_metric([cls], value)
+        yield target
         yield GaugeMetricFamily("saber_goodput_requests_per_second",
                                 "Requests per second that met their SLA over the sliding window.",
                                 value=self._outcomes.goodput())
@@ -114,6 +123,7 @@ class SidecarMetrics:
         stats: Callable[[], PolicyStats],
         window_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        targets: Callable[[], dict[str, float]] = dict,
     ) -> None:
         self.registry = registry
         self.requests = Counter("saber_requests", "Requests by SLA class and final outcome.",
@@ -129,7 +139,7 @@ class SidecarMetrics:
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self.outcomes = SlidingOutcomes(window_s, clock)
-        registry.register(_GateCollector(stats, self.outcomes))
+        registry.register(_GateCollector(stats, self.outcomes, targets))
 
     def record(self, sla_class: str, outcome: str, duration_s: float | None = None,
                ttft_s: float | None = None) -> None:

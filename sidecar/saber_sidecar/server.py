@@ -63,7 +63,10 @@ class SidecarServer:
         s = self.settings
         _preload_fitting(self.config)
         gate = Gate(self._make_policy(self.config), self.config)
-        metrics = SidecarMetrics(self.registry, gate.stats, s.attainment_window_s)
+        metrics = SidecarMetrics(
+            self.registry, gate.stats, s.attainment_window_s,
+            targets=lambda: {c.name: c.target_attainment for c in gate.config.classes},
+        )
         connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=s.pool_size, keepalive_timeout=60)
         session = aiohttp.ClientSession(
             connector=connector,

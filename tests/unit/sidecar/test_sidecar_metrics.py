@@ -32,7 +32,7 @@ def test_exposition_has_every_documented_metric():
     registry = CollectorRegistry()
     stats = PolicyStats(queued_sla=2, queued_best_effort=1, running=5, admission_limit=17,
                         predicted_speed=80.5, speed_model_r2=0.99)
-    metrics = SidecarMetrics(registry, lambda: stats, 60.0, clock)
+    metrics = SidecarMetrics(registry, lambda: stats, 60.0, clock, targets=lambda: {"qna": 0.9})
     metrics.record("qna", MET, 0.5, 0.05)
     metrics.record("qna", MISSED, 1.5, 0.3)
     metrics.record("qna", DEMOTED, 3.0, None)
@@ -43,6 +43,7 @@ def test_exposition_has_every_documented_metric():
         'saber_request_duration_seconds_count{class="qna"} 3.0',
         'saber_time_to_first_token_seconds_count{class="qna"} 2.0',
         'saber_sla_attainment_ratio{class="qna"} 0.3333333333333333',
+        'saber_sla_attainment_target_ratio{class="qna"} 0.9',
         'saber_queue_depth{queue="sla"} 2.0',
         'saber_queue_depth{queue="best_effort"} 1.0',
         "saber_running_requests 5.0",
