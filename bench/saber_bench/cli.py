@@ -74,9 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_demo)
 
     for name, module in COMPONENT_PERF.items():
+        # No option prefix of its own, so every argument (--help included) is passed on untouched.
         c = sub.add_parser(name, help=f"the {name}'s own benchmark ({module})", add_help=False,
-                           description=f"Delegates to `python -m {module}`; arguments after `{name}` go to it.")
-        c.add_argument("rest", nargs=argparse.REMAINDER)
+                           prefix_chars="\x00",
+                           description=f"Delegates to {module}.main(argv); arguments after `{name}` go to it.")
+        c.add_argument("rest", nargs="*")
         c.set_defaults(func=_component(module))
 
 

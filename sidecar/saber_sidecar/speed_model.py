@@ -16,14 +16,15 @@ rises with L (a curve that turns up, like a USL with negative k at large L, is h
 throughput from its turning point, so per-request speed falls as 1/L), never goes below a small
 positive floor, and past the largest L the model was fitted on it extrapolates the same way. With
 `online_refit` it keeps a bounded window of (concurrency, speed) samples and refits every
-`refit_every` samples, so the curve follows the engine it actually runs on.
+`refit_every` samples, so the curve follows the engine it actually runs on. An online refit keeps
+the model's form and uses `fit_online` (closed-form weighted least squares of the linearised curve
+and one Gauss-Newton step, well under a millisecond, no scipy); its R² is over the window's samples.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -155,6 +156,82 @@ def fit_all(L: Sequence[float], v: Sequence[float]) -> FitReport:
     return FitReport(results, best, len(La), float(La.max()))
 
 
+def fit_online(form: str, L: np.ndarray, v: np.ndarray, start: Sequence[float]) -> tuple[float, ...] | None:
+    """A cheap least-squares fit of one form, for online refits (well under a millisecond).
+
+    - usl: 1/v = (1 + sL + kL^2)/a is linear in (1/a, s/a, k/a). A residual in 1/v is a residual
+      in v scaled by 1/v^2, so rows are weighted by v^2 to approximate least squares in v; one
+      Gauss-Newton step on the curve itself then polishes the result (kept only if it helps).
+    - linear: ordinary least squares.
+    - logistic: Gauss-Newton steps on (vmax, k, L0) from `start` (the current curve), vmin fixed.
+    None when the data give no finite curve.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            if form == "linear":
+                b, a = np.polyfit(L, v, 1)
+                params: tuple[float, ...] = (float(a), float(b))
+            elif form == "usl":
+                w = v * v
+                X = np.column_stack((w, w * L, w * L * L))
+                c = _solve(X, v)  # w / v = v
+                if not c[0] > 0:
+                    return None
+                params = (1.0 / c[0], c[1] / c[0], c[2] / c[0])
+                params = _gauss_newton(form, L, v, params, steps=1)
+            elif form == "logistic":
+                params = _gauss_newton(form, L, v, tuple(float(p) for p in start), steps=4)
+            else:
+                raise ValueError(f"unknown curve form {form!r}; use one of {', '.join(FORMS)}")
+    except np.linalg.LinAlgError:
+        return None
+    if not all(math.isfinite(p) for p in params):
+        return None
+    return params
+
+
+def _solve(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares by the normal equations: a few columns, so far cheaper than an SVD."""
+    return np.linalg.solve(X.T @ X, X.T @ y)
+
+
+def _jacobian(form: str, L: np.ndarray, p: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The curve and its derivatives in the free parameters (logistic: vmin held fixed)."""
+    if form == "usl":
+        a, s, k = p
+        D = 1.0 + s * L + k * L * L
+        f = a / D
+        g = f / D
+        return f, np.column_stack((1.0 / D, -g * L, -g * L * L))
+    vmax, k, L0, vmin = p
+    e = np.exp(np.clip(k * (L - L0), -700.0, 700.0))
+    u = 1.0 / (1.0 + e)
+    f = vmin + (vmax - vmin) * u
+    du = -(vmax - vmin) * u * u * e  # d f / d (k (L - L0))
+    return f, np.column_stack((u, du * (L - L0), -du * k))
+
+
+def _gauss_newton(form: str, L: np.ndarray, v: np.ndarray, p: tuple[float, ...], steps: int) -> tuple[float, ...]:
+    """Gauss-Newton steps, each kept only if it lowers the squared error (halved up to 4 times)."""
+    f, J = _jacobian(form, L, p)
+    sse = float(np.sum((v - f) ** 2))
+    for _ in range(steps):
+        delta = _solve(J, v - f)
+        if len(p) == 4:
+            delta = np.append(delta, 0.0)  # vmin stays
+        for _ in range(5):
+            q = tuple(float(x) for x in np.asarray(p) + delta)
+            fq, Jq = _jacobian(form, L, q)
+            sse_q = float(np.sum((v - fq) ** 2))
+            if math.isfinite(sse_q) and sse_q < sse:
+                p, f, J, sse = q, fq, Jq, sse_q
+                break
+            delta = delta / 2.0
+        else:
+            break
+    return p
+
+
 def read_samples_csv(path: str) -> tuple[list[float], list[float]]:
     """Two numeric columns, concurrency then speed, with an optional header row."""
     import csv
@@ -197,7 +274,10 @@ class SpeedModel:
         self.online_refit = online_refit
         self.min_samples = min_samples
         self.refit_every = max(1, refit_every)
-        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        # A ring buffer of (concurrency, speed): refits read it without building arrays.
+        self._window = window
+        self._buf = np.empty((window, 2))
+        self._count = 0
         self._since_refit = 0
         self.refits = 0
         self.r2: float | None = None
@@ -205,6 +285,7 @@ class SpeedModel:
         self._set_curve(form, tuple(float(p) for p in params), valid_up_to)
         # The curve we start from stays the prior for online refits.
         self._prior_table = self._table
+        self._prior_array = np.asarray(self._table)
         self._prior_limit = self.valid_up_to
 
     def _prior_speed(self, L: float) -> float:
@@ -276,41 +357,58 @@ class SpeedModel:
 
     @property
     def samples(self) -> int:
-        return len(self._samples)
+        return min(self._count, self._window)
+
+    @property
+    def last_sample(self) -> tuple[float, float] | None:
+        if not self._count:
+            return None
+        L, v = self._buf[(self._count - 1) % self._window]
+        return float(L), float(v)
 
     def observe(self, concurrency: float, speed: float) -> bool:
         """Record one finished request's (average concurrency, tokens/s); True when it refitted."""
         if not (concurrency > 0 and speed > 0 and math.isfinite(concurrency) and math.isfinite(speed)):
             return False
-        self._samples.append((float(concurrency), float(speed)))
+        self._buf[self._count % self._window] = (concurrency, speed)
+        self._count += 1
         self._since_refit += 1
-        if not self.online_refit or len(self._samples) < self.min_samples or self._since_refit < self.refit_every:
+        if not self.online_refit or self.samples < self.min_samples or self._since_refit < self.refit_every:
             return False
         return self.refit() is not None
 
     def refit(self) -> FitReport | None:
-        """Refit on the current window; keeps the old curve when the window cannot support a fit."""
+        """Refit the model's own form on the current window; keeps the old curve when it cannot.
+
+        This runs on the request path (every `refit_every` finished requests), so it is cheap:
+        a closed-form weighted least squares of the linearised curve plus one Gauss-Newton step
+        (`fit_online`), no scipy. The offline `saber fit` compares all three forms with `fit_all`.
+        """
         self._since_refit = 0
-        if len(self._samples) < 4:
+        n = self.samples
+        if n < 4:
             return None
-        L = [s[0] for s in self._samples]
-        v = [s[1] for s in self._samples]
+        L, v = self._buf[:n, 0], self._buf[:n, 1]
         aL, av = self._anchors(L, v)
+        Lf = np.concatenate((L, aL)) if len(aL) else L
+        vf = np.concatenate((v, av)) if len(av) else v
+        if np.ptp(Lf) <= 0:
+            return None  # every sample at one concurrency level: nothing to learn a slope from
+        params = fit_online(self.form, Lf, vf, self.params)
+        if params is None:
+            return None
         try:
-            report = fit_all(L + aL, v + av)
-        except ValueError:
-            return None  # e.g. every sample at one concurrency level: nothing to learn a slope from
-        best = report.results[report.best]
-        try:
-            self._set_curve(best.form, best.params, valid_up_to=None)
+            self._set_curve(self.form, params, valid_up_to=None)
         except ValueError:
             return None
-        self.r2 = best.r2
+        result = _score(self.form, params, L, v)  # R² on the observed samples, not the anchors
+        self.r2 = result.r2
         self.refits += 1
+        report = FitReport({self.form: result}, self.form, n, float(L.max()))
         self.last_report = report
         return report
 
-    def _anchors(self, L: list[float], v: list[float]) -> tuple[list[float], list[float]]:
+    def _anchors(self, L: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pseudo-samples from the prior curve where the window has no data.
 
         A gate only sees the concurrency it lets happen; a curve fitted on L in 10..16 alone
@@ -318,13 +416,13 @@ class SpeedModel:
         outside the observed range the prior's shape, scaled to the observed level, is added with
         a modest weight: the data decide inside their range, the prior's shape outside it.
         """
-        lo, hi = min(L), max(L)
-        ratios = sorted(vi / self._prior_speed(li) for li, vi in zip(L, v, strict=True))
-        scale = ratios[len(ratios) // 2]
+        lo, hi = float(L.min()), float(L.max())
+        idx = np.clip(np.rint(L), 1, TABLE_SIZE - 1).astype(int)
+        scale = float(np.median(v / self._prior_array[idx]))
         points = [x for x in ANCHOR_POINTS if (x < lo * 0.8 or x > hi * 1.25) and x <= self._prior_limit]
         if not points:
-            return [], []
+            return np.empty(0), np.empty(0)
         repeat = max(1, len(L) // (4 * len(points)))
-        aL = [float(x) for x in points for _ in range(repeat)]
-        av = [scale * self._prior_speed(x) for x in aL]
+        aL = np.repeat(np.asarray(points, dtype=float), repeat)
+        av = scale * self._prior_array[aL.astype(int)]
         return aL, av

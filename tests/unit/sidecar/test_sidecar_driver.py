@@ -137,3 +137,19 @@ async def test_reload_with_new_scheduling_keeps_old_requests_on_old_policy():
     cfg = paper_config(policy="static", static_max_concurrency=5).model_copy(update={"default_class": "qna"})
     assert gate.set_config(cfg, lambda c: ScriptedCapPolicy(1)) is False and gate.policy is new
     gate.close()
+
+
+async def test_cut_off_requests_reach_the_policy_as_not_completed():
+    policy = ScriptedCapPolicy(cap=1)
+    gate = Gate(policy, paper_config(policy="static"))
+    await gate.admit(req("a"))
+    waiting = asyncio.create_task(gate.admit(req("b")))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # b's client leaves: its wait is cancelled at once...
+    gate.finished("a", 3, None, completed=False)  # ...and a is cut off, which admits b too late
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert ("finished-cut-off", "a") in policy.calls
+    assert ("finished-cut-off", "b") in policy.calls  # b's slot went straight back, as cut off
+    assert policy.running == set() and gate.queued == 0
+    gate.close()

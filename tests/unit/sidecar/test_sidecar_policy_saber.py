@@ -5,7 +5,7 @@ import pytest
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_policy, request_for
-from saber_sidecar.policy.saber import SaberPolicy
+from saber_sidecar.policy.saber import PRIOR_WEIGHT, SaberPolicy
 
 CLASSES = [
     {"name": "loose", "deadline_seconds": 100},
@@ -18,7 +18,10 @@ CLASSES = [
 
 
 def config(**saber):
-    params = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4, **saber}
+    # Margins, load shedding, slack reserve and prefill cost are off unless a test turns them on,
+    # so the base decisions stay checkable by hand.
+    params = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4,
+              "shed_batch_fraction": 0, "slack_reserve_share": 0, "initial_prefill_seconds_per_token": 0, **saber}
     return SidecarConfig.model_validate(
         {
             "classes": CLASSES,
@@ -248,7 +251,7 @@ def test_finished_requests_feed_the_speed_model():
     d.submit("loose", "b", 0.0, 100)
     d.finish("a", 1.0, 98)
     assert d.pol.model.samples == 1
-    assert d.pol.model._samples[-1] == pytest.approx((2.0, 98.0))
+    assert d.pol.model.last_sample == pytest.approx((2.0, 98.0))
 
 
 def test_never_deadlocks_with_nothing_running():
@@ -305,3 +308,85 @@ def test_an_empty_engine_always_takes_the_head():
     assert d.submit("loose", "x", 0.0, 70, deadline=1.0) == "admit:x"
     assert d.submit("loose", "y", 0.0, 70, deadline=1.05) == ""  # alongside x: 70 * 1.5 / 98 > 1.05
     assert d.finish("x", 0.3, 70) == "admit:y"  # needs 93 * 1.5 tok/s: "does not fit", admitted
+
+
+def test_cut_off_requests_free_their_slot_but_teach_nothing():
+    d = Driver()
+    d.blocker()
+    assert d.submit("loose", "B", 0.0, 200) == ""
+    # A is cut off (client gone) after 5 tokens: B gets the slot, but neither the speed model nor
+    # the class's output-length estimate learns from the partial output.
+    assert fmt(d.pol.finished("A", 1.0, 5, 0.1, completed=False)) == "admit:B"
+    assert d.pol.model.samples == 0
+    for i in range(4):
+        d.pol.submit(request_for(d.cfg, "est", f"e{i}", 2.0, 500), 2.0)
+        d.pol.finished(f"e{i}", 2.5, 3, None, completed=False)
+    assert d.pol.expected_tokens("est") is None
+    d.finish("B", 3.0, 200)
+    assert d.pol.model.samples == 1
+
+
+def test_prefill_of_a_candidate_is_charged_to_the_batch():
+    # A: 99 tokens alone take 1.0 s; deadline 1.5 s leaves 0.5 s of slack.
+    d = Driver(initial_prefill_seconds_per_token=0.01)
+    assert d.submit("loose", "A", 0.0, 99, deadline=1.5) == "admit:A"
+    # A 10-token request with no prompt slows A by ~1 ms: admitted.
+    assert fmt(d.pol.submit(request_for(d.cfg, "loose", "B", 0.0, 10, prompt_tokens=0), 0.0)) == "admit:B"
+    # With a 100-token prompt its prefill stalls the batch for 1 s: A would be late.
+    assert fmt(d.pol.submit(request_for(d.cfg, "loose", "C", 0.0, 10, prompt_tokens=100), 0.0)) == ""
+
+
+def test_prefill_cost_is_learned_from_ttft_toward_the_prior():
+    d = Driver(initial_prefill_seconds_per_token=0.001)
+    for i in range(300):  # TTFT = 0.01 s + 1e-4 s per prompt token: cheaper than the prior says
+        prompt = 100 + 50 * (i % 8)
+        req = request_for(d.cfg, "loose", f"p{i}", float(i), 10, prompt_tokens=prompt)
+        assert fmt(d.pol.submit(req, float(i))) == f"admit:p{i}"
+        d.pol.finished(f"p{i}", i + 0.5, 10, i + 0.01 + 1e-4 * prompt)
+    # The fitted slope is exactly 1e-4; it is shrunk toward the prior by the prior's weight.
+    cost = d.pol._prefill
+    n = cost._n
+    assert cost.per_token == pytest.approx((n * 1e-4 + PRIOR_WEIGHT * 0.001) / (n + PRIOR_WEIGHT), rel=1e-6)
+    assert 1e-4 < cost.per_token < 0.001
+
+
+def test_sheds_a_request_that_would_need_a_small_batch_under_contention():
+    # Ten long requests run: under contention a request that needs 95 tok/s (only a batch of 5
+    # or less gives that) is shed at once instead of waiting to throttle the engine.
+    for shed, expected in ((1.0, "demote:x be:x"), (0.0, "")):  # best effort fits beside them
+        d = Driver(shed_batch_fraction=shed)
+        for i in range(10):
+            assert d.submit("loose", f"bg{i}", 0.0, 5000) == f"admit:bg{i}"
+        assert d.submit("tight", "x", 0.0, 95) == expected
+
+
+def test_slack_reserve_keeps_long_requests_from_taking_the_last_slack():
+    d = Driver(slack_reserve_share=0.1)
+    # A: 99 tokens alone take 1.0 s; its deadline leaves it 0.3 s of slack (0.3 >= 0.1 x 1.3).
+    assert d.submit("loose", "A", 0.0, 99, deadline=1.3) == "admit:A"
+    # A long candidate (5 s to its deadline) must leave 0.5 s of slack: it waits.
+    assert d.submit("loose", "long", 0.0, 10, deadline=5.0) == ""
+    # A short, urgent one need leave only 0.05 s: it gets in.
+    assert d.submit("loose", "short", 0.0, 10, deadline=0.5) == "admit:short"
+
+
+def test_best_effort_runs_shortest_weighted_job_first():
+    d = Driver()
+    d.blocker()
+    # Both hopeless (demoted); the one with fewer tokens x SLA seconds goes first.
+    assert d.submit("loose", "big", 0.0, 100000, deadline=100.0) == "demote:big"
+    assert d.submit("tight", "small", 0.0, 500) == "demote:small"
+    assert d.finish("A", 10.0, 990) == "be:small be:big"  # FIFO would start big first
+
+
+def test_one_decision_replays_the_batch_once_then_resumes():
+    d = Driver()
+    d.blocker()
+    for rid in ("B", "C", "D"):
+        assert d.submit("loose", rid, 0.0, 10, deadline=50.0) == ""
+    # A ends: B enters the empty engine unconditionally, C is priced with the one replay this
+    # decision may do, and D, which may fit too, waits for the resume timer.
+    assert d.finish("A", 10.0, 990) == "admit:B admit:C"
+    assert d.pol.next_wake() == pytest.approx(10.0 + d.cfg.scheduling.saber.min_recheck_seconds)
+    assert d.wake(d.pol.next_wake()) == "admit:D"
+    assert d.pol.next_wake() is None

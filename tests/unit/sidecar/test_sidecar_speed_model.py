@@ -152,3 +152,43 @@ def test_read_samples_csv(tmp_path):
     p.write_text("1\n")
     with pytest.raises(ValueError, match="two columns"):
         read_samples_csv(str(p))
+
+
+@pytest.mark.parametrize(
+    "form, truth, start",
+    [
+        ("usl", (102.55, 0.03, -0.0001), (102.55, 0.03, -0.0001)),
+        ("usl", (205.0, 0.05, 0.0002), (102.55, 0.03, -0.0001)),
+        ("linear", (86.65, -0.758), (80.0, -0.5)),
+        ("logistic", (110.0, 0.08, 40.0, 0.0), (100.0, 0.06, 35.0, 0.0)),
+    ],
+)
+def test_fit_online_recovers_a_known_curve(form, truth, start):
+    """The online fit (closed form + Gauss-Newton, no scipy) finds a curve from exact samples."""
+    import numpy as np
+
+    from saber_sidecar.speed_model import CURVES, fit_online
+
+    L = np.array([1, 2, 4, 8, 12, 16, 24, 32, 48, 60], dtype=float)
+    v = np.asarray(CURVES[form](L, *truth), dtype=float)
+    params = fit_online(form, L, v, start)
+    assert params is not None
+    fitted = np.asarray(CURVES[form](L, *params), dtype=float)
+    assert np.max(np.abs(fitted - v) / v) < 0.01
+
+
+def test_online_refit_fits_only_its_form_without_scipy(paper_samples):
+    """Refits run on the request path: one form, R² on the window, and scipy is never imported."""
+    code = (
+        "import sys\n"
+        "from saber_sidecar.speed_model import SpeedModel, read_samples_csv\n"
+        f"L, v = read_samples_csv({str(PAPER_CSV)!r})\n"
+        "m = SpeedModel(online_refit=True, window=512, min_samples=32, refit_every=10**9)\n"
+        "for x, y in zip(L, v): m.observe(x, y)\n"
+        "r = m.refit()\n"
+        "print(sorted(r.results), r.best, round(m.r2, 3), 'scipy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["['usl']", "usl"]
+    assert float(out[2]) == pytest.approx(PAPER_R2["usl"], abs=0.01)
+    assert out[3] == "False"
