@@ -36,6 +36,9 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
     outage: bool = False
     # Requests carrying all of these headers are served even during an outage (the test's own client).
     outage_unless: dict[str, str] = attrs.field(factory=dict)
+    # kmock matches every request against its whole request history (quadratic over a long run);
+    # keep only the recent ones so a benchmark measures the operator, not the emulator.
+    keep_requests: int | None = 1000
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -57,6 +60,8 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
         )
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.keep_requests is not None and len(self._requests) > 2 * self.keep_requests:
+            del self._requests[: -self.keep_requests]
         exempt = bool(self.outage_unless) and all(
             request.headers.get(k) == v for k, v in self.outage_unless.items()
         )

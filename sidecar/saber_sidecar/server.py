@@ -61,7 +61,6 @@ class SidecarServer:
         from saber_sidecar.reload import ConfigWatcher
 
         s = self.settings
-        _preload_fitting(self.config)
         gate = Gate(self._make_policy(self.config), self.config)
         metrics = SidecarMetrics(
             self.registry, gate.stats, s.attainment_window_s,
@@ -130,16 +129,6 @@ class SidecarServer:
             self.sidecar.gate.close()
             if self.sidecar.session is not None:
                 await self.sidecar.session.close()
-
-
-def _preload_fitting(config) -> None:
-    # The first online refit imports scipy (about a second); pay it before serving, not inside
-    # a request's finish on the event loop.
-    if config.scheduling.policy != "static" and config.scheduling.speed_model.online_refit:
-        try:
-            import scipy.optimize  # noqa: F401
-        except ImportError:
-            pass
 
 
 async def serve(settings) -> int:
