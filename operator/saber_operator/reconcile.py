@@ -141,7 +141,10 @@ async def report_invalid(ctx: Context, body: dict[str, Any], message: str) -> No
             message=f"spec not applied, fix it: {message}", observed_generation=generation,
         )
     )
-    status = SaberServiceStatus.model_validate({**old, "observedGeneration": generation})
+    try:
+        status = SaberServiceStatus.model_validate({**old, "observedGeneration": generation, "conditions": []})
+    except ValueError:  # a status written by someone else: start afresh rather than fail to report
+        status = SaberServiceStatus(observed_generation=generation)
     status.conditions = merge_conditions(old.get("conditions") or [], conditions, ctx.clock())
     await write_status(ctx, body, status)
 
