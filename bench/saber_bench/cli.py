@@ -26,6 +26,18 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _add_demo_parser(parent: argparse._SubParsersAction) -> None:
+    d = parent.add_parser("demo", help="live: one heavy cell, static caps vs saber, table and plot (< 3 min)")
+    d.add_argument("--workload", default="W1", help="workload (default W1, the heavy mix)")
+    d.add_argument("--rate", type=float, default=15.0, help="request rate (default 15 req/s)")
+    d.add_argument("--static", type=_names, default=["static-256", "best"],
+                   help="comma-separated static caps to compare with; `best` is the best cap 10..100 for this "
+                   "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
+                   "and the best tuned one)")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.set_defaults(func=_demo)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench",
@@ -63,15 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
     lv.set_defaults(func=_live)
 
-    d = sub.add_parser("demo", help="live: one heavy cell, static caps vs saber, table and plot (< 3 min)")
-    d.add_argument("--workload", default="W1", help="workload (default W1, the heavy mix)")
-    d.add_argument("--rate", type=float, default=15.0, help="request rate (default 15 req/s)")
-    d.add_argument("--static", type=_names, default=["static-256", "best"],
-                   help="comma-separated static caps to compare with; `best` is the best cap 10..100 for this "
-                   "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
-                   "and the best tuned one)")
-    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    d.set_defaults(func=_demo)
+    # `saber demo` (the README's first command) and `saber bench demo` are the same command.
+    for parent in (sub, subparsers):
+        _add_demo_parser(parent)
 
     for name, module in COMPONENT_PERF.items():
         # No option prefix of its own, so every argument (--help included) is passed on untouched.

@@ -1,4 +1,4 @@
-"""`saber emulator` (serve, calibrate) and `saber demo`. Heavy imports stay inside the commands."""
+"""`saber emulator` (serve, calibrate, demo). Heavy imports stay inside the commands."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--context-s-per-token", type=float, default=0.0, help="cost per context token (default 0)")
     c.set_defaults(func=_calibrate)
 
-    d = subparsers.add_parser("demo", help="a 30-second local demo: the emulator with a few concurrent streams")
+    d = sub.add_parser("demo", help="a few-second demo: the emulator alone with a few concurrent streams")
     d.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     d.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     d.set_defaults(func=_demo)

@@ -1,11 +1,11 @@
-"""`saber demo` runs end to end as a user runs it."""
+"""`saber emulator demo` runs end to end as a user runs it."""
 
 import subprocess
 import sys
 
 
 def test_saber_demo_prints_a_table_and_exits_zero():
-    proc = subprocess.run([sys.executable, "-m", "saber_cli.main", "demo", "--requests", "4", "--max-tokens", "16"],
+    proc = subprocess.run([sys.executable, "-m", "saber_cli.main", "emulator", "demo", "--requests", "4", "--max-tokens", "16"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
