@@ -9,7 +9,6 @@ what the operator would otherwise only report later as Degraded.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,8 @@ def structural(node: Any) -> Any:
         return node
     node = {k: structural(v) for k, v in node.items()}
     node.pop("title", None)
-    node.pop("additionalProperties", None) if node.get("additionalProperties") is False else None
+    if node.get("additionalProperties") is False:  # pruning drops unknown fields; false is not structural
+        del node["additionalProperties"]
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         nullable = len(options) < len(node["anyOf"])
@@ -147,7 +147,7 @@ def build_crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": copy.deepcopy(SaberServiceSpec.__doc__ or "").strip(),
+                            "description": "A code LLM served by vLLM (or saber's emulator) behind saber's SLA-aware sidecar.",
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},

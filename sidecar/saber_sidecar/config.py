@@ -152,6 +152,13 @@ class SaberSchedulingConfig(BaseModel):
     min_recheck_seconds: float = Field(
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )
+    at_risk_slack_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="A running request predicted to finish with less slack than this share of its remaining "
+        "time is within the model's error of missing anyway: it no longer holds admissions back.",
+    )
 
     @model_validator(mode="after")
     def _window_holds_min(self) -> SaberSchedulingConfig:
