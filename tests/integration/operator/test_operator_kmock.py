@@ -19,14 +19,17 @@ import aiohttp
 import kmock
 import pytest
 import yaml
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from saber_emulator.engine import EngineConfig, OutputLengthConfig
+from saber_emulator.server import EmulatorServer, EmulatorSettings
 from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SABER, SERVICES, SaberAPIEmulator
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings
+from saber_operator.spec import parse_spec
 from saber_sidecar.config import parse_config
+from saber_sidecar.server import SidecarServer
+from saber_sidecar.settings import SidecarSettings
 
 NS = "team-a"
 TEST_CLIENT = {"X-Test-Client": "1"}
@@ -138,33 +141,31 @@ def free_port() -> int:
 
 @pytest.fixture
 async def sidecar_metrics():
-    """A stand-in for one sidecar's /metrics (the real sidecar is tested in its own suite):
-    a real HTTP server on loopback serving prometheus_client's text format."""
-    registry = CollectorRegistry()
-    attainment = Gauge("saber_sla_attainment_ratio", "SLA attainment", ["class"], registry=registry)
-    requests = Counter("saber_requests", "Requests", ["class", "outcome"], registry=registry)
-    goodput = Gauge("saber_goodput_requests_per_second", "Goodput", registry=registry)
-    limit = Gauge("saber_admission_limit", "Admission limit", registry=registry)
-    attainment.labels("interactive").set(0.80)
-    attainment.labels("batch").set(0.99)
-    requests.labels("interactive", "met").inc(80)
-    requests.labels("interactive", "missed").inc(20)
-    requests.labels("batch", "met").inc(99)
-    requests.labels("batch", "missed").inc(1)
-    goodput.set(3.5)
-    limit.set(24)
+    """A real sidecar in front of a real engine emulator on loopback, configured from the CR's own
+    `sla`/`scheduling` (as the operator's ConfigMap would configure it), with traffic through it:
+    interactive requests that cannot meet their 1 s deadline, and batch requests that can."""
+    config = parse_spec(cr("svc")["spec"]).sidecar_config()
+    engine = EmulatorServer(EmulatorSettings(
+        host="127.0.0.1", port=0, model="coder", engine=EngineConfig(output_len=OutputLengthConfig(kind="max"))))
+    await engine.start()
+    sidecar = SidecarServer(SidecarSettings(host="127.0.0.1", port=0, engine_url=f"http://127.0.0.1:{engine.port}"),
+                            config=config)
+    await sidecar.start()
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
+    async def one(session: aiohttp.ClientSession, sla_class: str, max_tokens: int) -> None:
+        body = {"model": "coder", "prompt": "def add(a, b):", "max_tokens": max_tokens, "ignore_eos": True}
+        async with session.post(f"{sidecar.url}/v1/completions", json=body,
+                                headers={"x-saber-sla-class": sla_class}) as rsp:
+            assert rsp.status == 200, await rsp.text()
+            await rsp.read()
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield port
-    await runner.cleanup()
+    async with aiohttp.ClientSession() as session:
+        # ~200 tokens take about 2 s on the paper-calibrated engine: past the 1 s interactive deadline.
+        await asyncio.gather(*(one(session, "interactive", 200) for _ in range(2)),
+                             *(one(session, "batch", 10) for _ in range(2)))
+    yield sidecar.port
+    await sidecar.stop()
+    await engine.stop()
 
 
 async def test_create_builds_children_status_and_reads_sidecar_metrics(api: API, operator, sidecar_metrics: int):
@@ -212,12 +213,14 @@ async def test_create_builds_children_status_and_reads_sidecar_metrics(api: API,
     )
     assert condition(svc, "Ready")["status"] == "True"
     assert condition(svc, "Progressing")["status"] == "False"
-    assert "interactive 0.800 < 0.900" in condition(svc, "SLAMet")["message"]
+    assert "interactive 0.000 < 0.900" in condition(svc, "SLAMet")["message"]
     classes = {c["name"]: c for c in svc["status"]["classes"]}
-    assert classes["interactive"]["attainment"] == pytest.approx(0.80)
-    assert classes["batch"]["requests"] == pytest.approx(100)
-    assert svc["status"]["slaAttainment"] == pytest.approx((0.8 * 100 + 0.99 * 100) / 200)
-    assert svc["status"]["goodputRequestsPerSecond"] == pytest.approx(3.5)
+    assert classes["interactive"]["attainment"] == pytest.approx(0.0)
+    assert classes["interactive"]["requests"] == pytest.approx(2)
+    assert classes["batch"]["attainment"] == pytest.approx(1.0)
+    assert classes["batch"]["requests"] == pytest.approx(2)
+    assert svc["status"]["slaAttainment"] == pytest.approx(0.5)
+    assert svc["status"]["goodputRequestsPerSecond"] > 0
     assert svc["status"]["readyReplicas"] == 1
     reasons = lambda: {(e["type"], e["reason"]) for e in api.events("svc")}  # noqa: E731
     await eventually(lambda: {("Normal", "AllReplicasReady"), ("Warning", "BelowTarget")} <= reasons(), what="events")
