@@ -152,6 +152,7 @@ class SaberSchedulingConfig(BaseModel):
     min_recheck_seconds: float = Field(
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )
+    at_risk_min_seconds: float = Field(default=0.0, ge=0, le=3600, description="tmp")
     at_risk_slack_share: float = Field(
         default=0.0,
         ge=0,

@@ -189,6 +189,7 @@ class SaberPolicy(Policy):
         self.shed = p.shed_batch_fraction
         self.reserve_share = p.slack_reserve_share
         self.at_risk = p.at_risk_slack_share
+        self.at_risk_h = p.at_risk_min_seconds
         self.max_queue = sched.max_queue
         self.model = SpeedModel.from_config(sched.speed_model)
         self.classes = {c.name: c for c in config.classes}
@@ -402,7 +403,7 @@ class SaberPolicy(Policy):
             prev = r
             add_step((r, a0, a1))
             s_j = due - now - a0
-            if s_j < self.at_risk * a0:
+            if s_j < 0.0 or (s_j < self.at_risk * a0 and a0 > self.at_risk_h):
                 add_slack(INF)  # late whatever we do (or best effort): it holds nothing back
             else:
                 add_slack(s_j)

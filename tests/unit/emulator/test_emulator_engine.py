@@ -7,9 +7,7 @@ import pytest
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest, OutputLengthConfig
 from saber_emulator.profile import LatencyProfile, load_profile, read_speed_csv
 
-# The paper's data lives beside the repository: ../shared/paper/.
-CSV = Path(__file__).resolve().parents[3].parent / "shared/paper/measured_generation_speed.csv"
-needs_csv = pytest.mark.skipif(not CSV.exists(), reason="the paper's CSV (../shared/paper) is not present")
+from paper_data import PAPER_CSV as CSV
 
 
 def run(engine: EngineCore, t: float = 0.0, limit: int = 100_000):
@@ -29,7 +27,6 @@ def decode_speeds(times):
     return [(len(ts) - 1) / (ts[-1] - ts[0]) for ts in times.values()]
 
 
-@needs_csv
 def test_virtual_time_speed_matches_the_calibration_curve_exactly():
     means = read_speed_csv(CSV)
     profile = load_profile(None)

@@ -7,12 +7,9 @@ from pydantic import ValidationError
 
 from saber_emulator.profile import LatencyProfile, builtin_profile_path, calibrate, load_profile, read_speed_csv
 
-# The paper's data lives beside the repository: ../shared/paper/.
-CSV = Path(__file__).resolve().parents[3].parent / "shared/paper/measured_generation_speed.csv"
-needs_csv = pytest.mark.skipif(not CSV.exists(), reason="the paper's CSV (../shared/paper) is not present")
+from paper_data import PAPER_CSV as CSV
 
 
-@needs_csv
 def test_builtin_profile_is_the_calibration_of_the_paper_csv():
     fresh = calibrate(CSV, name="paper-qwen2.5-coder-3b")
     shipped = load_profile(None)
@@ -20,7 +17,6 @@ def test_builtin_profile_is_the_calibration_of_the_paper_csv():
     assert shipped.decode_step_s == pytest.approx(fresh.decode_step_s, rel=1e-12)
 
 
-@needs_csv
 def test_speed_at_every_measured_batch_size_is_the_csv_mean():
     means = read_speed_csv(CSV)
     profile = load_profile(None)

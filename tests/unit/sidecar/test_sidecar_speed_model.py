@@ -9,9 +9,7 @@ import pytest
 from saber_sidecar.config import SpeedModelConfig
 from saber_sidecar.speed_model import FORMS, SpeedModel, fit_all, read_samples_csv
 
-PAPER_CSV = Path(__file__).resolve().parents[3] / "shared" / "paper" / "measured_generation_speed.csv"
-if not PAPER_CSV.exists():  # the repository's checkout sits beside shared/
-    PAPER_CSV = Path("/work/shared/paper/measured_generation_speed.csv")
+from paper_data import PAPER_CSV
 
 # The paper's R² per form (SABER.md): usl 0.992, logistic 0.956, linear 0.913.
 PAPER_R2 = {"usl": 0.992, "logistic": 0.956, "linear": 0.913}
