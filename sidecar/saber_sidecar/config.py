@@ -152,13 +152,31 @@ class SaberSchedulingConfig(BaseModel):
     min_recheck_seconds: float = Field(
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )
-    at_risk_min_seconds: float = Field(default=0.0, ge=0, le=3600, description="tmp")
+    best_effort_max_wait_slas: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="A demoted request still queued this many of its SLAs after arrival is rejected (429 with "
+        "Retry-After) rather than left waiting: demotion never becomes starvation. 0: no bound.",
+    )
     at_risk_slack_share: float = Field(
-        default=0.0,
+        default=0.05,
         ge=0,
         le=1,
         description="A running request predicted to finish with less slack than this share of its remaining "
-        "time is within the model's error of missing anyway: it no longer holds admissions back.",
+        "time is within the model's error of missing anyway: a shorter candidate may overtake it. Under light "
+        "load, a candidate admitted with less slack than this is not protected (it would block admissions).",
+    )
+    light_load: float = Field(
+        default=0.9,
+        ge=0,
+        le=10,
+        description="Offered load (expected tokens per second arriving, over the most the engine delivers "
+        "within the batch a fresh request fits in) below which the gate is lenient (see at_risk_slack_share "
+        "and slack_reserve_share); 0 never.",
+    )
+    load_window_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="Time constant of the offered-load estimate."
     )
 
     @model_validator(mode="after")

@@ -18,14 +18,28 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
   stays at L+1 for ever (which throttles the engine well below what it can carry). TPOT targets
   cap the batch at the L where v(L) still gives 1/tpot tokens per second.
 - Prefill: every admission makes the engine prefill the new prompt, which stalls every running
-  request for `prompt_tokens x prefill cost` seconds (the cost starts at
-  `initial_prefill_seconds_per_token` and is refined from time to first token, shrunk toward that
-  prior). The stall is charged to the batch at admission (W steps back) and priced in `_fits`, and
-  speed samples fed to the model are decode-only (stalls taken out). Without this, a burst of
-  long prompts slows the batch well below v(L) and requests admitted "on time" finish late.
+  request for `prompt_tokens x prefill cost` seconds. The cost starts at
+  `initial_prefill_seconds_per_token` and is learned from time to first token: a low quantile of
+  (TTFT - one step) / prompt tokens admitted within one step of each other (`PrefillCost`), which
+  lands within 15% of the engine's cost at half, equal and twice the default (a
+  least-squares slope was biased 60-170% high under sustained load and made the gate hold long
+  prompts back). The stall is charged to the batch at admission (W steps back) and priced in
+  `_fits`, and speed samples fed to the model are decode-only (stalls taken out).
 - Slack reserve: an admission must leave every running SLA request (and itself)
   `slack_reserve_share` x the candidate's own time to deadline as slack, so long requests stop
   taking the batch's last slack while short, urgent ones can still get in.
+- Within the model's error: a running request predicted to finish with less slack than
+  `at_risk_slack_share` of its remaining time may be overtaken by a shorter candidate (one that
+  finishes first). Holding every arrival back for a request whose fate is a coin toss stalls the
+  batch for its whole remaining life, and the requests held back are then admitted with thin
+  slack themselves and hold back the next ones: under sustained load the gate ran the engine at
+  a third of the batch it could carry.
+- Light load: while the offered load (arrivals' expected tokens per second over
+  `load_window_seconds`, against the most the engine delivers within the batch a fresh request
+  fits in) is below `light_load`, the reserve is not asked of requests finishing before the
+  candidate, and a candidate that only fits with thin slack (under `at_risk_slack_share` of its
+  time) is admitted unprotected: it holds no later admission back. Near or over capacity the
+  gate stays strict, because there it must choose which requests to serve and keep them on time.
 - Order: SLA requests wait in earliest-deadline-first order. When the head needs a lighter batch
   than now runs, up to `lookahead` requests behind it are tried, so one demanding request does not
   block the others.
@@ -44,9 +58,12 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
   minimises the mean of end-to-end time / SLA), alongside queued SLA requests, while the engine's
   KV cache is below `kv_cache_high`, it pushes no running SLA request late (with the slack
   reserve of its own SLA), and v(L + 1 + best_effort_reserve) still gives what a fresh
-  request of the most demanding class needs, so best effort never takes the slots that SLA
-  arrivals need. A demoted request that still finishes in time counts as met. Demoted requests go
-  to the engine with `best_effort=True` (the proxy lowers their vLLM priority).
+  request of the most demanding class needs (classes that could not be served in time even alone
+  are left out of that), so best effort never takes the slots that SLA arrivals need. A demoted
+  request that still finishes in time counts as met. Demoted requests go to the engine with
+  `best_effort=True` (the proxy lowers their vLLM priority). The wait is bounded: a best-effort
+  request still queued `best_effort_max_wait_slas` of its SLAs after arrival is rejected (429 with
+  Retry-After), so demotion never turns into starvation under sustained load.
 - Blocked by the batch: admission waits for a request to finish (or a timer), never for a tick.
   Arrivals that queue behind a blocked front are not replayed against the batch (O(log n) each).
 - Bounded work: one decision replays the batch at most `REPLAYS_PER_DECISION` times; when more
@@ -62,19 +79,19 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, insort
-from collections import deque
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from saber_sidecar.config import SidecarConfig
+from saber_sidecar.policy.estimates import OutputEstimate, PrefillCost
 from saber_sidecar.policy.base import Action, Admit, Demote, EngineSnapshot, Policy, PolicyStats, Reject, Request
 from saber_sidecar.speed_model import SpeedModel
 
 INF = math.inf
 FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a running request late"
 TTFT_EWMA = 0.2
+LOAD_RECHECK_S = 0.25  # the offered load moves on a 10 s scale: re-checking it every decision is waste
 REPLAYS_PER_DECISION = 1  # batch replays one decision may do; bounds its cost
-PRIOR_WEIGHT = 256.0  # samples' worth of trust in the configured prefill cost (TTFT is a noisy witness)
 
 
 @dataclass(slots=True)
@@ -97,6 +114,9 @@ class _Plan:
     # least slack left, among the requests finishing before each step, once slowed by one more
     prefix_min: list[float]
     max_tpot: float
+    # The same, leaving out requests whose slack is within the model's error (`at_risk_slack_share`)
+    suffix_min_lenient: list[float]
+    light: bool  # offered load below `light_load`
 
 
 @dataclass(slots=True)
@@ -108,70 +128,9 @@ class _Run:
     sla: bool
     tpot_speed: float
     p0: float = 0.0  # prompt tokens admitted before it (the running total), for its prefill stalls
+    n0: int = 1  # requests running once it was admitted
     burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
     sort_key: tuple[float, str, float] = field(default=(0.0, "", INF))
-
-
-class _PrefillCost:
-    """Engine seconds per prompt token, learned from time to first token.
-
-    Every admission makes the engine prefill the new prompt, and while it does every running
-    request waits (vLLM's chunked prefill shares each step). With gating in front, time to first
-    token is about a fixed cost plus the prompt's prefill, so a least-squares line of TTFT against
-    prompt tokens (with exponential forgetting) gives the per-token cost.
-    """
-
-    __slots__ = ("per_token", "_prior", "_n", "_sx", "_sy", "_sxx", "_sxy", "_decay")
-
-    def __init__(self, initial: float, memory: int = 1024) -> None:
-        self.per_token = self._prior = initial
-        self._decay = 1.0 - 1.0 / memory
-        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
-
-    def observe(self, prompt_tokens: int, ttft: float) -> None:
-        if prompt_tokens <= 0 or not ttft >= 0.0:
-            return
-        d = self._decay
-        x = float(prompt_tokens)
-        self._n = self._n * d + 1.0
-        self._sx = self._sx * d + x
-        self._sy = self._sy * d + ttft
-        self._sxx = self._sxx * d + x * x
-        self._sxy = self._sxy * d + x * ttft
-        n = self._n
-        var = self._sxx - self._sx * self._sx / n
-        # Prompts of (nearly) one size say nothing about the slope: keep what we had. TTFT is
-        # noisy (the step in progress, other prefills in the same step), so the fitted slope is
-        # shrunk toward the prior, which counts as PRIOR_WEIGHT samples.
-        if var > 1e-6 * self._sxx:
-            slope = min(max((self._sxy - self._sx * self._sy / n) / var, 0.0), 0.01)
-            self.per_token = (n * slope + PRIOR_WEIGHT * self._prior) / (n + PRIOR_WEIGHT)
-
-    def seconds(self, prompt_tokens: float) -> float:
-        return self.per_token * prompt_tokens
-
-
-class _OutputEstimate:
-    """A high quantile of one class's recent output lengths, recomputed every few samples."""
-
-    __slots__ = ("window", "quantile", "min_samples", "value", "_since")
-
-    def __init__(self, window: int, quantile: float, min_samples: int) -> None:
-        self.window: deque[int] = deque(maxlen=window)
-        self.quantile = quantile
-        self.min_samples = min_samples
-        self.value: int | None = None
-        self._since = 0
-
-    def add(self, tokens: int) -> bool:
-        self.window.append(tokens)
-        self._since += 1
-        if len(self.window) < self.min_samples or (self.value is not None and self._since < 8):
-            return False
-        ordered = sorted(self.window)
-        self.value = max(1, ordered[max(0, math.ceil(self.quantile * len(ordered)) - 1)])
-        self._since = 0
-        return True
 
 
 class SaberPolicy(Policy):
@@ -189,15 +148,24 @@ class SaberPolicy(Policy):
         self.shed = p.shed_batch_fraction
         self.reserve_share = p.slack_reserve_share
         self.at_risk = p.at_risk_slack_share
-        self.at_risk_h = p.at_risk_min_seconds
+        self.be_wait = p.best_effort_max_wait_slas
+        self.light_load = p.light_load
+        self._thin = False  # the last candidate `_fits` passed would be admitted with thin slack
+        self.load_tau = p.load_window_seconds
+        self._offered = 0.0  # expected tokens per second arriving (exponentially weighted)
+        self._offered_t = 0.0
+        self._offered_start: float | None = None
+        self._light = False
+        self._light_at: float | None = None
+        self._capacity = 1.0
         self.max_queue = sched.max_queue
         self.model = SpeedModel.from_config(sched.speed_model)
         self.classes = {c.name: c for c in config.classes}
         self._estimates = {
-            c.name: _OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
+            c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
         self.ttft_estimate = p.initial_ttft_seconds
-        self._prefill = _PrefillCost(p.initial_prefill_seconds_per_token)
+        self._prefill = PrefillCost(p.initial_prefill_seconds_per_token)
         self._P = 0.0  # prompt tokens admitted so far
         self._burst_at = -INF
         self._replays = REPLAYS_PER_DECISION
@@ -219,6 +187,8 @@ class SaberPolicy(Policy):
         # Best effort, shortest weighted job first: (expected tokens x SLA seconds, seq, id).
         self._be: list[tuple[float, int, str]] = []
         self._be_reqs: dict[str, _Queued] = {}
+        # (when its wait runs out, seq, id) of best-effort requests, for the wait bound.
+        self._be_expiry: list[tuple[float, int, str]] = []
         self._seq = 0
         self._tpot_running = 0  # running SLA requests with a TPOT target
         self._inv: list[float] = []
@@ -244,6 +214,7 @@ class SaberPolicy(Policy):
         if est is not None and est.value is not None:
             expected = est.value
         expected = max(1, min(req.max_tokens, expected))
+        self._note_arrival(expected, now)
         q = _Queued(req, expected, (req.deadline, self._seq, req.id), 1.0 / req.tpot_target if req.tpot_target else 0.0)
         out: list[Action] = []
         reason = self._hopeless(q, now)
@@ -286,17 +257,19 @@ class SaberPolicy(Policy):
         if first_token_at is not None and first_token_at >= run.t0:
             ttft = first_token_at - run.t0
             self.ttft_estimate += TTFT_EWMA * (ttft - self.ttft_estimate)
-            self._prefill.observe(run.burst, ttft)
+            self._prefill.observe(run.burst, ttft, 1.0 / self.model.speed(run.n0))
         duration = now - run.t0
         # A request cut off (client gone, engine error) says nothing about its class's output
         # length, and its speed sample would mix in the abort: learn only from complete ones.
         if completed and output_tokens > 0 and duration > 0:
+            concurrency = max(1.0, (self._A - run.a0) / duration)
+            # Admission to last token, prefill stalls taken out: the plan advances a request from
+            # its admission at v(L) and charges stalls apart, so this is the speed it needs.
             stall = self._prefill.seconds(self._P - run.p0)
             decode = duration - stall if duration - stall > 0.5 * duration else 0.5 * duration
-            concurrency = max(1.0, (self._A - run.a0) / duration)
-            self.model.observe(concurrency, output_tokens / decode)
+            refitted = self.model.observe(concurrency, output_tokens / decode)
             est = self._estimates.get(run.req.sla_class)
-            if est is not None and est.add(output_tokens):
+            if (est is not None and est.add(output_tokens)) or refitted:
                 self._fresh_need = self._compute_fresh_need()
         return self._dispatch(now)
 
@@ -309,6 +282,7 @@ class SaberPolicy(Policy):
                 self._version += 1  # the window the last decision tried has changed
         elif self._be_reqs.pop(request_id, None) is not None and not self._be_reqs:
             self._be.clear()
+            self._be_expiry.clear()
         return []
 
     def wake(self, now: float) -> list[Action]:
@@ -324,6 +298,11 @@ class SaberPolicy(Policy):
                 break
             heapq.heappop(timers)
         first = timers[0][0] if timers else None
+        expiry = self._be_expiry
+        while expiry and expiry[0][2] not in self._be_reqs:
+            heapq.heappop(expiry)
+        if expiry and (first is None or expiry[0][0] < first):
+            first = expiry[0][0]
         resume = self._resume_at
         if resume is not None and (first is None or resume < first):
             return resume
@@ -351,6 +330,8 @@ class SaberPolicy(Policy):
                 "ttft_estimate_seconds": self.ttft_estimate,
                 "speed_model_refits": float(self.model.refits),
                 "sla_running": float(self._sla_running),
+                "offered_load_ratio": self._load(self._t) if self._t is not None else 0.0,
+                "prefill_seconds_per_token": self._prefill.per_token,
             },
         )
 
@@ -384,8 +365,10 @@ class SaberPolicy(Policy):
         inv = self._inverse_speeds()
         n = len(self._ks)
         W = self._W
+        tol = self.at_risk
         steps: list[tuple[float, float, float]] = []
         slack: list[float] = []  # deadline (less margin) minus finish; INF: nothing to protect
+        at_risk: list[int] = []  # positions of requests within the model's error of missing
         prefix: list[float] = [INF]  # least slack left before each step once slowed by one more
         add_step, add_slack, add_prefix = steps.append, slack.append, prefix.append
         a0 = a1 = prev = 0.0
@@ -403,17 +386,25 @@ class SaberPolicy(Policy):
             prev = r
             add_step((r, a0, a1))
             s_j = due - now - a0
-            if s_j < 0.0 or (s_j < self.at_risk * a0 and a0 > self.at_risk_h):
+            if s_j < 0.0:
                 add_slack(INF)  # late whatever we do (or best effort): it holds nothing back
             else:
+                if s_j < tol * a0:
+                    at_risk.append(len(slack))
                 add_slack(s_j)
                 if s_j - a1 + a0 < least:
                     least = s_j - a1 + a0
             add_prefix(least)
         suffix = list(accumulate(reversed(slack), min))
         suffix.reverse()
+        suffix_l = suffix
+        if at_risk:
+            for i in at_risk:
+                slack[i] = INF
+            suffix_l = list(accumulate(reversed(slack), min))
+            suffix_l.reverse()
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        return _Plan(now, n, steps, suffix, prefix, max_tpot)
+        return _Plan(now, n, steps, suffix, prefix, max_tpot, suffix_l, self._is_light(now))
 
     def _fits(
         self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float, prompt: int = 0, span: float = 0.0
@@ -448,13 +439,24 @@ class SaberPolicy(Policy):
         # its SLA, `span`), so a long request stops taking the batch's last slack while short,
         # urgent ones still can.
         reserve = self.reserve_share * (deadline - plan.now if deadline is not None else span)
-        if deadline is not None and plan.now + finish > deadline - self.margin - reserve:
-            return MISSES_OWN
-        if plan.prefix_min[pos] < stall + reserve:
+        light = plan.light
+        self._thin = False
+        if deadline is not None:
+            own = deadline - self.margin - reserve - plan.now - finish
+            if own < 0.0:
+                return MISSES_OWN
+            self._thin = light and own < self.at_risk * finish
+        # Requests finishing before the candidate: its prefill stall and the one more request
+        # must not push them late; under light load the reserve is not asked of them (they are
+        # short next to the candidate, and holding a long request back for their sake makes it
+        # wait until it can only be admitted with thin slack).
+        if plan.prefix_min[pos] < stall + (0.0 if light else reserve):
             return HURTS_BATCH
         if pos < n:
+            # Requests finishing after it, except those already within the model's error of
+            # missing: a candidate that is done before them may overtake them.
             delay = finish - (before0 + (expected - r_prev) * h / table[n - pos])
-            if plan.suffix_min[pos] < delay + reserve:
+            if plan.suffix_min_lenient[pos] < delay + reserve:
                 return HURTS_BATCH
         return FITS
 
@@ -529,6 +531,8 @@ class SaberPolicy(Policy):
         if self._resume_at is not None and now >= self._resume_at:
             self._resume_at = None
         self._fire_timers(now, out)
+        if self._be_expiry:
+            self._expire_best_effort(now, out)
         if self._order:
             self._admit_sla(now, out)
         if self._be:
@@ -625,7 +629,7 @@ class SaberPolicy(Policy):
             if verdict is FITS:
                 del order[i]
                 del queued[q.req.id]
-                self._admit(q.req, q.expected, q.tpot_speed, now, out)
+                self._admit(q.req, q.expected, q.tpot_speed, now, out, protect=not self._thin)
                 stale = True
                 tried -= 1
                 continue
@@ -657,21 +661,35 @@ class SaberPolicy(Policy):
             del self._be_reqs[rid]
             self._admit(q.req, q.expected, 0.0, now, out)
 
-    def _admit(self, req: Request, expected: int, tpot_speed: float, now: float, out: list[Action]) -> None:
+    def _expire_best_effort(self, now: float, out: list[Action]) -> None:
+        """Reject best-effort requests that have waited `best_effort_max_wait_slas` SLAs: a bounded wait."""
+        expiry = self._be_expiry
+        while expiry and expiry[0][0] <= now:
+            _, _, rid = heapq.heappop(expiry)
+            if self._be_reqs.pop(rid, None) is not None:
+                out.append(Reject(rid, "best-effort wait bound reached", retry_after_s=self._retry_after(now)))
+        if not self._be_reqs:
+            self._be.clear()
+
+    def _admit(
+        self, req: Request, expected: int, tpot_speed: float, now: float, out: list[Action], protect: bool = True
+    ) -> None:
         req.admitted_at = now
         self._version += 1
         sla = not req.best_effort
         run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0, self._P)
-        run.sort_key = (run.k, req.id, req.deadline - self.margin if sla else INF)
+        run.sort_key = (run.k, req.id, req.deadline - self.margin if sla and protect else INF)
         self._running[req.id] = run
+        run.n0 = len(self._running)
         i = bisect_left(self._by_finish, run.sort_key)
         self._by_finish.insert(i, run.sort_key)
         self._ks.insert(i, run.k)
         self._dues.insert(i, run.sort_key[2])
         if req.prompt_tokens:
-            # Requests admitted at one instant are prefilled together, so the first token of each
-            # waits for all their prompts: that sum is what its TTFT is regressed on.
-            if now != self._burst_at:
+            # Requests admitted within one engine step of each other are prefilled in the same
+            # step (or queue behind each other), so the first token of each waits for all their
+            # prompts: that running sum is what its TTFT is regressed on.
+            if now - self._burst_at > self.model.table[len(self._running)] ** -1:
                 self._burst_at, self._burst = now, 0
             self._burst += req.prompt_tokens
             run.burst = self._burst
@@ -696,6 +714,9 @@ class SaberPolicy(Policy):
         req.best_effort = True
         heapq.heappush(self._be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
         self._be_reqs[req.id] = q
+        if self.be_wait > 0.0:
+            expiry = req.arrival + self.be_wait * (req.deadline - req.arrival)
+            heapq.heappush(self._be_expiry, (max(expiry, now), q.key[1], req.id))
         out.append(Demote(req.id, reason))
 
     def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
@@ -764,8 +785,39 @@ class SaberPolicy(Policy):
             need = est / slack
             if c.tpot_seconds:
                 need = max(need, 1.0 / c.tpot_seconds)
+            if need * self.headroom > self.model.table[1]:
+                continue  # not even alone on the engine: keeping room for such a request buys nothing
             worst = max(worst, need)
         return worst
+
+    def _note_arrival(self, tokens: int, now: float) -> None:
+        if self._offered_start is None:
+            self._offered_start = now
+        dt = now - self._offered_t
+        if dt > 0:
+            self._offered *= math.exp(-dt / self.load_tau)
+            self._offered_t = now
+        self._offered += tokens
+        self._light_at = None  # recompute on the next plan
+
+    def _is_light(self, now: float) -> bool:
+        """Offered load below `light_load`; recomputed on arrivals and at most every LOAD_RECHECK_S."""
+        if self._light_at is None or now - self._light_at > LOAD_RECHECK_S or now < self._light_at:
+            self._light = self._load(now) < self.light_load
+            self._light_at = now
+        return self._light
+
+    def _load(self, now: float) -> float:
+        """Offered tokens per second (recent arrivals' expected tokens, exponentially weighted) over
+        the most the engine delivers within the fresh limit; bias-corrected for a short history."""
+        if self._offered_start is None:
+            return 0.0
+        tau = self.load_tau
+        span = max(now - self._offered_start, 0.1 * tau)
+        weight = tau * (1.0 - math.exp(-span / tau))
+        offered = self._offered * math.exp(-max(0.0, now - self._offered_t) / tau) / weight
+        self._fresh_limit_cached()
+        return offered / self._capacity
 
     def _fresh_limit_cached(self) -> int:
         key = (self.model.table, self._fresh_need)
@@ -773,6 +825,8 @@ class SaberPolicy(Policy):
             limit = self._fresh_limit()
             self._limit = len(self.model.table) - 1 if limit is None else max(1, limit)
             self._limit_key = key
+            table = self.model.table
+            self._capacity = max(L * table[L] for L in range(1, min(self._limit, 1024) + 1))
         return self._limit
 
     def _fresh_limit(self) -> int | None:

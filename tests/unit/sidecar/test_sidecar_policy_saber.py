@@ -5,7 +5,8 @@ import pytest
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_policy, request_for
-from saber_sidecar.policy.saber import PRIOR_WEIGHT, SaberPolicy
+from saber_sidecar.policy.estimates import PREFILL_MIN_SAMPLES, PREFILL_MIN_TOKENS
+from saber_sidecar.policy.saber import SaberPolicy
 
 CLASSES = [
     {"name": "loose", "deadline_seconds": 100},
@@ -18,10 +19,12 @@ CLASSES = [
 
 
 def config(**saber):
-    # Margins, load shedding, slack reserve and prefill cost are off unless a test turns them on,
-    # so the base decisions stay checkable by hand.
+    # Margins, load shedding, slack reserve, prefill cost, the at-risk and light-load leniencies
+    # and the best-effort wait bound are off unless a test turns them on, so the base decisions
+    # stay checkable by hand.
     params = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4,
-              "shed_batch_fraction": 0, "slack_reserve_share": 0, "initial_prefill_seconds_per_token": 0, **saber}
+              "shed_batch_fraction": 0, "slack_reserve_share": 0, "initial_prefill_seconds_per_token": 0,
+              "at_risk_slack_share": 0, "light_load": 0, "best_effort_max_wait_slas": 0, **saber}
     return SidecarConfig.model_validate(
         {
             "classes": CLASSES,
@@ -336,18 +339,70 @@ def test_prefill_of_a_candidate_is_charged_to_the_batch():
     assert fmt(d.pol.submit(request_for(d.cfg, "loose", "C", 0.0, 10, prompt_tokens=100), 0.0)) == ""
 
 
-def test_prefill_cost_is_learned_from_ttft_toward_the_prior():
+def test_prefill_cost_is_learned_from_a_low_quantile_of_ttft():
     d = Driver(initial_prefill_seconds_per_token=0.001)
-    for i in range(300):  # TTFT = 0.01 s + 1e-4 s per prompt token: cheaper than the prior says
-        prompt = 100 + 50 * (i % 8)
+    step = 1 / 99  # one engine step with one request running (v(1) = 99)
+    for i in range(60):
+        # TTFT = one step + 1e-4 s per prompt token, and every third request also waits behind
+        # someone else's long prefill (a heavy tail a least-squares line would follow).
+        prompt = PREFILL_MIN_TOKENS + 50 * (i % 8)
         req = request_for(d.cfg, "loose", f"p{i}", float(i), 10, prompt_tokens=prompt)
         assert fmt(d.pol.submit(req, float(i))) == f"admit:p{i}"
-        d.pol.finished(f"p{i}", i + 0.5, 10, i + 0.01 + 1e-4 * prompt)
-    # The fitted slope is exactly 1e-4; it is shrunk toward the prior by the prior's weight.
-    cost = d.pol._prefill
-    n = cost._n
-    assert cost.per_token == pytest.approx((n * 1e-4 + PRIOR_WEIGHT * 0.001) / (n + PRIOR_WEIGHT), rel=1e-6)
-    assert 1e-4 < cost.per_token < 0.001
+        extra = 0.2 if i % 3 == 0 else 0.0
+        d.pol.finished(f"p{i}", i + 0.5, 10, i + step + 1e-4 * prompt + extra)
+        if i + 1 < PREFILL_MIN_SAMPLES:
+            assert d.pol._prefill.per_token == 0.001  # the prior, until enough samples
+    assert d.pol._prefill.per_token == pytest.approx(1e-4, rel=0.02)
+    # Small prompts say nothing about the per-token cost: they are not used.
+    before = d.pol._prefill.samples
+    req = request_for(d.cfg, "loose", "small", 100.0, 10, prompt_tokens=PREFILL_MIN_TOKENS - 1)
+    d.pol.submit(req, 100.0)
+    d.pol.finished("small", 100.5, 10, 100.4)
+    assert d.pol._prefill.samples == before
+
+
+def test_best_effort_wait_is_bounded_by_a_multiple_of_the_sla():
+    d = Driver(best_effort_max_wait_slas=2.0)
+    d.blocker()
+    assert d.submit("tight", "B", 0.0, 500) == "demote:B"  # 500 tokens in 1 s: hopeless
+    assert d.pol.next_wake() == pytest.approx(2.0)  # 2 x its 1 s SLA after arrival
+    assert d.wake(1.9) == ""
+    assert d.wake(2.0) == "reject:B"
+    reject = d.pol.wake(2.0)
+    assert reject == [] and d.pol.stats().queued_best_effort == 0
+    assert d.finish("A", 10.0, 990) == ""  # nothing left to run
+
+
+def test_a_short_candidate_may_overtake_a_long_request_within_the_model_error():
+    # A (990 tokens, 10 s) has 0.00005 s of slack: far less than 5% of its remaining time.
+    for at_risk, expected in ((0.0, ""), (0.05, "admit:s")):
+        d = Driver(at_risk_slack_share=at_risk)
+        d.blocker()
+        # A longer candidate finishes after A and would push it late: held either way.
+        assert d.submit("loose", "l", 0.0, 2000, deadline=1000.0) == ""
+        # A short one finishes before A: it may overtake A only when A counts as at risk.
+        assert d.submit("loose", "s", 0.0, 10, deadline=50.0) == expected
+
+
+def test_under_light_load_a_thin_admission_is_not_protected():
+    # R runs 10 tokens; T (990 tokens) then fits with 0.05 s of slack, under 5% of its 10 s.
+    # Under light load T is admitted unprotected, so a later long candidate is not held back
+    # for its sake; otherwise T is protected and the candidate waits.
+    for light_load, expected in ((0.0, ""), (10.0, "admit:X")):
+        d = Driver(at_risk_slack_share=0.05, light_load=light_load)
+        assert d.submit("loose", "R", 0.0, 10) == "admit:R"
+        assert d.submit("loose", "T", 0.0, 990, deadline=10.05) == "admit:T"
+        assert d.submit("loose", "X", 0.0, 2000, deadline=1000.0) == expected
+
+
+def test_offered_load_follows_arrivals():
+    # 10 tok/s arriving (one 10-token request per second) against a capacity of max L x v(L)
+    # = 50 x 50 = 2500 tok/s: a load of 0.004 once the window has filled.
+    d = Driver(load_window_seconds=5.0)
+    for i in range(60):
+        d.pol.submit(request_for(d.cfg, "loose", f"r{i}", float(i), 10), float(i))
+        d.pol.finished(f"r{i}", i + 0.5, 10, None)
+    assert d.pol.stats().extra["offered_load_ratio"] == pytest.approx(10 / 2500, rel=0.15)
 
 
 def test_sheds_a_request_that_would_need_a_small_batch_under_contention():
