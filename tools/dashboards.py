@@ -288,10 +288,12 @@ def sidecar_panels() -> list[tuple[dict[str, Any], int, int]]:
         ),
         (
             timeseries(
-                "Speed model R²",
-                f"Goodness of fit of the online speed model; the SaberSpeedModelPoorFit alert fires under"
-                f" {SPEED_MODEL_R2_WARN} for 15 minutes.",
-                [(f"saber_speed_model_r2{{{SEL}}}", "{{pod}}")],
+                "Speed model R² and relative error",
+                f"Goodness of fit of the online speed model (R²) and its RMSE relative to the mean observed"
+                f" speed; the SaberSpeedModelPoorFit alert fires when R² is under {SPEED_MODEL_R2_WARN} and the"
+                " error over 15% for 15 minutes.",
+                [(f"saber_speed_model_r2{{{SEL}}}", "R² {{pod}}"),
+                 (f"saber_speed_model_error_ratio{{{SEL}}}", "error {{pod}}")],
                 "none",
                 max_=1,
                 thresholds=[("red", None), ("green", SPEED_MODEL_R2_WARN)],

@@ -99,6 +99,10 @@ class _GateCollector(Collector):
         if stats.speed_model_r2 is not None:
             yield GaugeMetricFamily("saber_speed_model_r2", "R^2 of the speed model's latest fit.",
                                     value=stats.speed_model_r2)
+        if stats.speed_model_error_ratio is not None:
+            yield GaugeMetricFamily("saber_speed_model_error_ratio",
+                                    "Speed model's RMSE over its window relative to the mean observed speed.",
+                                    value=stats.speed_model_error_ratio)
         ratio = GaugeMetricFamily("saber_sla_attainment_ratio",
                                   "Share of requests that met their SLA over the sliding window.", labels=["class"])
         for cls, value in sorted(self._outcomes.attainment().items()):

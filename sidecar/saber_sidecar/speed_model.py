@@ -281,6 +281,9 @@ class SpeedModel:
         self._since_refit = 0
         self.refits = 0
         self.r2: float | None = None
+        # RMSE over the window relative to the mean observed speed. Unlike R², it stays meaningful
+        # when the gate holds concurrency in a narrow band (little variance left to explain).
+        self.error_ratio: float | None = None
         self.last_report: FitReport | None = None
         self._set_curve(form, tuple(float(p) for p in params), valid_up_to)
         # The curve we start from stays the prior for online refits.
@@ -403,6 +406,7 @@ class SpeedModel:
             return None
         result = _score(self.form, params, L, v)  # R² on the observed samples, not the anchors
         self.r2 = result.r2
+        self.error_ratio = math.sqrt(result.mse) / float(v.mean())
         self.refits += 1
         report = FitReport({self.form: result}, self.form, n, float(L.max()))
         self.last_report = report

@@ -86,6 +86,7 @@ class PolicyStats:
     admission_limit: int | None = None
     predicted_speed: float | None = None
     speed_model_r2: float | None = None
+    speed_model_error_ratio: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -113,6 +113,7 @@ class PaperPolicy(Policy):
             running=L,
             predicted_speed=self.model.speed(L + 1),
             speed_model_r2=self.model.r2,
+            speed_model_error_ratio=self.model.error_ratio,
             extra={"cycles": float(self.cycles)},
         )
 

@@ -326,6 +326,7 @@ class SaberPolicy(Policy):
             admission_limit=self._fresh_limit(),
             predicted_speed=self.model.speed(L + 1),
             speed_model_r2=self.model.r2,
+            speed_model_error_ratio=self.model.error_ratio,
             extra={
                 "ttft_estimate_seconds": self.ttft_estimate,
                 "speed_model_refits": float(self.model.refits),

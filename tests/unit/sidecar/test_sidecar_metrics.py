@@ -31,7 +31,7 @@ def test_exposition_has_every_documented_metric():
     clock = Clock()
     registry = CollectorRegistry()
     stats = PolicyStats(queued_sla=2, queued_best_effort=1, running=5, admission_limit=17,
-                        predicted_speed=80.5, speed_model_r2=0.99)
+                        predicted_speed=80.5, speed_model_r2=0.99, speed_model_error_ratio=0.04)
     metrics = SidecarMetrics(registry, lambda: stats, 60.0, clock, targets=lambda: {"qna": 0.9})
     metrics.record("qna", MET, 0.5, 0.05)
     metrics.record("qna", MISSED, 1.5, 0.3)
@@ -50,6 +50,7 @@ def test_exposition_has_every_documented_metric():
         "saber_admission_limit 17.0",
         "saber_predicted_speed_tokens_per_second 80.5",
         "saber_speed_model_r2 0.99",
+        "saber_speed_model_error_ratio 0.04",
         'saber_config_reloads_total{result="failure"} 1.0',
         'saber_config_reloads_total{result="success"} 0.0',
         "saber_goodput_requests_per_second 1.0",

@@ -121,6 +121,20 @@ def test_online_refit_follows_a_different_engine():
     # Outside the data (L > 24) the prior's shape, scaled, keeps extrapolation sane.
     assert m.speed(60) == pytest.approx(truth.speed(60), rel=0.1)
     assert m.r2 is not None and m.r2 > 0.99
+    assert m.error_ratio is not None and m.error_ratio < 0.01
+
+
+def test_error_ratio_stays_small_where_r2_is_uninformative():
+    """Concurrency held in a narrow band: tiny noise leaves R² low, the relative error stays small."""
+    m = SpeedModel.from_config(SpeedModelConfig(window=64, min_samples=16, refit_every=16))
+    truth = SpeedModel("usl", (102.55, 0.03, -0.0001))
+    noise = [0.99, 1.01, 1.0, 0.985, 1.015, 1.0, 0.99, 1.01]
+    for i in range(32):
+        L = 10 + (i % 2)
+        m.observe(L, truth.speed(L) * noise[i % len(noise)])
+    assert m.refits >= 1
+    assert m.r2 is not None and m.r2 < 0.8
+    assert m.error_ratio is not None and m.error_ratio < 0.03
 
 
 def test_refit_waits_for_min_samples_and_ignores_garbage():
