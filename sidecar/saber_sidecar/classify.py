@@ -105,12 +105,19 @@ def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise RequestError("'messages' must be a list of {role, content} objects")
-        for message in messages:
+        for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, str):
                 chars += len(content)
             elif isinstance(content, list):
-                chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+                for j, part in enumerate(content):
+                    if not isinstance(part, dict):
+                        raise RequestError(f"messages[{i}].content[{j}] must be an object such as "
+                                           '{"type": "text", "text": "..."}')
+                    text = part.get("text", "")
+                    if not isinstance(text, str):
+                        raise RequestError(f"messages[{i}].content[{j}].text must be a string")
+                    chars += len(text)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, str):

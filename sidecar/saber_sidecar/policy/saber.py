@@ -80,7 +80,6 @@ import heapq
 import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy.estimates import OutputEstimate, PrefillCost
@@ -100,6 +99,11 @@ class _Queued:
     expected: int
     key: tuple[float, int, str]  # position in the EDF order
     tpot_speed: float
+    due: float  # deadline less the margin: copied out of `req` for the decision's inner loop
+    shape: tuple[int, int]  # (expected tokens, prompt tokens): candidates priced alike
+    # Its class states no output length and has not learned one yet: `expected` is only
+    # `max_tokens`, an upper bound (see `_cold`).
+    cold: bool = False
     timer: int = 0  # generation of this request's current timer; older timers are stale
 
 
@@ -107,15 +111,19 @@ class _Queued:
 class _Plan:
     now: float
     n: int
-    # (tokens left, seconds until it finishes, the same had one more request run alongside until
-    # then) of each running request, in finishing order
-    steps: list[tuple[float, float, float]]
-    suffix_min: list[float]  # least slack among the requests finishing at or after each step
+    W: float
+    # Of each running request, in finishing order: its k (a copy: admissions after the plan insert
+    # into the live list), seconds until it finishes, and the same had one more request run
+    # alongside until then.
+    ks: list[float]
+    a0: list[float]
+    a1: list[float]
     # least slack left, among the requests finishing before each step, once slowed by one more
     prefix_min: list[float]
     max_tpot: float
-    # The same, leaving out requests whose slack is within the model's error (`at_risk_slack_share`)
-    suffix_min_lenient: list[float]
+    # slack of each, INF where it is late anyway or within the model's error (`at_risk_slack_share`);
+    # `_fits` takes the minimum over the requests finishing after a candidate when it gets there
+    lenient: list[float]
     light: bool  # offered load below `light_load`
 
 
@@ -161,6 +169,8 @@ class SaberPolicy(Policy):
         self.max_queue = sched.max_queue
         self.model = SpeedModel.from_config(sched.speed_model)
         self.classes = {c.name: c for c in config.classes}
+        # Classes that state no output length: until they have learned one, their requests are cold.
+        self._unsized = {c.name: c.output_tokens is None for c in config.classes}
         self._estimates = {
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
@@ -211,11 +221,22 @@ class SaberPolicy(Policy):
         self._seq += 1
         est = self._estimates.get(req.sla_class)
         expected = req.expected_tokens
+        cold = False
         if est is not None and est.value is not None:
             expected = est.value
+        elif expected >= req.max_tokens and self._unsized.get(req.sla_class, False):
+            cold = True
         expected = max(1, min(req.max_tokens, expected))
         self._note_arrival(expected, now)
-        q = _Queued(req, expected, (req.deadline, self._seq, req.id), 1.0 / req.tpot_target if req.tpot_target else 0.0)
+        q = _Queued(
+            req,
+            expected,
+            (req.deadline, self._seq, req.id),
+            1.0 / req.tpot_target if req.tpot_target else 0.0,
+            req.deadline - self.margin,
+            (expected, req.prompt_tokens),
+            cold,
+        )
         out: list[Action] = []
         reason = self._hopeless(q, now)
         if reason:
@@ -359,56 +380,56 @@ class SaberPolicy(Policy):
         """Play the running batch forward without further admissions, once per decision.
 
         Requests finish in order of remaining tokens; while n run, each advances at v(n) (less the
-        headroom). `_fits` then prices any candidate against this plan in O(log n). This is the
-        one O(n) part of a decision (n = running requests), so it is one tight loop (measured
-        faster than the same with map/accumulate on CPython 3.12).
+        headroom). `_fits` then prices any candidate against this plan. This is the one O(n) part
+        of a decision (n = running requests), so it is one tight loop over flat lists, the speeds
+        pre-sliced to the batch sizes each request runs at, storing only what `_fits` reads
+        (measured faster than map/accumulate, whose `min` calls cost ~100 ns an element on
+        CPython 3.11); the suffix minimum is left to `_fits`, which often decides before it.
         """
         inv = self._inverse_speeds()
-        n = len(self._ks)
+        ks = self._ks
+        n = len(ks)
         W = self._W
         tol = self.at_risk
-        steps: list[tuple[float, float, float]] = []
-        slack: list[float] = []  # deadline (less margin) minus finish; INF: nothing to protect
-        at_risk: list[int] = []  # positions of requests within the model's error of missing
-        prefix: list[float] = [INF]  # least slack left before each step once slowed by one more
-        add_step, add_slack, add_prefix = steps.append, slack.append, prefix.append
+        a0s: list[float] = []
+        a1s: list[float] = []
+        lenient: list[float] = []
+        prefix: list[float] = [INF]
+        add_a0, add_a1, add_lenient, add_prefix = a0s.append, a1s.append, lenient.append, prefix.append
         a0 = a1 = prev = 0.0
-        L = n
         least = INF
-        for k, due in zip(self._ks, self._dues):
+        # Request j finishes while n - j run (inv[n - j]); with one more alongside, inv[n + 1 - j].
+        for k, due, w0, w1 in zip(ks, self._dues, inv[n:0:-1], inv[n + 1 : 1 : -1]):
             # k is sorted, so r never falls; one past its estimate has at least a token left.
             r = k - W
             if r < 1.0:
                 r = 1.0
             d = r - prev
-            a0 += d * inv[L]
-            a1 += d * inv[L + 1]
-            L -= 1
+            a0 += d * w0
+            a1 += d * w1
             prev = r
-            add_step((r, a0, a1))
-            s_j = due - now - a0
-            if s_j < 0.0:
-                add_slack(INF)  # late whatever we do (or best effort): it holds nothing back
-            else:
-                if s_j < tol * a0:
-                    at_risk.append(len(slack))
-                add_slack(s_j)
-                if s_j - a1 + a0 < least:
-                    least = s_j - a1 + a0
+            add_a0(a0)
+            add_a1(a1)
+            # Slack: deadline (less margin) minus finish; INF deadlines (best effort) protect nothing.
+            s = due - now - a0
+            # A request late whatever we do holds nothing back; one within the model's error of
+            # missing (slack under `tol` of its time) may be overtaken by a shorter candidate.
+            add_lenient(s if s >= tol * a0 else INF)
+            if s >= 0.0 and s - a1 + a0 < least:
+                least = s - a1 + a0
             add_prefix(least)
-        suffix = list(accumulate(reversed(slack), min))
-        suffix.reverse()
-        suffix_l = suffix
-        if at_risk:
-            for i in at_risk:
-                slack[i] = INF
-            suffix_l = list(accumulate(reversed(slack), min))
-            suffix_l.reverse()
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        return _Plan(now, n, steps, suffix, prefix, max_tpot, suffix_l, self._is_light(now))
+        return _Plan(now, n, W, ks[:], a0s, a1s, prefix, max_tpot, lenient, self._is_light(now))
 
     def _fits(
-        self, plan: _Plan, expected: float, deadline: float | None, tpot_speed: float, prompt: int = 0, span: float = 0.0
+        self,
+        plan: _Plan,
+        expected: float,
+        deadline: float | None,
+        tpot_speed: float,
+        prompt: int = 0,
+        span: float = 0.0,
+        cold: bool = False,
     ) -> str:
         """Would the batch, with this candidate added now, still meet its deadlines?
 
@@ -429,9 +450,20 @@ class SaberPolicy(Policy):
             return HURTS_BATCH
         if tpot_speed * h > table[n + 1]:
             return MISSES_OWN
-        pos = bisect_left(plan.steps, (expected,))
+        # The first request with at least `expected` tokens left (r = max(k - W, 1), as in `_plan`):
+        # a bisection of k against W + expected, corrected where that sum rounds.
+        ks = plan.ks
+        W = plan.W
+        pos = bisect_left(ks, W + expected)
+        while pos and max(ks[pos - 1] - W, 1.0) >= expected:
+            pos -= 1
+        while pos < n and max(ks[pos] - W, 1.0) < expected:
+            pos += 1
         if pos:
-            r_prev, before0, before1 = plan.steps[pos - 1]
+            r_prev = ks[pos - 1] - W
+            if r_prev < 1.0:
+                r_prev = 1.0
+            before0, before1 = plan.a0[pos - 1], plan.a1[pos - 1]
         else:
             before0 = before1 = r_prev = 0.0
         stall = self._prefill.per_token * prompt
@@ -444,9 +476,14 @@ class SaberPolicy(Policy):
         self._thin = False
         if deadline is not None:
             own = deadline - self.margin - reserve - plan.now - finish
-            if own < 0.0:
+            if own < 0.0 and not cold:
                 return MISSES_OWN
-            self._thin = light and own < self.at_risk * finish
+            # A cold candidate's `expected` is its `max_tokens`, a bound most requests stop far
+            # short of: missing its deadline at that length says little, and protecting it at
+            # that length would hold every later admission back until it ends. It goes in
+            # unprotected if it pushes no running request late, priced at that length (the
+            # cautious side for the others).
+            self._thin = cold or (light and own < self.at_risk * finish)
         # Requests finishing before the candidate: its prefill stall and the one more request
         # must not push them late; under light load the reserve is not asked of them (they are
         # short next to the candidate, and holding a long request back for their sake makes it
@@ -457,7 +494,7 @@ class SaberPolicy(Policy):
             # Requests finishing after it, except those already within the model's error of
             # missing: a candidate that is done before them may overtake them.
             delay = finish - (before0 + (expected - r_prev) * h / table[n - pos])
-            if plan.suffix_min_lenient[pos] < delay + reserve:
+            if min(plan.lenient[pos:]) < delay + reserve:
                 return HURTS_BATCH
         return FITS
 
@@ -474,7 +511,7 @@ class SaberPolicy(Policy):
         return max((r.tpot_speed for r in self._running.values()), default=0.0)
 
     def _need(self, q: _Queued, now: float) -> float:
-        slack = q.req.deadline - self.margin - now
+        slack = q.due - now
         if slack <= 0:
             return INF
         need = q.expected / slack
@@ -499,8 +536,13 @@ class SaberPolicy(Policy):
         return table[floor] if floor > 1 else table[1]
 
     def _hopeless(self, q: _Queued, now: float) -> str | None:
-        if q.req.deadline - self.margin <= now:
+        if q.due <= now:
             return "deadline cannot be met"
+        if q.cold and not self._warm_up(q):
+            ttft = q.req.ttft_deadline
+            if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+                return "time-to-first-token target cannot be met"
+            return None
         need = self._need(q, now)
         if need > self.model.speed(1):
             return "deadline needs more than the engine's single-request speed"
@@ -512,12 +554,22 @@ class SaberPolicy(Policy):
         return None
 
     def _hopeless_at(self, q: _Queued) -> float:
-        t = q.req.deadline - self.margin - q.expected / self._shed_speed()
+        t = q.due if q.cold else q.due - q.expected / self._shed_speed()
         if q.tpot_speed > self.model.speed(1):
             t = -INF
         if q.req.ttft_deadline is not None:
             t = min(t, q.req.ttft_deadline - self.margin - self.ttft_estimate)
         return t
+
+    def _warm_up(self, q: _Queued) -> bool:
+        """A cold request whose class has learned its output length since it queued takes that estimate."""
+        value = self._estimates[q.req.sla_class].value
+        if value is None:
+            return False
+        q.expected = max(1, min(q.req.max_tokens, value))
+        q.shape = (q.expected, q.req.prompt_tokens)
+        q.cold = False
+        return True
 
     def _set_timer(self, q: _Queued, now: float, when: float | None = None) -> None:
         q.timer += 1
@@ -582,15 +634,18 @@ class SaberPolicy(Policy):
         """
         order = self._order
         queued = self._queued
+        running = self._running
+        lookahead = self.lookahead
+        fits = self._fits
         plan: _Plan | None = None
         stale = True
         hurt: set[tuple[int, int]] = set()
-        shed_v: float | None = None
+        shed_v = 0.0
         i = 0
         tried = 0
-        while i < len(order) and tried <= self.lookahead:
+        while i < len(order) and tried <= lookahead:
             q = queued[order[i][2]]
-            if not self._running:
+            if not running:
                 # An empty engine takes the head unconditionally (no deadlock), unless it is hopeless.
                 reason = self._hopeless(q, now)
                 del order[i]
@@ -598,20 +653,23 @@ class SaberPolicy(Policy):
                 if reason:
                     self._miss(q, now, reason, out)
                 else:
-                    self._admit(q.req, q.expected, q.tpot_speed, now, out)
+                    self._admit(q.req, q.expected, q.tpot_speed, now, out, protect=not q.cold)
                 continue
             # Queued requests that became hopeless were handled by their timers, which fire first
             # in every decision, but the load may have grown since (`_shed_speed`); `_fits` checks
-            # each deadline against the batch.
-            if shed_v is None:
+            # each deadline against the batch. (`_need` inlined: this loop runs for the whole window.)
+            if not shed_v:
                 shed_v = self._shed_speed()
-            if self._need(q, now) > shed_v:
+            if q.cold:
+                self._warm_up(q)
+            slack = q.due - now
+            if slack <= 0.0 or (not q.cold and (q.expected / slack > shed_v or q.tpot_speed > shed_v)):
                 del order[i]
                 del queued[q.req.id]
                 self._miss(q, now, "deadline needs a batch too small for the load", out)
                 continue
             tried += 1
-            shape = (q.expected, q.req.prompt_tokens)
+            shape = q.shape
             if shape in hurt:
                 i += 1
                 continue
@@ -619,18 +677,19 @@ class SaberPolicy(Policy):
                 plan, stale = self._replay(now), False
                 if plan is None:
                     return
-            verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed, q.req.prompt_tokens)
+            req = q.req
+            verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, cold=q.cold)
             if verdict is FITS and stale:
                 plan, stale = self._replay(now), False
                 if plan is None:
                     return
-                verdict = self._fits(plan, q.expected, q.req.deadline, q.tpot_speed, q.req.prompt_tokens)
+                verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, cold=q.cold)
             if verdict is HURTS_BATCH:
                 hurt.add(shape)
-            if verdict is FITS:
+            elif verdict is FITS:
                 del order[i]
-                del queued[q.req.id]
-                self._admit(q.req, q.expected, q.tpot_speed, now, out, protect=not self._thin)
+                del queued[req.id]
+                self._admit(req, q.expected, q.tpot_speed, now, out, protect=not self._thin)
                 stale = True
                 tried -= 1
                 continue
@@ -722,6 +781,9 @@ class SaberPolicy(Policy):
 
     def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
         """For reject classes: reject now if the request is predicted not to get in in time."""
+        if q.cold and not self._warm_up(q):
+            self._set_timer(q, now)  # its length is unknown: it waits for its chance until its deadline
+            return
         eta = self._admission_eta(q, now)
         if eta is None:
             self._dequeue(q)

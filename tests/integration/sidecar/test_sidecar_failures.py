@@ -65,12 +65,16 @@ async def test_malformed_json_oversized_and_unknown_class(emulator, start_sideca
         async with s.post(sidecar.url + "/v1/completions", json={**body(), "prompt": "x" * 5000}) as r:
             assert r.status == 413
             assert "2048 bytes" in (await r.json())["error"]["message"]
+        chat = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}
+        async with s.post(sidecar.url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 400
+            assert "content[0].text must be a string" in (await r.json())["error"]["message"]
     with pytest.raises(openai.BadRequestError) as err:
         await openai.AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="x", max_retries=0).completions.create(
             model=MODEL, prompt="x", max_tokens=4, extra_headers={"x-saber-sla-class": "gold"})
     assert "valid classes: interactive, batch" in str(err.value)
     metrics = await scrape(sidecar.url)
-    assert metrics[("saber_requests_total", (("class", "none"), ("outcome", "bad_request")))] == 3
+    assert metrics[("saber_requests_total", (("class", "none"), ("outcome", "bad_request")))] == 4
 
 
 async def test_queue_full_gives_429_then_disconnects_free_slots(emulator, start_sidecar):

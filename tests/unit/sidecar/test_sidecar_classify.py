@@ -61,6 +61,9 @@ def test_body_info_completion_and_chat():
         ({"stream": "yes"}, False, "stream"),
         ({"model": 5}, False, "model"),
         ({"messages": "hi"}, True, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, True,
+         r"messages\[0\]\.content\[0\]\.text must be a string"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, True, r"messages\[0\]\.content\[0\] must be an object"),
     ],
 )
 def test_body_info_rejects(body, chat, fragment):
