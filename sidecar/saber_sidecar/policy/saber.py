@@ -169,8 +169,10 @@ class SaberPolicy(Policy):
         self.max_queue = sched.max_queue
         self.model = SpeedModel.from_config(sched.speed_model)
         self.classes = {c.name: c for c in config.classes}
-        # Classes that state no output length: until they have learned one, their requests are cold.
-        self._unsized = {c.name: c.output_tokens is None for c in config.classes}
+        # Demote classes that state no output length: until they have learned one, their requests
+        # are cold. (A reject class keeps the strict reading of `max_tokens`: its clients asked
+        # for a 429 rather than a gamble.)
+        self._unsized = {c.name: c.output_tokens is None and c.on_miss == "demote" for c in config.classes}
         self._estimates = {
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
@@ -450,6 +452,12 @@ class SaberPolicy(Policy):
             return HURTS_BATCH
         if tpot_speed * h > table[n + 1]:
             return MISSES_OWN
+        if cold:
+            # Unprotected, like best effort, so it must leave the room best effort leaves for a
+            # fresh request of the most demanding class.
+            slot = n + 1 + self.reserve
+            if slot >= len(table) or table[slot] < self._fresh_need * h:
+                return HURTS_BATCH
         # The first request with at least `expected` tokens left (r = max(k - W, 1), as in `_plan`):
         # a bisection of k against W + expected, corrected where that sum rounds.
         ks = plan.ks

@@ -4,7 +4,7 @@ import asyncio
 
 import aiohttp
 import openai
-from conftest import MODEL, emulator_url, scrape
+from sidecar_support import MODEL, emulator_url, scrape
 
 
 def client(sidecar) -> openai.AsyncOpenAI:

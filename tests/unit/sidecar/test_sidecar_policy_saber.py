@@ -8,13 +8,18 @@ from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_pol
 from saber_sidecar.policy.estimates import PREFILL_MIN_SAMPLES, PREFILL_MIN_TOKENS
 from saber_sidecar.policy.saber import SaberPolicy
 
+# `output_tokens` far above any max_tokens used here: each request is expected to produce its
+# max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
+# `est` states none (it learns); `cold` states none and has never finished a request.
+SIZED = 1_000_000
 CLASSES = [
-    {"name": "loose", "deadline_seconds": 100},
-    {"name": "tight", "deadline_seconds": 1.0},
+    {"name": "loose", "deadline_seconds": 100, "output_tokens": SIZED},
+    {"name": "tight", "deadline_seconds": 1.0, "output_tokens": SIZED},
     {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject"},
-    {"name": "ttft", "deadline_seconds": 10, "ttft_seconds": 0.5},
-    {"name": "tpot", "deadline_seconds": 100, "tpot_seconds": 0.0103},  # needs 97.09 tok/s
+    {"name": "ttft", "deadline_seconds": 10, "ttft_seconds": 0.5, "output_tokens": SIZED},
+    {"name": "tpot", "deadline_seconds": 100, "tpot_seconds": 0.0103, "output_tokens": SIZED},  # needs 97.09 tok/s
     {"name": "est", "deadline_seconds": 1.0},
+    {"name": "cold", "deadline_seconds": 4.0},
 ]
 
 
@@ -233,9 +238,10 @@ def test_best_effort_keeps_room_for_fresh_sla_requests():
 
 def test_output_length_is_learned_per_class():
     d = Driver()
-    # 'est' requests with max_tokens 500 look hopeless (500 tok in 1 s) until the class's
-    # real output length (20 tokens) is learned from finished requests.
-    assert d.submit("est", "e0", 0.0, 500) == "demote:e0 be:e0"
+    # 'est' states no output length: until it has learned one (from 4 finished requests here),
+    # a request is expected to produce its max_tokens (500 tokens in 1 s: hopeless if that were
+    # known) and is cold; the empty engine takes it, unprotected.
+    assert d.submit("est", "e0", 0.0, 500) == "admit:e0"
     for i in range(4):
         d.pol.submit(request_for(d.cfg, "loose", f"w{i}", 1.0, 500), 1.0)
         d.pol.finished(f"w{i}", 2.0, 20, None)  # other classes do not count
