@@ -98,7 +98,6 @@ class ProtocolContext:
     served_model_names: list[str]
     max_model_len: int
     counter: TokenCounter
-    priority_enabled: bool = False
 
 
 def _content_text(content: Any) -> str:
@@ -215,12 +214,8 @@ def _common(body: dict[str, Any], ctx: ProtocolContext, kind: str, prompt_tokens
     if min_tokens < 0 or min_tokens > max_tokens:
         raise ProtocolError(f"min_tokens must be in [0, max_tokens={max_tokens}], got {min_tokens}", param="min_tokens")
 
+    # Accepted and ignored under fcfs, as vLLM 0.32 does (measured in docs/VLLM_CPU.md).
     priority = _opt_int(body, "priority") or 0
-    if priority != 0 and not ctx.priority_enabled:
-        raise ProtocolError(
-            f"Got priority {priority} but priority scheduling is not enabled (start with --scheduling-policy priority).",
-            param="priority",
-        )
 
     return ParsedRequest(
         kind=kind,  # type: ignore[arg-type]

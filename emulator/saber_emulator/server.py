@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 
@@ -42,6 +43,8 @@ MAX_LAG_S = 0.05
 # end and yields to the loop (serving streams meanwhile) for the rest, to land within ~0.1 ms.
 SPIN_S = 0.0015
 
+
+log = logging.getLogger(__name__)
 
 class EmulatorSettings(BaseModel):
     """Everything `saber emulator` takes; flag names follow vLLM's where they exist."""
@@ -92,7 +95,6 @@ class EmulatorServer:
             served_model_names=settings.served_names(),
             max_model_len=settings.engine.max_model_len,
             counter=TokenCounter(settings.tokenizer, settings.chars_per_token),
-            priority_enabled=settings.engine.scheduling_policy == "priority",
         )
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -197,6 +199,8 @@ class EmulatorServer:
             id=rid, prompt_tokens=parsed.prompt_tokens, max_tokens=parsed.max_tokens, priority=parsed.priority,
             arrival_time=self.clock(), min_tokens=parsed.min_tokens, ignore_eos=parsed.ignore_eos,
         ))
+        log.debug("request %s: prompt %d tokens, max_tokens %d, priority %d",
+                  rid, parsed.prompt_tokens, parsed.max_tokens, parsed.priority)
         st = _Stream()
         self._streams[rid] = st
         self._wake.set()

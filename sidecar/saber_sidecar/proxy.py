@@ -274,8 +274,15 @@ class _Relay:
             if model is not None and body.get("model") != model:
                 body["model"] = model
                 changed = True
-        if self.best_effort and sc.gate.config.scheduling.engine_priority:
-            body["priority"] = sc.settings.best_effort_priority
+        # The gate owns the engine's priority: a client-sent value would let it jump the engine's
+        # queue past the gate, so it is always replaced (or removed when priority is not in use).
+        if sc.gate.config.scheduling.engine_priority:
+            wanted = sc.settings.best_effort_priority if self.best_effort else 0
+            if body.get("priority") != wanted:
+                body["priority"] = wanted
+                changed = True
+        elif "priority" in body:
+            del body["priority"]
             changed = True
         return json.dumps(body).encode() if changed else self.raw
 

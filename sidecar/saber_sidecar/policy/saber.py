@@ -388,7 +388,7 @@ class SaberPolicy(Policy):
         (measured faster than map/accumulate, whose `min` calls cost ~100 ns an element on
         CPython 3.11); the suffix minimum is left to `_fits`, which often decides before it.
         """
-        inv = self._inverse_speeds()
+        inv = self._inv if self._inv_for is self.model.table else self._inverse_speeds()
         ks = self._ks
         n = len(ks)
         W = self._W
@@ -421,7 +421,13 @@ class SaberPolicy(Policy):
                 least = s - a1 + a0
             add_prefix(least)
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        return _Plan(now, n, W, ks[:], a0s, a1s, prefix, max_tpot, lenient, self._is_light(now))
+        light_at = self._light_at
+        light = (
+            self._light
+            if light_at is not None and light_at <= now and now - light_at <= LOAD_RECHECK_S
+            else self._is_light(now)
+        )
+        return _Plan(now, n, W, ks[:], a0s, a1s, prefix, max_tpot, lenient, light)
 
     def _fits(
         self,
@@ -745,14 +751,18 @@ class SaberPolicy(Policy):
         req.admitted_at = now
         self._version += 1
         sla = not req.best_effort
-        run = _Run(req, self._W + expected, self._A, now, sla, tpot_speed if sla else 0.0, self._P)
-        run.sort_key = (run.k, req.id, req.deadline - self.margin if sla and protect else INF)
-        self._running[req.id] = run
-        run.n0 = len(self._running)
-        i = bisect_left(self._by_finish, run.sort_key)
-        self._by_finish.insert(i, run.sort_key)
-        self._ks.insert(i, run.k)
-        self._dues.insert(i, run.sort_key[2])
+        k = self._W + expected
+        due = req.deadline - self.margin if sla and protect else INF
+        run = _Run(req, k, self._A, now, sla, tpot_speed if sla else 0.0, self._P)
+        run.sort_key = key = (k, req.id, due)
+        running = self._running
+        running[req.id] = run
+        run.n0 = len(running)
+        by_finish = self._by_finish
+        i = bisect_left(by_finish, key)
+        by_finish.insert(i, key)
+        self._ks.insert(i, k)
+        self._dues.insert(i, due)
         if req.prompt_tokens:
             # Requests admitted within one engine step of each other are prefilled in the same
             # step (or queue behind each other), so the first token of each waits for all their

@@ -164,7 +164,7 @@ def test_metrics_names_types_labels_and_counters_move(base_url, client):
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "BadRequestError", "n=1"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "BadRequestError", "stream=True"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "priority": 3}, 400, "BadRequestError", "priority scheduling"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "priority": "high"}, 400, "BadRequestError", "integer"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "BadRequestError", "integer"),
 ])
 def test_bad_input_gets_vllm_style_errors(base_url, path, body, status, err_type, fragment):
@@ -173,6 +173,11 @@ def test_bad_input_gets_vllm_style_errors(base_url, path, body, status, err_type
     err = got["error"]
     assert err["type"] == err_type and err["code"] == status and fragment in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_priority_is_accepted_and_ignored_under_fcfs_as_vllm_does(base_url):
+    status, got = post(base_url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "priority": 3})
+    assert status == 200 and got["usage"]["completion_tokens"] >= 1
 
 
 def test_openai_client_sees_errors_as_exceptions(client):

@@ -1,6 +1,7 @@
 """Every failure case of the sidecar, against the real emulator on loopback."""
 
 import asyncio
+import logging
 import socket
 
 import aiohttp
@@ -130,18 +131,21 @@ async def test_engine_dies_mid_stream_client_gets_an_error(emulator_process, sta
         assert r.status == 503
 
 
-async def test_demoted_request_goes_to_engine_with_lower_priority(start_emulator, start_sidecar):
+async def test_demoted_request_goes_to_engine_with_lower_priority(start_emulator, start_sidecar, caplog):
     by_priority = await start_emulator(scheduling_policy="priority")
-    fcfs = await start_emulator()
     demote = {"x-saber-deadline-ms": "5"}  # 8 tokens in 5 ms: beyond the engine's top speed
+    caplog.set_level(logging.DEBUG, logger="saber_emulator.server")
+
+    def priorities_seen() -> list[str]:
+        # The in-process emulator logs each request it takes, with the priority it got.
+        return [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records if "priority" in r.getMessage()]
+
     async with aiohttp.ClientSession() as s:
         sidecar = await start_sidecar(emulator_url(by_priority), PAPER_WITH_PRIORITY)
         async with s.post(sidecar.url + "/v1/completions", json=body(), headers=demote) as r:
             assert r.status == 200 and r.headers["x-saber-outcome"] == "demoted"
             assert (await r.json())["usage"]["completion_tokens"] == 8
-        # Proof that `priority` was sent: an engine without priority scheduling refuses it.
-        sidecar = await start_sidecar(emulator_url(fcfs), PAPER_WITH_PRIORITY)
-        async with s.post(sidecar.url + "/v1/completions", json=body(), headers=demote) as r:
-            assert r.status == 400 and "priority" in (await r.text())
-        async with s.post(sidecar.url + "/v1/completions", json=body()) as r:  # SLA requests keep priority 0
+        # An SLA request goes with priority 0, even when the client asks to jump the engine's queue.
+        async with s.post(sidecar.url + "/v1/completions", json={**body(), "priority": -100}) as r:
             assert r.status == 200 and r.headers["x-saber-outcome"] == "met"
+    assert priorities_seen() == ["10", "0"]  # best_effort_priority defaults to 10

@@ -451,3 +451,32 @@ def test_one_decision_replays_the_batch_once_then_resumes():
     assert d.pol.next_wake() == pytest.approx(10.0 + d.cfg.scheduling.saber.min_recheck_seconds)
     assert d.wake(d.pol.next_wake()) == "admit:D"
     assert d.pol.next_wake() is None
+
+
+def test_cold_request_is_admitted_unprotected_when_it_pushes_no_one_late():
+    # 'cold' states no output length and has learned none: 1000 tokens in 4 s would be hopeless
+    # (250 tok/s > v(1)) if max_tokens were its length, but most requests stop far short of it.
+    d = Driver()
+    assert d.submit("cold", "c0", 0.0, 1000) == "admit:c0"
+    assert d.submit("cold", "c1", 0.0, 1000) == "admit:c1"  # c0 is unprotected: nothing to push late
+    assert d.pol.stats().queued_best_effort == 0
+    # Unprotected: a sized request that fits is not held back for the cold ones' sake.
+    assert d.submit("loose", "x", 0.0, 100) == "admit:x"
+
+
+def test_cold_request_waits_rather_than_push_a_running_request_late():
+    d = Driver()
+    d.blocker()
+    # Priced at its max_tokens (the cautious side for A), it would push A late: it waits, as an
+    # SLA request (not demoted for a length it may never produce), and goes in when A ends.
+    assert d.submit("cold", "c", 0.0, 1000) == ""
+    assert d.pol.stats().queued_sla == 1
+    assert d.finish("A", 1.0, 990) == "admit:c"
+
+
+def test_cold_request_is_demoted_only_once_its_deadline_passes():
+    d = Driver()
+    d.blocker()
+    assert d.submit("cold", "c", 0.0, 1000) == ""
+    assert d.pol.next_wake() == pytest.approx(4.0)  # its deadline (margin 0)
+    assert d.wake(4.0) == "demote:c"
