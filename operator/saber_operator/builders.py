@@ -146,6 +146,12 @@ def _container_security() -> dict[str, Any]:
     }
 
 
+# On pod deletion both containers get SIGTERM at once. The sidecar drains its in-flight requests for
+# up to DRAIN_GRACE_S, so the engine must outlive that: it waits in preStop before its own SIGTERM.
+DRAIN_GRACE_S = 30
+TERMINATION_GRACE_S = DRAIN_GRACE_S + 30
+
+
 def _engine_container(spec: SaberServiceSpec, saber_image: str) -> dict[str, Any]:
     engine = spec.engine
     resources = _resources(engine.resources)
@@ -181,6 +187,7 @@ def _engine_container(spec: SaberServiceSpec, saber_image: str) -> dict[str, Any
         "env": env,
         "volumeMounts": mounts,
         "securityContext": _container_security(),
+        "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", f"sleep {DRAIN_GRACE_S}"]}}},
         # Loading weights takes minutes on a GPU; the startup probe holds the other probes off.
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "engine"},
@@ -211,6 +218,7 @@ def _sidecar_container(spec: SaberServiceSpec, saber_image: str) -> dict[str, An
             "--port", str(port),
             "--engine-url", f"http://127.0.0.1:{ENGINE_PORT}",
             "--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
+            "--drain-grace", str(DRAIN_GRACE_S),
         ],
         "ports": [{"name": SIDECAR_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
@@ -264,7 +272,7 @@ def build_deployment(owner: Owner, spec: SaberServiceSpec, saber_image: str = DE
             "fsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
     }
     if spec.engine.node_selector:
         pod_spec["nodeSelector"] = dict(spec.engine.node_selector)

@@ -469,9 +469,10 @@ class SaberPolicy(Policy):
         ks = plan.ks
         W = plan.W
         pos = bisect_left(ks, W + expected)
-        while pos and max(ks[pos - 1] - W, 1.0) >= expected:
+        # (r >= expected reads `k - W >= expected or 1.0 >= expected` without calling max.)
+        while pos and (ks[pos - 1] - W >= expected or 1.0 >= expected):
             pos -= 1
-        while pos < n and max(ks[pos] - W, 1.0) < expected:
+        while pos < n and ks[pos] - W < expected and 1.0 < expected:
             pos += 1
         if pos:
             r_prev = ks[pos - 1] - W

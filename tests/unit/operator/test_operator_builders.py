@@ -82,7 +82,11 @@ def test_vllm_deployment(vllm):
     assert engine["startupProbe"]["httpGet"]["path"] == "/health"
     assert sidecar["image"] == "registry.example/saber:1"
     assert sidecar["command"] == ["saber", "sidecar"]
-    assert sidecar["args"] == ["--port", "8080", "--engine-url", "http://127.0.0.1:8000", "--config", "/etc/saber/config.yaml"]
+    assert sidecar["args"] == ["--port", "8080", "--engine-url", "http://127.0.0.1:8000", "--config", "/etc/saber/config.yaml",
+                               "--drain-grace", "30"]
+    # The engine outlives the sidecar's drain on pod deletion, and the pod's grace covers both.
+    assert engine["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "-c", "sleep 30"]
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     pod = dep["spec"]["template"]["spec"]
