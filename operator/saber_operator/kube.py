@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import ssl
 import tempfile
 import time
@@ -84,14 +85,17 @@ class Connection:
             except ValueError:
                 pass
             ctx.load_verify_locations(cadata=data.decode())
-        cert, key = self.certificate_path, self.private_key_path
         if self.certificate_data and self.private_key_data:
-            with tempfile.NamedTemporaryFile("wb", delete=False) as c, tempfile.NamedTemporaryFile("wb", delete=False) as k:
-                c.write(self.certificate_data)
-                k.write(self.private_key_data)
-            cert, key = c.name, k.name
-        if cert:
-            ctx.load_cert_chain(cert, key)
+            # ssl only loads a client key from a file: write it to a private temporary directory
+            # and remove it as soon as it is loaded, so no key stays on disk.
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = os.path.join(tmp, "client.crt"), os.path.join(tmp, "client.key")
+                for path, data in ((cert, self.certificate_data), (key, self.private_key_data)):
+                    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                        f.write(data)
+                ctx.load_cert_chain(cert, key)
+        elif self.certificate_path:
+            ctx.load_cert_chain(self.certificate_path, self.private_key_path)
         return ctx
 
 

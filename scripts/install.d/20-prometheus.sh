@@ -11,6 +11,9 @@ SUDO=""
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-# The package starts no daemon we need; tests start their own server on loopback.
-$SUDO pkill -x prometheus 2>/dev/null || true
+# The package's own service is not needed (tests start their own server on their own ports); stop
+# it where a service manager started it, and leave any other Prometheus alone.
+if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+  $SUDO systemctl disable --now prometheus || true
+fi
 prometheus --version 2>&1 | head -1

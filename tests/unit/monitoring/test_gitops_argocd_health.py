@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lupa.lua51 as lua51  # a test dependency: runs the health check in Argo CD's Lua dialect
 import pytest
 import yaml
 
 from saber_operator.spec import ClassStatus, SaberServiceStatus
 from saber_operator.status import SLAFigures, deployment_conditions, sla_condition
-
-lua51 = pytest.importorskip("lupa.lua51", reason="lupa (PyPI) runs the Lua health check; it is a test dependency")
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "manifests" / "argocd" / "saberservice-health.lua"
