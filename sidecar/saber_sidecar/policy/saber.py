@@ -6,6 +6,14 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
 - Output length: each request is expected to produce the `output_quantile` (p90) of its class's
   recent output lengths once `output_min_samples` have finished (the class's `output_tokens`, or
   `max_tokens`, before that), capped by its `max_tokens`; the paper assumes `max_tokens`.
+- Cold start: a request of a demote class that states no `output_tokens` and has learned none
+  yet is cold: its `max_tokens` is only a bound (HumanEval: 384 against a median of ~48). It is
+  not shed or demoted for that length; it is admitted, unprotected, as soon as it pushes no
+  running request late when priced at `max_tokens` (the cautious side for the others) and leaves
+  the room best effort leaves for fresh requests; it is demoted only when its deadline passes.
+  Protecting it at `max_tokens` would hold every later admission back until it ends. Once its
+  class has an estimate, a still-queued cold request takes it. Reject classes keep the strict
+  reading of `max_tokens`.
 - Speed: v(L) is refitted online from finished requests (`SpeedModel`).
 - The batch: every running request's progress is tracked. All running requests advance at the
   model's v(L) while L run, so one running integral W(t) = ∫ v(L) dt gives each one's tokens so
