@@ -46,7 +46,9 @@ def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = op.api_timeout_seconds * 3
     settings.peering.name = op.peering_name
-    settings.peering.clusterwide = not op.namespaces
+    # Always the ClusterKopfPeering that crds/ ships (and RBAC allows), also when watching only some
+    # namespaces: a namespaced KopfPeering would need a CRD and a Role nobody installed.
+    settings.peering.clusterwide = True
     settings.peering.mandatory = op.peering
     settings.peering.standalone = not op.peering
     # Equal priorities make every peer pause; a random one elects the highest as the active replica.
