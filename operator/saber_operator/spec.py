@@ -320,7 +320,9 @@ class ClassStatus(_Model):
     name: str
     attainment: float | None = Field(default=None, ge=0, le=1, description="Share of requests meeting the SLA.")
     target: float = Field(ge=0, le=1, description="The class's target attainment.")
-    requests: float = Field(default=0, ge=0, description="Requests seen by the sidecars (counter sum).")
+    requests: float = Field(
+        default=0, ge=0, description="Requests seen by the sidecars since they started (counter sum)."
+    )
 
 
 class SaberServiceStatus(_Model):

@@ -18,6 +18,7 @@ from saber_sidecar.config import SidecarConfig
 ATTAINMENT = "saber_sla_attainment_ratio"
 GOODPUT = "saber_goodput_requests_per_second"
 REQUESTS = "saber_requests_total"
+WINDOW_REQUESTS = "saber_sla_window_requests"
 ADMISSION_LIMIT = "saber_admission_limit"
 
 
@@ -26,7 +27,8 @@ class PodMetrics:
     """What one sidecar reports."""
 
     attainment: dict[str, float] = field(default_factory=dict)
-    requests: dict[str, float] = field(default_factory=dict)  # per class, all outcomes
+    requests: dict[str, float] = field(default_factory=dict)  # per class, all outcomes, since start
+    window_requests: dict[str, float] = field(default_factory=dict)  # per class, behind `attainment`
     goodput: float | None = None
     admission_limit: float | None = None
 
@@ -44,6 +46,8 @@ def parse_sidecar_metrics(text: str) -> PodMetrics:
                 out.attainment[labels["class"]] = value
             elif name == REQUESTS and "class" in labels:
                 requests[labels["class"]] += value
+            elif name == WINDOW_REQUESTS and "class" in labels:
+                out.window_requests[labels["class"]] = value
             elif name == GOODPUT:
                 out.goodput = (out.goodput or 0.0) + value
             elif name == ADMISSION_LIMIT:
@@ -61,7 +65,8 @@ class SLAFigures:
 
 
 def aggregate(config: SidecarConfig, pods: list[PodMetrics]) -> SLAFigures:
-    """Combine pods: attainment weighted by each pod's request count for the class."""
+    """Combine pods: each pod's attainment weighted by the requests behind it (its sliding window;
+    a sidecar too old to export that falls back to its lifetime count)."""
     classes: list[ClassStatus] = []
     total_weight = 0.0
     total_met = 0.0
@@ -73,8 +78,8 @@ def aggregate(config: SidecarConfig, pods: list[PodMetrics]) -> SLAFigures:
         for pod in pods:
             if sla.name not in pod.attainment:
                 continue
-            n = pod.requests.get(sla.name, 0.0)
-            requests += n
+            requests += pod.requests.get(sla.name, 0.0)
+            n = pod.window_requests.get(sla.name, pod.requests.get(sla.name, 0.0))
             plain.append(pod.attainment[sla.name])
             weighted += pod.attainment[sla.name] * n
             weight += n
@@ -86,7 +91,7 @@ def aggregate(config: SidecarConfig, pods: list[PodMetrics]) -> SLAFigures:
             attainment = None
         if attainment is not None:
             attainment = min(1.0, max(0.0, attainment))
-            w = requests if requests > 0 else 1.0
+            w = weight if weight > 0 else 1.0
             total_met += attainment * w
             total_weight += w
         classes.append(ClassStatus(name=sla.name, attainment=attainment, target=sla.target_attainment, requests=requests))

@@ -55,14 +55,17 @@ class SlidingOutcomes:
         while events and events[0][0] < cutoff:
             events.popleft()
 
-    def attainment(self) -> dict[str, float]:
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(requests, met) per class in the window."""
         self._prune()
-        total: dict[str, int] = {}
-        met: dict[str, int] = {}
+        out: dict[str, tuple[int, int]] = {}
         for _, cls, ok in self._events:
-            total[cls] = total.get(cls, 0) + 1
-            met[cls] = met.get(cls, 0) + ok
-        return {cls: met[cls] / n for cls, n in total.items()}
+            n, met = out.get(cls, (0, 0))
+            out[cls] = (n + 1, met + ok)
+        return out
+
+    def attainment(self) -> dict[str, float]:
+        return {cls: met / n for cls, (n, met) in self.counts().items()}
 
     def goodput(self) -> float:
         """Requests that met their SLA per second, over the window (or since the first, if younger)."""
@@ -105,9 +108,14 @@ class _GateCollector(Collector):
                                     value=stats.speed_model_error_ratio)
         ratio = GaugeMetricFamily("saber_sla_attainment_ratio",
                                   "Share of requests that met their SLA over the sliding window.", labels=["class"])
-        for cls, value in sorted(self._outcomes.attainment().items()):
-            ratio.add_metric([cls], value)
+        # The population of that ratio, so pods can be combined by weight (the operator does).
+        window = GaugeMetricFamily("saber_sla_window_requests",
+                                   "Requests in the sliding window of saber_sla_attainment_ratio.", labels=["class"])
+        for cls, (n, met) in sorted(self._outcomes.counts().items()):
+            ratio.add_metric([cls], met / n)
+            window.add_metric([cls], n)
         yield ratio
+        yield window
         # Exported so dashboards and alerts compare attainment with each class's own target.
         target = GaugeMetricFamily("saber_sla_attainment_target_ratio",
                                    "Configured share of requests that should meet the SLA, by class.",

@@ -94,3 +94,28 @@ def test_contains_ignores_server_defaults():
     assert not contains({"spec": {"ports": [], "replicas": 1}}, desired)
     assert not contains({"spec": {"ports": [{"port": 81, "name": "http"}], "replicas": 1}}, desired)
     assert contains({"cpu": 1}, {"cpu": "1"})
+
+
+def test_pods_are_weighted_by_their_attainment_window_not_their_lifetime():
+    """Two real sidecar metric sets: an old pod with a long, good history and a recent good
+    window, and a new pod whose window is all misses. Each window holds 10 requests, so the
+    service's attainment is their plain mean, whatever the old pod's lifetime count."""
+    from saber_sidecar.metrics import MET, MISSED, SidecarMetrics
+    from saber_sidecar.policy.base import PolicyStats
+
+    def pod(history: int, recent: str) -> str:
+        now = [0.0]
+        registry = CollectorRegistry()
+        metrics = SidecarMetrics(registry, PolicyStats, window_s=60.0, clock=lambda: now[0])
+        for _ in range(history):
+            metrics.record("fast", MET, 0.5)
+        now[0] = 100.0  # the history has left the window
+        for _ in range(10):
+            metrics.record("fast", recent, 0.5)
+        return generate_latest(registry).decode()
+
+    old, new = parse_sidecar_metrics(pod(990, MET)), parse_sidecar_metrics(pod(0, MISSED))
+    assert old.requests["fast"] == 1000 and old.window_requests["fast"] == 10
+    fast = {c.name: c for c in aggregate(CONFIG, [old, new]).classes}["fast"]
+    assert fast.attainment == pytest.approx(0.5)
+    assert fast.requests == 1010

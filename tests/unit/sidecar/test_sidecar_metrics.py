@@ -43,6 +43,7 @@ def test_exposition_has_every_documented_metric():
         'saber_request_duration_seconds_count{class="qna"} 3.0',
         'saber_time_to_first_token_seconds_count{class="qna"} 2.0',
         'saber_sla_attainment_ratio{class="qna"} 0.3333333333333333',
+        'saber_sla_window_requests{class="qna"} 3.0',
         'saber_sla_attainment_target_ratio{class="qna"} 0.9',
         'saber_queue_depth{queue="sla"} 2.0',
         'saber_queue_depth{queue="best_effort"} 1.0',
