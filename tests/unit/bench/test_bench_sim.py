@@ -76,3 +76,33 @@ def test_policy_configs():
     assert humaneval.classes[0].output_tokens is None  # saber must estimate it
     with pytest.raises(ValueError, match="unknown policy"):
         sidecar_config("fifo", PAPER_TASKS)
+
+
+def test_a_policy_that_never_lets_time_advance_is_reported_not_looped_on():
+    """A test double wrapping the real static policy: it asks to be woken at its last instant forever."""
+    from saber_bench.sim import SimulationError
+
+    config = config_for_workload("static-10", "W1")
+    inner = build_policy("static-10", config, 0)
+
+    class StuckWake:
+        name = "stuck-wake"
+
+        def __init__(self):
+            self.now = 0.0
+
+        def __getattr__(self, attr):
+            return getattr(inner, attr)
+
+        def submit(self, req, now):
+            self.now = now
+            return []  # never admits: the request waits for a wake that decides nothing
+
+        def wake(self, now):
+            return []
+
+        def next_wake(self):
+            return self.now
+
+    with pytest.raises(SimulationError, match="never lets time advance"):
+        simulate([spec(0, 1.0)], StuckWake(), default_engine(), request_builder("static-10", config))
