@@ -107,7 +107,7 @@ def simulate(
             step = engine.step(now)
 
     now = 0.0
-    stuck_wakes = 0  # wakes in a row at one instant: a policy that keeps asking for `now` never advances time
+    stuck_wakes, last_wake = 0, -math.inf  # wakes in a row at one instant: such a policy never advances time
     while outstanding > 0:
         t_event = heap[0][0] if heap else math.inf
         wake = policy.next_wake()
@@ -130,7 +130,8 @@ def simulate(
             if step is None and engine.has_work:
                 step = engine.step(now)
         elif t_wake <= now_next:
-            stuck_wakes = stuck_wakes + 1 if t_wake <= now else 0
+            stuck_wakes = stuck_wakes + 1 if t_wake == last_wake else 0
+            last_wake = t_wake
             if stuck_wakes > MAX_WAKES_AT_ONE_INSTANT:
                 raise SimulationError(f"{policy.name}: next_wake() stays at t={now:.6f} after "
                                       f"{MAX_WAKES_AT_ONE_INSTANT} wakes; the policy never lets time advance")
