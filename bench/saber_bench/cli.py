@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--policies", type=_names, default=None,
                    help="comma-separated policies: static-N, saber-paper, saber, saber-oracle")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    s.add_argument("--profile", default=None,
+                   help="engine latency profile: built-in name or JSON file (default: the paper-calibrated one); "
+                   "make one with `saber emulator calibrate`, e.g. with another --prefill-s-per-token")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_sim)
 
@@ -140,7 +143,16 @@ def _sim(args: argparse.Namespace) -> int:
         return 2
     cdf_rate = suite.cdf_rate if suite.cdf_rate in {k.rate for k in keys} else max(k.rate for k in keys)
     t0 = time.perf_counter()
-    outputs, bounds = run_grid(keys, jobs=args.jobs, cdf_rate=cdf_rate, progress=not args.no_progress)
+    if args.profile:
+        from saber_emulator.profile import load_profile
+
+        try:
+            load_profile(args.profile)  # fail here with a clear message, not in a pool worker
+        except (OSError, ValueError) as exc:
+            print(f"saber bench sim: cannot load profile {args.profile!r}: {exc}", file=sys.stderr)
+            return 2
+    outputs, bounds = run_grid(keys, jobs=args.jobs, cdf_rate=cdf_rate, progress=not args.no_progress,
+                               profile=args.profile)
     elapsed = time.perf_counter() - t0
     summary = summarize(outputs, bounds)
     cdf: dict = {}
@@ -152,7 +164,7 @@ def _sim(args: argparse.Namespace) -> int:
         "elapsed_s": elapsed, "run_cpu_s": sum(o.elapsed_s for o in outputs),
         "machine": _machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
         f"saber bench sim --suite {suite.name} --seeds {args.seeds} --out {args.out}",
-        "cdf_rate": cdf_rate,
+        "cdf_rate": cdf_rate, "profile": args.profile or "paper-qwen2.5-coder-3b (default)",
     }
     summary["elapsed_s"] = elapsed
     out = Path(args.out)

@@ -104,8 +104,11 @@ def expand(suite: Suite, seeds: int, workloads: Sequence[str] | None = None,
     return keys
 
 
-def run_one(key: RunKey, keep_ratios: bool = False) -> RunOutput:
-    """One simulated run. Imports inside so pool workers start light."""
+def run_one(key: RunKey, keep_ratios: bool = False, profile: str | None = None) -> RunOutput:
+    """One simulated run; `profile` names another engine latency profile (built-in name or JSON
+    file) than the default. Imports inside so pool workers start light."""
+    from saber_emulator.profile import load_profile
+
     from .policies import build_policy, config_for_workload, request_builder
     from .sim import default_engine, simulate
     from .workloads import make_workload
@@ -114,7 +117,7 @@ def run_one(key: RunKey, keep_ratios: bool = False) -> RunOutput:
     specs = make_workload(key.workload, key.rate, key.seed)
     config = config_for_workload(key.policy, key.workload)
     policy = build_policy(key.policy, config, key.seed)
-    engine = default_engine(seed=key.seed)
+    engine = default_engine(load_profile(profile), seed=key.seed)
     result = simulate(
         specs, policy, engine, request_builder(key.policy, config),
         engine_priority=config.scheduling.engine_priority,
@@ -127,22 +130,22 @@ def run_one(key: RunKey, keep_ratios: bool = False) -> RunOutput:
     return RunOutput(key, stats, time.perf_counter() - t0, ratios)
 
 
-def bound_one(workload: str, rate: float, seed: int) -> float:
+def bound_one(workload: str, rate: float, seed: int, profile: str | None = None) -> float:
     from saber_emulator.engine import EngineConfig
     from saber_emulator.profile import load_profile
 
     from .bound import capacity_bound
     from .workloads import make_workload
 
-    return capacity_bound(make_workload(workload, rate, seed), load_profile(None), EngineConfig())
+    return capacity_bound(make_workload(workload, rate, seed), load_profile(profile), EngineConfig())
 
 
-def _task(args: tuple[RunKey, bool]) -> RunOutput:
+def _task(args: tuple[RunKey, bool, str | None]) -> RunOutput:
     return run_one(*args)
 
 
-def _bound_task(args: tuple[str, float, int]) -> tuple[tuple[str, float, int], float]:
-    return args, bound_one(*args)
+def _bound_task(args: tuple[str, float, int, str | None]) -> tuple[tuple[str, float, int], float]:
+    return args[:3], bound_one(*args)
 
 
 def run_grid(
@@ -151,14 +154,15 @@ def run_grid(
     cdf_rate: float | None = None,
     progress: bool = True,
     on_done: Callable[[RunOutput], None] | None = None,
+    profile: str | None = None,
 ) -> tuple[list[RunOutput], dict[tuple[str, float, int], float]]:
     """Run every key (in parallel when jobs > 1) and the capacity reference of each arrival set."""
     jobs = jobs or os.cpu_count() or 1
-    tasks = [(k, cdf_rate is not None and k.rate == cdf_rate) for k in keys]
+    tasks = [(k, cdf_rate is not None and k.rate == cdf_rate, profile) for k in keys]
     # Longest runs first (steady, then heavy low-rate ones), so the pool does not idle at the end.
     weight = {"steady": 100.0, "bursty": 6.0, "ramp": 6.0}
     tasks.sort(key=lambda t: -weight.get(t[0].workload, 1.0) / math.sqrt(t[0].rate))
-    arrival_sets = sorted({(k.workload, k.rate, k.seed) for k in keys})
+    arrival_sets = [(*s, profile) for s in sorted({(k.workload, k.rate, k.seed) for k in keys})]
     bar = None
     if progress:
         from tqdm import tqdm
