@@ -18,11 +18,19 @@ import time
 from collections.abc import Callable
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.base import Action, Admit, Demote, EngineSnapshot, Policy, PolicyStats, Reject, Request
+from saber_sidecar.policy.base import (
+    QUEUE_FULL,
+    Action,
+    Admit,
+    Demote,
+    EngineSnapshot,
+    Policy,
+    PolicyStats,
+    Reject,
+    Request,
+)
 
 log = logging.getLogger(__name__)
-
-QUEUE_FULL = "queue_full"
 
 Decision = Admit | Reject
 

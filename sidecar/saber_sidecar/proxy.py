@@ -210,8 +210,7 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
         sc.metrics.record(cls.name, m.CANCELLED)
         raise
     if not isinstance(decision, Admit):
-        queue_full = decision.reason == QUEUE_FULL or "queue" in decision.reason.lower()
-        if queue_full:
+        if decision.reason == QUEUE_FULL:
             raise _Fail(429, f"the sidecar's queue is full ({sc.gate.config.scheduling.max_queue} waiting); "
                         "retry after a moment", m.QUEUE_FULL, "queue_full", decision.retry_after_s)
         raise _Fail(429, f"request of SLA class {cls.name!r} cannot meet its deadline: {decision.reason}; "

@@ -291,10 +291,6 @@ class SpeedModel:
         self._prior_array = np.asarray(self._table)
         self._prior_limit = self.valid_up_to
 
-    def _prior_speed(self, L: float) -> float:
-        i = min(max(int(round(L)), 1), TABLE_SIZE - 1)
-        return self._prior_table[i]
-
     @classmethod
     def from_config(cls, cfg: SpeedModelConfig, *, online_refit: bool | None = None) -> SpeedModel:
         return cls(

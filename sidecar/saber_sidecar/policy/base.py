@@ -50,6 +50,10 @@ class Admit:
     best_effort: bool = False
 
 
+# The reason of a Reject for a full queue: the driver answers it as queue_full, not as an SLA verdict.
+QUEUE_FULL = "queue full"
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     request_id: str

@@ -38,7 +38,7 @@ import random
 from collections import deque
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.base import Action, Admit, Demote, Policy, PolicyStats, Reject, Request
+from saber_sidecar.policy.base import QUEUE_FULL, Action, Admit, Demote, Policy, PolicyStats, Reject, Request
 from saber_sidecar.speed_model import SpeedModel
 
 
@@ -70,7 +70,7 @@ class PaperPolicy(Policy):
             raise ValueError(f"request id {req.id!r} is already known to the policy")
         self._start_clock(now)
         if len(self._hpq_ids) + len(self._lpq_ids) >= self.max_queue:
-            return [Reject(req.id, "queue full", retry_after_s=1.0)]
+            return [Reject(req.id, QUEUE_FULL, retry_after_s=1.0)]
         self._hpq.append(req)
         self._hpq_ids.add(req.id)
         heapq.heappush(self._hpq_deadlines, (req.deadline, req.id))

@@ -91,7 +91,17 @@ from dataclasses import dataclass, field
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy.estimates import OutputEstimate, PrefillCost
-from saber_sidecar.policy.base import Action, Admit, Demote, EngineSnapshot, Policy, PolicyStats, Reject, Request
+from saber_sidecar.policy.base import (
+    QUEUE_FULL,
+    Action,
+    Admit,
+    Demote,
+    EngineSnapshot,
+    Policy,
+    PolicyStats,
+    Reject,
+    Request,
+)
 from saber_sidecar.speed_model import SpeedModel
 
 INF = math.inf
@@ -227,7 +237,7 @@ class SaberPolicy(Policy):
             raise ValueError(f"request id {req.id!r} is already known to the policy")
         self._advance(now)
         if len(self._queued) + len(self._be_reqs) >= self.max_queue:
-            return [Reject(req.id, "queue full", retry_after_s=self._retry_after(now))]
+            return [Reject(req.id, QUEUE_FULL, retry_after_s=self._retry_after(now))]
         self._seq += 1
         est = self._estimates.get(req.sla_class)
         expected = req.expected_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.base import Action, Admit, Policy, PolicyStats, Reject, Request
+from saber_sidecar.policy.base import QUEUE_FULL, Action, Admit, Policy, PolicyStats, Reject, Request
 
 
 class StaticPolicy(Policy):
@@ -28,7 +28,7 @@ class StaticPolicy(Policy):
         if len(self._running) < self.cap and not self._queued:
             return [self._admit(req, now)]
         if len(self._queued) >= self.max_queue:
-            return [Reject(req.id, "queue full", retry_after_s=1.0)]
+            return [Reject(req.id, QUEUE_FULL, retry_after_s=1.0)]
         self._queued[req.id] = req
         self._queue.append(req.id)
         return []
