@@ -287,7 +287,6 @@ class SpeedModel:
         self.last_report: FitReport | None = None
         self._set_curve(form, tuple(float(p) for p in params), valid_up_to)
         # The curve we start from stays the prior for online refits.
-        self._prior_table = self._table
         self._prior_array = np.asarray(self._table)
         self._prior_limit = self.valid_up_to
 
