@@ -225,7 +225,8 @@ async def main_async(opts: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     emulator, engine_url = start(
         [sys.executable, "-m", "saber_cli.main", "emulator", "--host", "127.0.0.1", "--port", "0",
-         "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams))],
+         "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams)),
+         *(["--latency-profile", opts.latency_profile] if opts.latency_profile else [])],
         out / "emulator.log", r"listening on (http://\S+)",
     )
     try:
@@ -256,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    parser.add_argument("--latency-profile", default=None,
+                        help="the emulator's latency profile (name or JSON file); a flat one (same step time at "
+                        "every batch size, no prefill cost) makes the engine's own TTFT steady, so the sidecar's "
+                        "added latency stands out from run-to-run noise")
     parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=list(CONFIGS))
     opts = parser.parse_args(argv)
     if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1:
