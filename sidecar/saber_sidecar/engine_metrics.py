@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from saber_sidecar.background import BackgroundLoop
 from saber_sidecar.policy.base import EngineSnapshot
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class EngineState:
     failures: int = 0
 
 
-class EngineScraper:
+class EngineScraper(BackgroundLoop):
+    task_name = "saber-engine-scraper"
+
     """Scrapes `<engine>/metrics` every `interval_s`, updates `state` and calls `on_snapshot`.
 
     A failed scrape (refused, timeout, HTTP error, unparsable) marks the engine unhealthy and
@@ -117,7 +120,6 @@ class EngineScraper:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._on_snapshot = on_snapshot
         self.state = state or EngineState()
-        self._task: asyncio.Task[None] | None = None
 
     async def scrape_once(self) -> EngineSnapshot:
         state = self.state
@@ -160,16 +162,3 @@ class EngineScraper:
             except Exception:  # a bug in a callback must not stop health tracking
                 log.exception("engine scrape callback failed")
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="saber-engine-scraper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None

@@ -13,12 +13,15 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from saber_sidecar.background import BackgroundLoop
 from saber_sidecar.config import ConfigError, SidecarConfig, parse_config
 
 log = logging.getLogger(__name__)
 
 
-class ConfigWatcher:
+class ConfigWatcher(BackgroundLoop):
+    task_name = "saber-config-watcher"
+
     def __init__(
         self,
         path: str | Path,
@@ -32,7 +35,6 @@ class ConfigWatcher:
         self._on_result = on_result
         self._interval = interval_s
         self._seen: str | None = _digest(initial_text.encode()) if initial_text is not None else None
-        self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
 
     def check(self) -> str | None:
@@ -73,19 +75,6 @@ class ConfigWatcher:
                 self.check()
             except Exception:
                 log.exception("config watcher failed")
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="saber-config-watcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
 
 def _digest(data: bytes) -> str:

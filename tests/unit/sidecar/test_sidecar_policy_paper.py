@@ -5,6 +5,7 @@ import pytest
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, Demote, Reject, make_policy, request_for
 from saber_sidecar.policy.paper import PaperPolicy
+from policy_support import fmt
 
 
 def config(**paper):
@@ -20,18 +21,6 @@ def config(**paper):
             },
         }
     )
-
-
-def fmt(actions):
-    out = []
-    for a in actions:
-        if isinstance(a, Admit):
-            out.append(f"{'be' if a.best_effort else 'admit'}:{a.request_id}")
-        elif isinstance(a, Demote):
-            out.append(f"demote:{a.request_id}")
-        elif isinstance(a, Reject):
-            out.append(f"reject:{a.request_id}")
-    return " ".join(out)
 
 
 def tick(pol, until):

@@ -7,6 +7,7 @@ from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_policy, request_for
 from saber_sidecar.policy.estimates import PREFILL_MIN_SAMPLES, PREFILL_MIN_TOKENS
 from saber_sidecar.policy.saber import SaberPolicy
+from policy_support import fmt
 
 # `output_tokens` far above any max_tokens used here: each request is expected to produce its
 # max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
@@ -42,18 +43,6 @@ def config(**saber):
             },
         }
     )
-
-
-def fmt(actions):
-    out = []
-    for a in actions:
-        if isinstance(a, Admit):
-            out.append(f"{'be' if a.best_effort else 'admit'}:{a.request_id}")
-        elif isinstance(a, Demote):
-            out.append(f"demote:{a.request_id}")
-        elif isinstance(a, Reject):
-            out.append(f"reject:{a.request_id}")
-    return " ".join(out)
 
 
 class Driver:
