@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -86,8 +87,15 @@ class Run:
         }
 
 
-async def load(url: str, streams: int, duration_s: float, max_tokens: int, target: str) -> Run:
-    """Closed loop: `streams` workers, each sending the next streamed completion when one ends."""
+async def load(url: str, streams: int, duration_s: float, max_tokens: int, target: str,
+               jitter_s: float = 0.0) -> Run:
+    """`streams` workers, each sending the next streamed completion when one ends.
+
+    With `jitter_s` > 0 each worker first waits a random time in [0, jitter_s] (the same seeded
+    sequence for every target): requests then arrive at random points of the engine's step
+    schedule, as independent clients' do, instead of right at a step's end. Closed-loop arrivals
+    synchronised to steps turn any extra hop into a whole missed step.
+    """
     run = Run(target)
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
                        "ignore_eos": True}).encode()
@@ -97,8 +105,11 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
         started = time.perf_counter()
         stop_at = started + duration_s
 
-        async def worker() -> None:
+        async def worker(index: int) -> None:
+            rng = random.Random(index)
             while time.perf_counter() < stop_at:
+                if jitter_s > 0:
+                    await asyncio.sleep(rng.uniform(0.0, jitter_s))
                 sent = time.perf_counter()
                 try:
                     async with session.post(url + "/v1/completions", data=body, headers=headers) as resp:
@@ -120,7 +131,7 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
                 run.tokens += max(0, events - 1)  # less [DONE]
                 run.requests += 1
 
-        await asyncio.gather(*(worker() for _ in range(streams)))
+        await asyncio.gather(*(worker(i) for i in range(streams)))
         run.wall_s = time.perf_counter() - started
     return run
 
@@ -205,7 +216,8 @@ async def bench_policy(name: str, config: str, engine_url: str, out: Path, opts:
             order = [("direct", engine_url), ("sidecar", url)]
             for target, base in order if i % 2 == 0 else order[::-1]:
                 cpu0 = cpu_seconds(proc.pid)
-                run = await load(base, opts.streams, opts.duration, opts.max_tokens, target)
+                run = await load(base, opts.streams, opts.duration, opts.max_tokens, target,
+                                 opts.jitter_ms / 1000)
                 cpu1 = cpu_seconds(proc.pid)
                 (direct if target == "direct" else via).append(run)
                 if target == "sidecar" and cpu0 is not None and cpu1 is not None:
@@ -257,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="each worker waits a random 0..JITTER ms before each request, so arrivals fall at "
+                        "random points of the engine's steps as independent clients' do (default 0: closed loop)")
     parser.add_argument("--latency-profile", default=None,
                         help="the emulator's latency profile (name or JSON file); a flat one (same step time at "
                         "every batch size, no prefill cost) makes the engine's own TTFT steady, so the sidecar's "
