@@ -350,6 +350,8 @@ def plot_live(out: Path, cells: list[dict], sim: dict | None, title: str) -> Pat
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from .report import save_figure
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = [f"{c['policy']}\n{c['rate']:g} req/s" if len({x['rate'] for x in cells}) > 1 else c["policy"] for c in cells]
     x = np.arange(len(cells))
@@ -375,11 +377,7 @@ def plot_live(out: Path, cells: list[dict], sim: dict | None, title: str) -> Pat
     ax2.set_ylabel("share of requests")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "live.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "live.png")
 
 
 def write_live(out: Path, cells: list[dict], sim: dict | None, meta: dict, title: str) -> dict[str, Path]:

@@ -147,6 +147,16 @@ def write_markdown(out: Path, summary: dict, plots: Sequence[str]) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a figure (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _style(policy: str, n_static: int, i_static: int):
     import matplotlib
 
@@ -187,11 +197,7 @@ def plot_goodput(out: Path, summary: dict) -> Path:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = out / "goodput_vs_rate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "goodput_vs_rate.png")
 
 
 def plot_cv(out: Path, summary: dict) -> Path:
@@ -215,11 +221,7 @@ def plot_cv(out: Path, summary: dict) -> Path:
     ax.set_ylabel("CV over rates of mean e2e/SLA")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "cv.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "cv.png")
 
 
 def plot_cdf(out: Path, cdf: dict, rate: float | None, best_static: dict[str, str]) -> Path | None:
@@ -254,11 +256,7 @@ def plot_cdf(out: Path, cdf: dict, rate: float | None, best_static: dict[str, st
         ax.set_ylabel("share of requests")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = out / "latency_cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "latency_cdf.png")
 
 
 def write_all(out: Path, summary: dict, cdf: dict | None = None, cdf_rate: float | None = None) -> dict[str, Path]:
