@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from .metrics import RequestRecord, combine_seeds, run_stats
+from .ports import ServerStartError, await_listen_url, log_tail
 from .workloads import PAPER_REQUESTS, RequestSpec, make_workload
 
 CLASS_HEADER = "x-saber-sla-class"
@@ -36,12 +36,6 @@ REQUEST_TIMEOUT_S = 120.0
 
 class LiveError(RuntimeError):
     """A live run could not be set up (a process did not start, a port was not answered)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -61,23 +55,31 @@ class Proc:
                 self.popen.wait(5)
 
     def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
 
-def _spawn(name: str, args: list[str], log_dir: Path, url: str) -> Proc:
+async def _spawn(name: str, args: list[str], log_dir: Path) -> Proc:
+    """`saber <args> --host 127.0.0.1 --port 0`; its URL is read from its "listening on" line, so
+    the port is the one it bound itself (no free-port race)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "saber_cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-        stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "saber_cli", *args, "--host", "127.0.0.1", "--port", "0"], stdout=log,
+        stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
     )
     log.close()
-    return Proc(name, popen, url, log_path)
+    proc = Proc(name, popen, "", log_path)
+    try:
+        proc.url = await await_listen_url(popen, log_path, name=name)
+    except ServerStartError as exc:
+        proc.stop()
+        raise LiveError(str(exc)) from exc
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
 async def wait_ready(proc: Proc, path: str, timeout: float = 60.0) -> None:
@@ -97,17 +99,14 @@ async def wait_ready(proc: Proc, path: str, timeout: float = 60.0) -> None:
 
 async def start_emulator(log_dir: Path) -> Proc:
     """The emulator with its defaults: the paper-calibrated profile and the engine limits the simulator uses."""
-    port = free_port()
-    proc = _spawn("emulator", ["emulator", "--host", "127.0.0.1", "--port", str(port)], log_dir,
-                  f"http://127.0.0.1:{port}")
+    proc = await _spawn("emulator", ["emulator"], log_dir)
     await wait_ready(proc, "/health")
     return proc
 
 
 async def start_sidecar(engine_url: str, config_path: Path, log_dir: Path, name: str) -> Proc:
-    port = free_port()
-    proc = _spawn(name, ["sidecar", "--host", "127.0.0.1", "--port", str(port), "--engine-url", engine_url,
-                         "--config", str(config_path), "--log-level", "WARNING"], log_dir, f"http://127.0.0.1:{port}")
+    proc = await _spawn(name, ["sidecar", "--engine-url", engine_url, "--config", str(config_path),
+                               "--log-level", "WARNING"], log_dir)
     await wait_ready(proc, "/readyz")
     return proc
 

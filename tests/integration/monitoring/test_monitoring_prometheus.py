@@ -10,16 +10,21 @@ Drives a bounded load through the `openai` client, then:
     deadline cannot be met, and no capacity alert fires on a healthy service;
   - a bad config file makes SaberConfigReloadFailing fire; killing the emulator, then the
     sidecar, makes SaberEngineDown and SaberSidecarDown fire.
+The read-only checks share one module-scoped stack (and one load, the `loaded` fixture, run by
+whichever test asks first); each test that breaks something gets a fresh stack of its own, so
+every test passes alone and in any order. The emulator and the sidecar bind port 0 and report
+their URLs; Prometheus needs a port number and is restarted on a new one if it loses a race for it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import importlib.util
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +34,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from saber_bench.ports import PortInUse, ServerStartError, address_in_use, retry_on_port_clash, wait_for_listen_url
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(240)]
 
@@ -66,12 +73,6 @@ def _load_tool(name: str) -> ModuleType:
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -98,19 +99,29 @@ def _wait_for(what: str, check, timeout: float, logs: list[Path] = ()) -> Any:
 @dataclass
 class Stack:
     tmp: Path
-    prom_url: str
-    sidecar_url: str
-    engine_url: str
     config_path: Path
+    prom_url: str = ""
+    sidecar_url: str = ""
+    engine_url: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.tmp
-        )
+        with log.open("wb") as sink:
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.tmp
+            )
+        return self.procs[name]
+
+    def start_saber(self, name: str, args: list[str]) -> str:
+        """`saber <args>` on a port it binds itself (--port 0); returns the URL it prints."""
+        proc = self.start(name, [sys.executable, "-m", "saber_cli", *args, "--host", "127.0.0.1", "--port", "0"])
+        try:
+            return wait_for_listen_url(proc, self.logs[name], name=name, timeout_s=30)
+        except ServerStartError as exc:
+            pytest.fail(f"{exc}\n{self.tails()}")
 
     def stop(self, name: str) -> None:
         proc = self.procs.get(name)
@@ -155,7 +166,11 @@ def _meta_labels(container: str, port_name: str, app: str = "saber") -> dict[str
     }
 
 
-def _prometheus_config(engine_port: int, sidecar_port: int, decoy_port: int) -> dict[str, Any]:
+# The decoy target is dropped by relabelling before any scrape, so its port is never contacted.
+DECOY_PORT = 9
+
+
+def _prometheus_config(engine_port: int, sidecar_port: int, decoy_port: int = DECOY_PORT) -> dict[str, Any]:
     config = yaml.safe_load((ROOT / "manifests" / "monitoring" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
     (job,) = config["scrape_configs"]
@@ -170,48 +185,79 @@ def _prometheus_config(engine_port: int, sidecar_port: int, decoy_port: int) -> 
     return config
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
+def _start_prometheus(stack: Stack, binary: str, port: int) -> str:
+    """Prometheus on `port` (it cannot bind port 0); PortInUse if another process took the port first."""
+    data = stack.tmp / f"data-{port}"
+    proc = stack.start("prometheus", [
+        binary, f"--config.file={stack.tmp / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+    ])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            log = stack.logs["prometheus"].read_text()
+            if address_in_use(log):
+                raise PortInUse(f"port {port}: {log.strip()[-300:]}")
+            pytest.fail(f"Prometheus exited with code {proc.returncode}\n{stack.tails()}")
+        if _get(f"{url}/-/ready")[0] != 200:
+            return False
+        # Ours, not another process that answers on the port: it reports our data directory.
+        flags = json.loads(_get(f"{url}/api/v1/status/flags")[1])["data"]
+        return flags.get("storage.tsdb.path") == str(data)
+
+    _wait_for("Prometheus", ready, 30, list(stack.logs.values()))
+    return url
+
+
+@contextlib.contextmanager
+def _running_stack(tmp: Path) -> Iterator[Stack]:
+    """Emulator, sidecar and Prometheus, up, with Prometheus scraping both; all stopped on exit."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus not found: install Debian's prometheus package (scripts/install.d/20-prometheus.sh)")
     alerts = _load_tool("alerts")
-    tmp = tmp_path_factory.mktemp("monitoring")
-    engine_port, sidecar_port, prom_port = _free_port(), _free_port(), _free_port()
-    config_path = tmp / "sidecar.yaml"
-    config_path.write_text(SIDECAR_CONFIG)
+    s = Stack(tmp=tmp, config_path=tmp / "sidecar.yaml")
+    s.config_path.write_text(SIDECAR_CONFIG)
     (tmp / "prometheus-rules.yaml").write_text(yaml.safe_dump(alerts.rules_file(for_override="0s"), sort_keys=False))
-    (tmp / "prometheus.yml").write_text(
-        yaml.safe_dump(_prometheus_config(engine_port, sidecar_port, decoy_port=prom_port), sort_keys=False)
-    )
-    s = Stack(
-        tmp=tmp,
-        prom_url=f"http://127.0.0.1:{prom_port}",
-        sidecar_url=f"http://127.0.0.1:{sidecar_port}",
-        engine_url=f"http://127.0.0.1:{engine_port}",
-        config_path=config_path,
-    )
-    saber = [sys.executable, "-m", "saber_cli"]
     try:
-        s.start("emulator", [*saber, "emulator", "--host", "127.0.0.1", "--port", str(engine_port), "--model", MODEL])
-        s.start(
-            "sidecar",
-            [*saber, "sidecar", "--host", "127.0.0.1", "--port", str(sidecar_port),
-             "--engine-url", s.engine_url, "--config", str(config_path)],
+        # The emulator and the sidecar bind port 0 themselves and print their URLs: no port race.
+        s.engine_url = s.start_saber("emulator", ["emulator", "--model", MODEL])
+        s.sidecar_url = s.start_saber(
+            "sidecar", ["sidecar", "--engine-url", s.engine_url, "--config", str(s.config_path)]
         )
-        s.start(
-            "prometheus",
-            [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+        engine_port, sidecar_port = (urllib.parse.urlsplit(u).port for u in (s.engine_url, s.sidecar_url))
+        (tmp / "prometheus.yml").write_text(
+            yaml.safe_dump(_prometheus_config(engine_port, sidecar_port), sort_keys=False)
         )
+        s.prom_url = retry_on_port_clash(functools.partial(_start_prometheus, s, prometheus), name="Prometheus")
         logs = list(s.logs.values())
-        _wait_for("the emulator", lambda: _get(f"{s.engine_url}/v1/models")[0] == 200, 30, logs)
         _wait_for("the sidecar", lambda: _get(f"{s.sidecar_url}/readyz")[0] == 200, 30, logs)
-        _wait_for("Prometheus", lambda: _get(f"{s.prom_url}/-/ready")[0] == 200, 30, logs)
+        # Every test starts from both targets scraped as up (so each outage is a change Prometheus sees).
+        _wait_for(
+            "both targets up",
+            lambda: sum(a["health"] == "up" for a in s.api("/api/v1/targets")["activeTargets"]) == 2,
+            20,
+            logs,
+        )
         yield s
     finally:
         for name in ("prometheus", "sidecar", "emulator"):
             s.stop(name)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    """The shared stack: healthy for the whole module. Tests on it only read; none breaks it."""
+    with _running_stack(tmp_path_factory.mktemp("monitoring")) as s:
+        yield s
+
+
+@pytest.fixture
+def own_stack(tmp_path) -> Iterator[Stack]:
+    """A fresh stack for one test that breaks something (bad config, killed processes)."""
+    with _running_stack(tmp_path) as s:
+        yield s
 
 
 def _drive_load(sidecar_url: str, requests: int = 96, workers: int = 8, budget_s: float = 40.0) -> dict[str, int]:
@@ -247,6 +293,7 @@ def _drive_load(sidecar_url: str, requests: int = 96, workers: int = 8, budget_s
 
 @pytest.fixture(scope="module")
 def loaded(stack: Stack) -> dict[str, int]:
+    """The shared stack after one bounded load (driven by whichever test first asks for it)."""
     outcome = _drive_load(stack.sidecar_url)
     # Two more scrapes, so the last counts are in.
     time.sleep(2.5)
@@ -325,7 +372,9 @@ def test_alert_expressions_evaluate_and_the_sla_alert_fires(stack: Stack, loaded
         assert not stack.alerts(name), f"{name} fires on a healthy service"
 
 
-def test_bad_config_fires_reload_failure(stack: Stack, loaded: dict[str, int]):
+def test_bad_config_fires_reload_failure(own_stack: Stack):
+    stack = own_stack
+    assert not stack.alerts("SaberConfigReloadFailing")
     stack.config_path.write_text("classes: [{name: Not_A_DNS_Label, deadline_seconds: -1}]\ndefault_class: x\n")
     firing = _wait_for("SaberConfigReloadFailing firing", lambda: stack.alerts("SaberConfigReloadFailing"), 20,
                        [stack.logs["sidecar"]])
@@ -334,7 +383,8 @@ def test_bad_config_fires_reload_failure(stack: Stack, loaded: dict[str, int]):
     assert _get(f"{stack.sidecar_url}/readyz")[0] == 200
 
 
-def test_outages_fire_engine_and_sidecar_down(stack: Stack, loaded: dict[str, int]):
+def test_outages_fire_engine_and_sidecar_down(own_stack: Stack):
+    stack = own_stack
     stack.stop("emulator")
     firing = _wait_for("SaberEngineDown firing", lambda: stack.alerts("SaberEngineDown"), 20)
     assert {k: firing[0]["labels"][k] for k in (*LABELS, "container")} == {**LABELS, "container": "engine"}
