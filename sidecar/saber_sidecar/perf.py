@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -68,6 +68,7 @@ TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "tokens_per_secon
 class Run:
     target: str
     ttft_s: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)  # the sidecar's x-saber-queue-ms (time in the gate)
     tokens: int = 0
     requests: int = 0
     errors: int = 0
@@ -75,6 +76,7 @@ class Run:
 
     def summary(self) -> dict:
         t = np.asarray(self.ttft_s) * 1000
+        q = np.asarray(self.queue_ms)
         return {
             "target": self.target,
             "requests": self.requests,
@@ -84,7 +86,27 @@ class Run:
             "tokens_per_second": round(self.tokens / self.wall_s, 1) if self.wall_s else 0.0,
             "ttft_p50_ms": round(float(np.percentile(t, 50)), 3) if len(t) else None,
             "ttft_p99_ms": round(float(np.percentile(t, 99)), 3) if len(t) else None,
+            **({"gate_queue_p50_ms": round(float(np.percentile(q, 50)), 3),
+                "gate_queue_p99_ms": round(float(np.percentile(q, 99)), 3)} if len(q) else {}),
         }
+
+
+def added_ci(direct_ms: np.ndarray, via_ms: np.ndarray, q: float, reps: int = 400,
+             seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of percentile(via, q) - percentile(direct, q), each arm resampled alone.
+
+    Arrivals fall at random points of the engine's steps, so each request's TTFT carries up to a
+    step of quantisation; the interval says how far the measured difference could move with
+    another sample of the same size.
+    """
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(reps)
+    for i in range(reps):
+        d = rng.choice(direct_ms, size=len(direct_ms))
+        v = rng.choice(via_ms, size=len(via_ms))
+        diffs[i] = np.percentile(v, q) - np.percentile(d, q)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return round(float(low), 3), round(float(high), 3)
 
 
 async def load(url: str, streams: int, duration_s: float, max_tokens: int, target: str,
@@ -117,6 +139,9 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
                             await resp.read()
                             run.errors += 1
                             continue
+                        queued = resp.headers.get("x-saber-queue-ms")
+                        if queued is not None:
+                            run.queue_ms.append(float(queued))
                         first = None
                         events = 0
                         async for chunk in resp.content.iter_any():
@@ -136,6 +161,23 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
     return run
 
 
+def flat_profile(out: Path, step_ms: float) -> Path:
+    """An engine profile with the same step time at every batch size and no prefill cost.
+
+    Its own TTFT is then one to two steps whatever the load, so what the sidecar adds is not lost in
+    the engine's run-to-run variation.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"flat-{step_ms:g}ms.json"
+    path.write_text(json.dumps({
+        "name": f"flat-{step_ms:g}ms",
+        "description": f"{step_ms:g} ms per step at any batch size, no prefill cost (saber_sidecar.perf)",
+        "decode_batch_sizes": [1], "decode_step_s": [step_ms / 1000], "prefill_s_per_token": 0.0,
+        "context_s_per_token": 0.0, "prefill_only_step_s": None,
+    }) + "\n")
+    return path
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process (Linux /proc), to report the sidecar's cost per token."""
     try:
@@ -145,10 +187,13 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0,
+          cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
     sink = log.open("w")
     proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     sink.close()
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = re.search(pattern, log.read_text())
@@ -173,10 +218,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 def compare(direct: list[Run], via: list[Run]) -> dict:
     pooled = {}
+    direct_ttft = [t for r in direct for t in r.ttft_s]
+    via_ttft = [t for r in via for t in r.ttft_s]
     for name, runs in (("direct", direct), ("sidecar", via)):
         merged = Run(name)
         for r in runs:
             merged.ttft_s += r.ttft_s
+            merged.queue_ms += r.queue_ms
             merged.tokens += r.tokens
             merged.requests += r.requests
             merged.errors += r.errors
@@ -189,6 +237,8 @@ def compare(direct: list[Run], via: list[Run]) -> dict:
         "added_ttft_p50_ms": round(s["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
         "added_ttft_p99_ms": round(s["ttft_p99_ms"] - d["ttft_p99_ms"], 3),
         "tokens_per_second_ratio": round(s["tokens_per_second"] / d["tokens_per_second"], 4),
+        "added_ttft_p50_ms_ci95": added_ci(np.asarray(direct_ttft) * 1000, np.asarray(via_ttft) * 1000, 50),
+        "added_ttft_p99_ms_ci95": added_ci(np.asarray(direct_ttft) * 1000, np.asarray(via_ttft) * 1000, 99),
         "rounds": [{"direct": a.summary(), "sidecar": b.summary()} for a, b in zip(direct, via, strict=True)],
     }
     result["meets_targets"] = {
@@ -205,7 +255,7 @@ async def bench_policy(name: str, config: str, engine_url: str, out: Path, opts:
     proc, url = start(
         [sys.executable, "-m", "saber_cli.main", "sidecar", "--host", "127.0.0.1", "--port", "0",
          "--engine-url", engine_url, "--config", str(cfg), "--log-level", "WARNING"],
-        out / f"sidecar-{name}.log", r"saber sidecar listening on (http://\S+)",
+        out / f"sidecar-{name}.log", r"saber sidecar listening on (http://\S+)", cpus=opts.sidecar_cpus,
     )
     try:
         await load(url, min(opts.streams, 16), 1.0, opts.max_tokens, "warmup")
@@ -239,7 +289,7 @@ async def main_async(opts: argparse.Namespace) -> dict:
         [sys.executable, "-m", "saber_cli.main", "emulator", "--host", "127.0.0.1", "--port", "0",
          "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams)),
          *(["--latency-profile", opts.latency_profile] if opts.latency_profile else [])],
-        out / "emulator.log", r"listening on (http://\S+)",
+        out / "emulator.log", r"listening on (http://\S+)", cpus=opts.other_cpus,
     )
     try:
         results = {}
@@ -255,6 +305,10 @@ async def main_async(opts: argparse.Namespace) -> dict:
         "duration_s": opts.duration,
         "rounds": opts.rounds,
         "max_tokens": opts.max_tokens,
+        "jitter_ms": opts.jitter_ms,
+        "latency_profile": opts.latency_profile,
+        "sidecar_cpus": sorted(opts.sidecar_cpus) if opts.sidecar_cpus else "shared",
+        "event_loop": os.environ.get("SABER_SIDECAR_EVENT_LOOP", "auto"),
         "targets": TARGETS,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg()},
@@ -276,15 +330,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="the emulator's latency profile (name or JSON file); a flat one (same step time at "
                         "every batch size, no prefill cost) makes the engine's own TTFT steady, so the sidecar's "
                         "added latency stands out from run-to-run noise")
+    parser.add_argument("--flat-step-ms", type=float, default=None,
+                        help="shorthand for a flat latency profile with this step time (written to DIR); at 200 "
+                        "streams a 50 ms step gives about 4,000 tokens/s, near the paper profile's rate there")
     parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=list(CONFIGS))
+    parser.add_argument("--pin", action="store_true",
+                        help="give the sidecar its own CPU (the last one) and run the emulator and the load "
+                        "generator on the others, as in a pod where the sidecar container has its own CPU; "
+                        "without it all three compete for every CPU")
     opts = parser.parse_args(argv)
+    if opts.flat_step_ms is not None:
+        if opts.latency_profile or opts.flat_step_ms <= 0:
+            parser.error("--flat-step-ms must be positive and cannot be combined with --latency-profile")
+        opts.latency_profile = str(flat_profile(Path(opts.out), opts.flat_step_ms))
+    opts.sidecar_cpus = opts.other_cpus = None
+    if opts.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        opts.sidecar_cpus, opts.other_cpus = {cpus[-1]}, set(cpus[:-1])
+        os.sched_setaffinity(0, opts.other_cpus)
     if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1:
         parser.error("--streams, --duration, --rounds and --max-tokens must be positive")
     report = asyncio.run(main_async(opts))
     path = Path(opts.out) / "sidecar_perf.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in report["policies"].items():
-        print(f"{name}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms, p99 {r['added_ttft_p99_ms']:+.3f} ms, "
+        lo50, hi50 = r["added_ttft_p50_ms_ci95"]
+        lo99, hi99 = r["added_ttft_p99_ms_ci95"]
+        print(f"{name}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms (95% CI {lo50:+.2f}..{hi50:+.2f}), "
+              f"p99 {r['added_ttft_p99_ms']:+.3f} ms (95% CI {lo99:+.2f}..{hi99:+.2f}), "
               f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}, sidecar CPU "
               f"{r['sidecar_cpu_ms_per_1000_tokens']} ms per 1000 tokens; meets {r['meets_targets']}")
     print(f"wrote {path}")

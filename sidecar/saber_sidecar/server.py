@@ -149,6 +149,19 @@ async def serve(settings) -> int:
     return 0
 
 
+def run_loop(main, event_loop: str = "auto"):
+    """Run `main` on uvloop when wanted and installed, else on asyncio's loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise OSError("event_loop is uvloop but uvloop is not installed; pip install uvloop") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def add_sidecar_parser(sub) -> argparse.ArgumentParser:
     """Register `saber sidecar` on the `saber` CLI's subparsers."""
     p = sub.add_parser(
@@ -180,7 +193,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
                                                 "drain_grace_s") if getattr(args, k, None) is not None}
     try:
         settings = SidecarSettings(**overrides)
-        return asyncio.run(serve(settings))
+        return run_loop(serve(settings), settings.event_loop)
     except (ValidationError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 2
