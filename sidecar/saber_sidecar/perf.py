@@ -1,15 +1,17 @@
 """Proxy overhead benchmark: the same streaming load sent to the engine directly and via the sidecar.
 
     python -m saber_sidecar.perf --out DIR [--streams 200] [--duration 15] [--rounds 2]
+    python -m saber_sidecar.perf --out DIR --pin --floor --flat-step-ms 50 --jitter-ms 50
 
-Starts the emulator and the sidecar as separate processes on loopback, then runs a closed-loop
-load generator (`--streams` workers, each sending streamed completions back to back) against
-each target in turn, alternating direct and via-sidecar runs so drift hits both alike. Per
-request it records the time to the first streamed chunk and the number of SSE events. It runs
-twice: with the `static` policy at a cap no load reaches (pure proxy overhead) and with the
-`saber` policy under deadlines it always meets (overhead of our decision code). Writes
-DIR/sidecar_perf.json and prints a summary. Targets: added TTFT p50 <= 1 ms and p99 <= 5 ms,
-relayed tokens/s >= 0.95 of direct.
+Starts the emulator, one sidecar per policy and (`--floor`) a bare TCP pipe as separate processes
+on loopback, then runs a closed-loop load generator (`--streams` workers, each sending streamed
+completions back to back) against every target in turn, the order rotated each round so drift
+hits all alike. Per request it records the time to the first streamed chunk, the SSE events and
+the time the request spent in the gate (`x-saber-queue-ms`). `static` with a cap no load reaches
+measures pure proxy overhead; `saber` with deadlines it always meets adds our decision code.
+Writes DIR/sidecar_perf.json (per target: tokens/s, TTFT p50/p99, the added TTFT with 95%
+bootstrap intervals, proxy CPU per 1000 tokens) and prints a summary. Targets: added TTFT
+p50 <= 1 ms and p99 <= 5 ms, relayed tokens/s >= 0.95 of direct.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+
+from saber_sidecar.server import run_loop
 
 MODEL = "Qwen/Qwen2.5-Coder-3B-Instruct"
 PROMPT = "Write a Python function that parses an ISO 8601 date and returns the weekday. " * 4
@@ -61,6 +65,7 @@ SABER_NO_REFIT = SABER + """  speed_model:
 """
 CONFIGS = {"static": STATIC, "saber": SABER, "saber-no-refit": SABER_NO_REFIT}
 
+FLOOR = "floor-tcp-pipe"  # the reference proxy of `--floor`
 TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "tokens_per_second_ratio": 0.95}
 
 
@@ -110,13 +115,18 @@ def added_ci(direct_ms: np.ndarray, via_ms: np.ndarray, q: float, reps: int = 40
 
 
 async def load(url: str, streams: int, duration_s: float, max_tokens: int, target: str,
-               jitter_s: float = 0.0) -> Run:
+               jitter_s: float = 0.0, ramp_s: float = 0.0) -> Run:
     """`streams` workers, each sending the next streamed completion when one ends.
 
-    With `jitter_s` > 0 each worker first waits a random time in [0, jitter_s] (the same seeded
-    sequence for every target): requests then arrive at random points of the engine's step
-    schedule, as independent clients' do, instead of right at a step's end. Closed-loop arrivals
-    synchronised to steps turn any extra hop into a whole missed step.
+    With `ramp_s` > 0 each worker starts at a random time in the first `ramp_s` seconds and only
+    requests sent after the ramp are measured. Started together, equal-length streams would stay
+    in step: every cycle all of them would end and start again within a few milliseconds, and a
+    proxy would be measured on that herd rather than on steady traffic.
+
+    With `jitter_s` > 0 each worker also waits a random time in [0, jitter_s] before each request
+    (the same seeded sequence for every target): requests then arrive at random points of the
+    engine's step schedule, as independent clients' do, instead of right at a step's end.
+    Closed-loop arrivals synchronised to steps turn any extra hop into a whole missed step.
     """
     run = Run(target)
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
@@ -125,14 +135,20 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         started = time.perf_counter()
-        stop_at = started + duration_s
+        measure_from = started + ramp_s
+        stop_at = measure_from + duration_s
 
         async def worker(index: int) -> None:
             rng = random.Random(index)
+            if ramp_s > 0:
+                await asyncio.sleep(rng.uniform(0.0, ramp_s))
             while time.perf_counter() < stop_at:
                 if jitter_s > 0:
                     await asyncio.sleep(rng.uniform(0.0, jitter_s))
                 sent = time.perf_counter()
+                measured = sent >= measure_from
+                first = None
+                events = 0
                 try:
                     async with session.post(url + "/v1/completions", data=body, headers=headers) as resp:
                         if resp.status != 200:
@@ -140,10 +156,6 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
                             run.errors += 1
                             continue
                         queued = resp.headers.get("x-saber-queue-ms")
-                        if queued is not None:
-                            run.queue_ms.append(float(queued))
-                        first = None
-                        events = 0
                         async for chunk in resp.content.iter_any():
                             if first is None:
                                 first = time.perf_counter()
@@ -151,13 +163,17 @@ async def load(url: str, streams: int, duration_s: float, max_tokens: int, targe
                 except aiohttp.ClientError:
                     run.errors += 1
                     continue
+                if not measured:
+                    continue
                 if first is not None:
                     run.ttft_s.append(first - sent)
+                if queued is not None:
+                    run.queue_ms.append(float(queued))
                 run.tokens += max(0, events - 1)  # less [DONE]
                 run.requests += 1
 
         await asyncio.gather(*(worker(i) for i in range(streams)))
-        run.wall_s = time.perf_counter() - started
+        run.wall_s = time.perf_counter() - measure_from
     return run
 
 
@@ -249,60 +265,86 @@ def compare(direct: list[Run], via: list[Run]) -> dict:
     return result
 
 
-async def bench_policy(name: str, config: str, engine_url: str, out: Path, opts: argparse.Namespace) -> dict:
+def start_sidecar(name: str, engine_url: str, out: Path, opts: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cfg = out / f"sidecar-{name}.yaml"
-    cfg.write_text(config)
-    proc, url = start(
+    cfg.write_text(CONFIGS[name])
+    return start(
         [sys.executable, "-m", "saber_cli.main", "sidecar", "--host", "127.0.0.1", "--port", "0",
          "--engine-url", engine_url, "--config", str(cfg), "--log-level", "WARNING"],
         out / f"sidecar-{name}.log", r"saber sidecar listening on (http://\S+)", cpus=opts.sidecar_cpus,
     )
-    try:
-        await load(url, min(opts.streams, 16), 1.0, opts.max_tokens, "warmup")
-        direct, via = [], []
-        sidecar_cpu, relayed = 0.0, 0
-        for i in range(opts.rounds):
-            # Alternate the order between rounds so slow drift (other load on the machine) is shared.
-            order = [("direct", engine_url), ("sidecar", url)]
-            for target, base in order if i % 2 == 0 else order[::-1]:
-                cpu0 = cpu_seconds(proc.pid)
-                run = await load(base, opts.streams, opts.duration, opts.max_tokens, target,
-                                 opts.jitter_ms / 1000)
-                cpu1 = cpu_seconds(proc.pid)
-                (direct if target == "direct" else via).append(run)
-                if target == "sidecar" and cpu0 is not None and cpu1 is not None:
-                    sidecar_cpu += cpu1 - cpu0
-                    relayed += run.tokens
-                print(f"  {name} round {i + 1} {target:8s} {run.summary()}", flush=True)
-        result = compare(direct, via)
-        result["sidecar_cpu_seconds"] = round(sidecar_cpu, 3)
-        result["sidecar_cpu_ms_per_1000_tokens"] = round(1e6 * sidecar_cpu / relayed, 2) if relayed else None
-        return result
-    finally:
-        stop(proc)
+
+
+async def measure(targets: dict[str, tuple[str, int | None]], opts: argparse.Namespace) -> dict[str, dict]:
+    """Every target in every round, the order rotated each round so drift is shared alike.
+
+    `targets` maps a name to (base URL, pid whose CPU time is charged to it, or None).
+    """
+    runs: dict[str, list[Run]] = {name: [] for name in targets}
+    cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+    names = list(targets)
+    for name, (url, _) in targets.items():
+        if name != "direct":
+            await load(url, min(opts.streams, 16), 1.0, opts.max_tokens, "warmup")
+    for i in range(opts.rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            url, pid = targets[name]
+            cpu0 = cpu_seconds(pid) if pid else None
+            run = await load(url, opts.streams, opts.duration, opts.max_tokens, name, opts.jitter_ms / 1000,
+                             opts.ramp)
+            cpu1 = cpu_seconds(pid) if pid else None
+            if cpu0 is not None and cpu1 is not None:
+                cpu[name] += cpu1 - cpu0
+            runs[name].append(run)
+            print(f"  round {i + 1} {name:22s} {run.summary()}", flush=True)
+    results = {}
+    for name in names:
+        if name == "direct":
+            continue
+        result = compare(runs["direct"], runs[name])
+        relayed = sum(r.tokens for r in runs[name])
+        result["proxy_cpu_seconds"] = round(cpu[name], 3)
+        result["proxy_cpu_ms_per_1000_tokens"] = round(1e6 * cpu[name] / relayed, 2) if relayed else None
+        results[name] = result
+    return results
 
 
 async def main_async(opts: argparse.Namespace) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    emulator, engine_url = start(
-        [sys.executable, "-m", "saber_cli.main", "emulator", "--host", "127.0.0.1", "--port", "0",
-         "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams)),
-         *(["--latency-profile", opts.latency_profile] if opts.latency_profile else [])],
-        out / "emulator.log", r"listening on (http://\S+)", cpus=opts.other_cpus,
-    )
+    procs: list[subprocess.Popen] = []
     try:
-        results = {}
+        emulator, engine_url = start(
+            [sys.executable, "-m", "saber_cli.main", "emulator", "--host", "127.0.0.1", "--port", "0",
+             "--output-len-dist", "max", "--max-num-seqs", str(max(256, opts.streams)),
+             *(["--latency-profile", opts.latency_profile] if opts.latency_profile else [])],
+            out / "emulator.log", r"listening on (http://\S+)", cpus=opts.other_cpus,
+        )
+        procs.append(emulator)
+        targets: dict[str, tuple[str, int | None]] = {"direct": (engine_url, None)}
+        if opts.floor:
+            pipe, url = start(
+                [sys.executable, "-m", "saber_sidecar.tcp_pipe", "--upstream", engine_url.split("//", 1)[1]],
+                out / "tcp-pipe.log", r"listening on (http://\S+)", cpus=opts.sidecar_cpus,
+            )
+            procs.append(pipe)
+            targets[FLOOR] = (url, pipe.pid)
         for name in opts.policies:
-            print(f"policy {name}: {opts.streams} streams, {opts.duration}s x {opts.rounds} rounds per target",
-                  flush=True)
-            results[name] = await bench_policy(name, CONFIGS[name], engine_url, out, opts)
+            proc, url = start_sidecar(name, engine_url, out, opts)
+            procs.append(proc)
+            targets[f"sidecar-{name}"] = (url, proc.pid)
+        print(f"{opts.streams} streams, {opts.duration}s per run, {opts.rounds} rounds of: {', '.join(targets)}",
+              flush=True)
+        measured = await measure(targets, opts)
     finally:
-        stop(emulator)
+        for proc in reversed(procs):
+            stop(proc)
+    results = {name: measured[f"sidecar-{name}"] for name in opts.policies}
     return {
         "command": "python -m saber_sidecar.perf " + " ".join(sys.argv[1:]),
         "streams": opts.streams,
         "duration_s": opts.duration,
+        "ramp_s": opts.ramp,
         "rounds": opts.rounds,
         "max_tokens": opts.max_tokens,
         "jitter_ms": opts.jitter_ms,
@@ -313,6 +355,7 @@ async def main_async(opts: argparse.Namespace) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg()},
         "policies": results,
+        **({"floor": measured[FLOOR]} if opts.floor else {}),
     }
 
 
@@ -322,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams (default 200)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
+    parser.add_argument("--ramp", type=float, default=4.0,
+                        help="seconds over which the streams start, at random times, before measuring begins "
+                        "(default 4; about one request's length, so streams do not run in step)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--jitter-ms", type=float, default=0.0,
                         help="each worker waits a random 0..JITTER ms before each request, so arrivals fall at "
@@ -333,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat-step-ms", type=float, default=None,
                         help="shorthand for a flat latency profile with this step time (written to DIR); at 200 "
                         "streams a 50 ms step gives about 4,000 tokens/s, near the paper profile's rate there")
+    parser.add_argument("--floor", action="store_true",
+                        help="also send the load through a bare TCP byte pipe (saber_sidecar.tcp_pipe), the least "
+                        "any proxy can add on this machine, so the sidecar's own cost can be read against it")
     parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=list(CONFIGS))
     parser.add_argument("--pin", action="store_true",
                         help="give the sidecar its own CPU (the last one) and run the emulator and the load "
@@ -350,18 +399,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--pin needs at least 2 CPUs")
         opts.sidecar_cpus, opts.other_cpus = {cpus[-1]}, set(cpus[:-1])
         os.sched_setaffinity(0, opts.other_cpus)
-    if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1:
-        parser.error("--streams, --duration, --rounds and --max-tokens must be positive")
-    report = asyncio.run(main_async(opts))
+    if opts.streams < 1 or opts.duration <= 0 or opts.rounds < 1 or opts.max_tokens < 1 or opts.ramp < 0:
+        parser.error("--streams, --duration, --rounds and --max-tokens must be positive, --ramp not negative")
+    # The load generator runs on the sidecar's loop too (uvloop when installed): its CPU is taken
+    # from the same cores in both arms, so the cheaper it is, the less it blurs the difference.
+    report = run_loop(main_async(opts), os.environ.get("SABER_SIDECAR_EVENT_LOOP", "auto"))
     path = Path(opts.out) / "sidecar_perf.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    for name, r in report["policies"].items():
+    rows = [(f"sidecar {name}", r) for name, r in report["policies"].items()]
+    if "floor" in report:
+        rows.append(("floor (tcp pipe)", report["floor"]))
+    for label, r in rows:
         lo50, hi50 = r["added_ttft_p50_ms_ci95"]
         lo99, hi99 = r["added_ttft_p99_ms_ci95"]
-        print(f"{name}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms (95% CI {lo50:+.2f}..{hi50:+.2f}), "
+        print(f"{label}: added TTFT p50 {r['added_ttft_p50_ms']:+.3f} ms (95% CI {lo50:+.2f}..{hi50:+.2f}), "
               f"p99 {r['added_ttft_p99_ms']:+.3f} ms (95% CI {lo99:+.2f}..{hi99:+.2f}), "
-              f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}, sidecar CPU "
-              f"{r['sidecar_cpu_ms_per_1000_tokens']} ms per 1000 tokens; meets {r['meets_targets']}")
+              f"tokens/s ratio {r['tokens_per_second_ratio']:.4f}, proxy CPU "
+              f"{r['proxy_cpu_ms_per_1000_tokens']} ms per 1000 tokens; meets {r['meets_targets']}")
     print(f"wrote {path}")
     return 0
 
