@@ -29,6 +29,7 @@ from saber_sidecar.metrics import SidecarMetrics
 from saber_sidecar.policy.base import Admit, Request
 from saber_sidecar.relay import Fail, Relay, forward_headers
 from saber_sidecar.settings import SidecarSettings
+from saber_sidecar.upstream import EnginePool
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Sidecar:
     metrics: SidecarMetrics
     engine: EngineState
     make_request: Callable[..., Request]
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # /v1/models and the engine's model name
+    pool: EnginePool | None = None  # completions
     draining: bool = False
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)

@@ -19,6 +19,7 @@ from aiohttp import web
 from saber_sidecar import metrics as m
 from saber_sidecar.classify import Classified
 from saber_sidecar.policy.base import Request
+from saber_sidecar.upstream import EngineError, EngineTimeout, Response, Sink
 
 if TYPE_CHECKING:
     from saber_sidecar.proxy import Sidecar
@@ -100,18 +101,17 @@ class Relay:
 
     async def run(self) -> web.StreamResponse:
         sc, settings = self.sc, self.sc.settings
-        assert sc.session is not None
+        assert sc.pool is not None
         data = await self._engine_body()
-        url = settings.engine_url + self.request.path
         headers = forward_headers(self.request)
         headers["Content-Type"] = "application/json"
         try:
-            upstream = await sc.session.post(url, data=data, headers=headers)
-        except asyncio.TimeoutError:
+            upstream = await sc.pool.post(self.request.path, data, headers)
+        except EngineTimeout:
             raise Fail(504, "engine did not answer in time", m.ERROR, "engine_timeout", settings.retry_after_s) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise Fail(503, f"engine not reachable ({type(exc).__name__}: {exc}); retry later",
-                        m.ENGINE_UNAVAILABLE, "engine_unavailable", settings.retry_after_s) from None
+        except EngineError as exc:
+            raise Fail(503, f"{exc}; retry later", m.ENGINE_UNAVAILABLE, "engine_unavailable",
+                       settings.retry_after_s) from None
         try:
             if upstream.status != 200:
                 return await self._relay_error(upstream)
@@ -122,75 +122,64 @@ class Relay:
             self._record(m.CANCELLED, sc.gate.now())
             raise
         finally:
-            # Closing (not releasing) an unfinished response drops the connection, which is how
-            # the engine learns that the client went away and aborts the request.
+            # An unfinished response's connection is dropped, which is how the engine learns that
+            # the client went away and aborts the request.
             upstream.close()
 
-    async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
+    async def _relay_error(self, upstream: Response) -> web.Response:
         try:
             payload = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except EngineError:
             payload = b""
         outcome = m.BAD_REQUEST if 400 <= upstream.status < 500 else m.ERROR
         self._record(outcome, self.sc.gate.now())
         headers = self._headers(outcome)
         if upstream.status == 503:
-            headers["Retry-After"] = upstream.headers.get("Retry-After", str(self.sc.settings.retry_after_s))
+            headers["Retry-After"] = upstream.headers.get("retry-after", str(self.sc.settings.retry_after_s))
         return web.Response(status=upstream.status, body=payload, content_type=upstream.content_type or "application/json",
                             headers=headers)
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse) -> web.Response:
+    async def _relay_whole(self, upstream: Response) -> web.Response:
         try:
             payload = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise Fail(502, f"engine failed while answering ({type(exc).__name__}); retry", m.ERROR,
-                        "engine_error") from None
+        except EngineError as exc:
+            raise Fail(502, f"engine failed while answering ({exc}); retry", m.ERROR, "engine_error") from None
         end = self.sc.gate.now()
         self.tokens = completion_tokens(payload)
         self.completed = True
         outcome = self._final_outcome(end)
         self._record(outcome, end)
-        return web.Response(status=200, body=payload, content_type=upstream.content_type, headers=self._headers(outcome))
+        return web.Response(status=200, body=payload, content_type=upstream.content_type or "application/json",
+                            headers=self._headers(outcome))
 
-    async def _relay_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_stream(self, upstream: Response) -> web.StreamResponse:
         gate = self.sc.gate
         resp = web.StreamResponse(status=200, headers=self._headers(m.DEMOTED if self.best_effort else ADMITTED))
         resp.content_type = "text/event-stream"
         resp.headers["Cache-Control"] = "no-cache"
+        chunked = self.request.version >= aiohttp.HttpVersion11
+        if chunked:
+            resp.enable_chunked_encoding()
         await resp.prepare(self.request)
-        events = 0
-        tail = b""
-        prev = last = b""
-        failure: str | None = None
+        stream = StreamRelay(self, upstream, self.request.transport if chunked else None)
+        upstream.attach(stream)
         chat_role = 1 if self.request.path.endswith("/chat/completions") else 0
-        chunks = upstream.content.iter_any().__aiter__()
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                failure = f"engine failed during the stream ({type(exc).__name__}: {exc})"
-                break
-            if self.first_token_at is None:
-                self.first_token_at = gate.now()
-            events += (tail + chunk).count(b"data:")
-            tail = chunk[-4:]
-            prev, last = last, chunk
-            try:
-                await resp.write(chunk)
-            except (ConnectionError, aiohttp.ClientConnectionError):
-                self._record(m.CANCELLED, gate.now())
-                # The client went away: report what was produced, as an incomplete output.
-                self.tokens = max(0, events - min(chat_role, events) - (1 if b"[DONE]" in prev + last else 0))
-                return resp
-        end_bytes = prev + last
-        done = b"[DONE]" in end_bytes
+        try:
+            await stream.run(resp)
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            stream.client_gone = True
+        if stream.client_gone:
+            self._record(m.CANCELLED, gate.now())
+            # The client went away: report what was produced, as an incomplete output.
+            self.tokens = max(0, stream.events - min(chat_role, stream.events) - (1 if stream.done_marker() else 0))
+            return resp
+        done = stream.done_marker()
+        failure = stream.failure
         if failure is None and not done:
             failure = "engine ended the stream without [DONE]"
         # Not tokens: the [DONE] marker, and a chat stream's opening role-only chunk.
-        self.tokens = max(0, events - (1 if done else 0) - min(chat_role, events))
-        usage = usage_tokens(end_bytes)
+        self.tokens = max(0, stream.events - (1 if done else 0) - min(chat_role, stream.events))
+        usage = usage_tokens(stream.prev + stream.last)
         if usage is not None:
             self.tokens = usage
         end = gate.now()
@@ -212,6 +201,109 @@ class Relay:
         except (ConnectionError, aiohttp.ClientConnectionError):
             pass
         return resp
+
+
+class StreamRelay(Sink):
+    """Relays one SSE stream from the engine's connection to the client's as each piece arrives.
+
+    The first piece goes through aiohttp's response (it carries the response head); after that,
+    pieces are written to the client's transport from the engine connection's own callback, with
+    the chunked framing aiohttp would add, so the handler task is not woken per token. When the
+    client reads slower than the engine writes, the engine's connection is paused until the
+    client's buffer drains. Tokens are counted from the SSE `data:` events as they pass.
+    """
+
+    HIGH_WATER = 256 * 1024  # bytes buffered for the client before the engine's connection pauses
+    LOW_WATER = 64 * 1024
+
+    def __init__(self, relay: Relay, upstream: Response, transport: asyncio.Transport | None) -> None:
+        self.relay, self.upstream, self.transport = relay, upstream, transport
+        self.now = relay.sc.gate.now
+        self.events = 0
+        self.tail = self.prev = self.last = b""
+        self.queue: list[bytes] = []
+        self.direct = False  # True: on_data writes straight to the client's transport
+        self.paused = False
+        self.ended = False
+        self.failure: str | None = None
+        self.client_gone = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def done_marker(self) -> bool:
+        return b"[DONE]" in self.prev + self.last
+
+    # -- Sink: called from the engine connection's callbacks ------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        if self.relay.first_token_at is None:
+            self.relay.first_token_at = self.now()
+        self.events += (self.tail + data).count(b"data:")
+        self.tail = data[-4:]
+        self.prev, self.last = self.last, data
+        if not self.direct:
+            self.queue.append(data)
+            self._wake()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.client_gone = True
+            self.direct = False
+            self._wake()
+            return
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if transport.get_write_buffer_size() > self.HIGH_WATER:
+            self.direct = False
+            self.paused = True
+            self.upstream.pause_reading()
+            self._wake()
+
+    def on_end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def on_error(self, exc: Exception) -> None:
+        self.failure = f"engine failed during the stream ({exc})"
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the handler's side ---------------------------------------------------------------------
+
+    async def run(self, resp: web.StreamResponse) -> None:
+        """Until the stream ends, fails or the client goes away."""
+        while True:
+            if self.queue:
+                queued, self.queue = self.queue, []
+                for data in queued:
+                    await resp.write(data)
+                continue
+            if self.client_gone or self.ended or self.failure is not None:
+                return
+            if self.paused:
+                await self._drain()
+                continue
+            if self.transport is not None:
+                self.direct = True
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                self.direct = False if self.client_gone else self.direct
+
+    async def _drain(self) -> None:
+        transport = self.transport
+        while transport is not None and not transport.is_closing() and (
+                transport.get_write_buffer_size() > self.LOW_WATER):
+            await asyncio.sleep(0.005)
+        if transport is None or transport.is_closing():
+            self.client_gone = True
+            return
+        self.paused = False
+        self.upstream.resume_reading()
 
 
 def forward_headers(request: web.Request) -> dict[str, str]:

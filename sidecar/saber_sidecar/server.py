@@ -59,6 +59,7 @@ class SidecarServer:
         from saber_sidecar.policy import request_for
         from saber_sidecar.proxy import Sidecar, create_app
         from saber_sidecar.reload import ConfigWatcher
+        from saber_sidecar.upstream import EnginePool
 
         s = self.settings
         gate = Gate(self._make_policy(self.config), self.config)
@@ -74,7 +75,9 @@ class SidecarServer:
         )
         self.scraper = EngineScraper(session, s.engine_url, s.scrape_interval_s, s.scrape_timeout_s,
                                      gate.observe_engine)
-        self.sidecar = Sidecar(s, gate, metrics, self.scraper.state, request_for, session=session)
+        pool = EnginePool(s.engine_url, max_idle=s.pool_size, connect_timeout_s=s.connect_timeout_s,
+                          read_timeout_s=s.read_timeout_s)
+        self.sidecar = Sidecar(s, gate, metrics, self.scraper.state, request_for, session=session, pool=pool)
         if s.config_path:
             self.watcher = ConfigWatcher(
                 s.config_path,
@@ -129,6 +132,8 @@ class SidecarServer:
             self.sidecar.gate.close()
             if self.sidecar.session is not None:
                 await self.sidecar.session.close()
+            if self.sidecar.pool is not None:
+                await self.sidecar.pool.close()
 
 
 async def serve(settings) -> int:
