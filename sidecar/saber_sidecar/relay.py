@@ -209,8 +209,8 @@ class StreamRelay(Sink):
     The first piece goes through aiohttp's response (it carries the response head); after that,
     pieces are written to the client's transport from the engine connection's own callback, with
     the chunked framing aiohttp would add, so the handler task is not woken per token. When the
-    client reads slower than the engine writes, the engine's connection is paused until the
-    client's buffer drains. Tokens are counted from the SSE `data:` events as they pass.
+    client reads slower than the engine writes (more than HIGH_WATER bytes waiting for it), the
+    engine's connection is paused until the client's buffer drains. Tokens are counted from the SSE `data:` events as they pass.
     """
 
     HIGH_WATER = 256 * 1024  # bytes buffered for the client before the engine's connection pauses
@@ -222,6 +222,7 @@ class StreamRelay(Sink):
         self.events = 0
         self.tail = self.prev = self.last = b""
         self.queue: list[bytes] = []
+        self.queued_bytes = 0
         self.direct = False  # True: on_data writes straight to the client's transport
         self.paused = False
         self.ended = False
@@ -242,6 +243,10 @@ class StreamRelay(Sink):
         self.prev, self.last = self.last, data
         if not self.direct:
             self.queue.append(data)
+            self.queued_bytes += len(data)
+            if self.queued_bytes > self.HIGH_WATER and not self.paused:
+                self.paused = True
+                self.upstream.pause_reading()
             self._wake()
             return
         transport = self.transport
@@ -276,7 +281,7 @@ class StreamRelay(Sink):
         """Until the stream ends, fails or the client goes away."""
         while True:
             if self.queue:
-                queued, self.queue = self.queue, []
+                queued, self.queue, self.queued_bytes = self.queue, [], 0
                 for data in queued:
                     await resp.write(data)
                 continue

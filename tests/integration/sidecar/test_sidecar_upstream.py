@@ -1,0 +1,235 @@
+"""The sidecar's engine client (`saber_sidecar.upstream`) against scripted HTTP servers on loopback.
+
+Each server answers with exact bytes, so the framing cases a real engine produces only by chance
+(a chunk size line split across reads, a payload split mid-way, trailers, a body ended by
+closing, a kept-alive connection the server has closed) happen every time.
+"""
+
+import asyncio
+import socket
+
+import pytest
+
+from saber_sidecar.upstream import EngineError, EnginePool, EngineTimeout, Sink
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder(Sink):
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def on_data(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def on_end(self) -> None:
+        self.ended.set_result("end")
+
+    def on_error(self, exc: Exception) -> None:
+        self.ended.set_result(exc)
+
+
+async def scripted_server(script):
+    """A server whose connections each run `script(reader, writer)`; returns (server, base URL)."""
+    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    _, sep, rest = head.partition(b"Content-Length: ")
+    length = int(rest.split(b"\r\n", 1)[0]) if sep else 0
+    return head + await reader.readexactly(length)
+
+
+async def send_pieces(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
+    for piece in pieces:  # separate writes with a pause, so they arrive as separate reads
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_chunked_body_split_anywhere_is_decoded_exactly():
+    pieces = [HEAD + b"7\r\ndata: a", b"\r", b"\n1", b"0;ext=1\r\n", b"data: bbbbbbbbbb\r\n",
+              b"0\r\nX-Trailer: t\r\n", b"\r\n"]
+
+    async def script(reader, writer):
+        await read_request(reader)
+        await send_pieces(writer, pieces)
+        await reader.read()  # keep the connection open until the client closes it
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/v1/completions", b"{}", {"Content-Type": "application/json"})
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        sink = Recorder()
+        resp.attach(sink)
+        assert await sink.ended == "end"
+        assert b"".join(sink.data) == b"data: a" + b"data: bbbbbbbbbb"
+        resp.close()
+        assert len(pool._idle) == 1  # complete and keep-alive: back in the pool
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_content_length_and_close_delimited_bodies():
+    answers = iter([
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 11\r\n"
+        b"Connection: close\r\n\r\n{\"error\":1}",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"whole\":true}",
+    ])
+
+    async def script(reader, writer):
+        await read_request(reader)
+        answer = next(answers)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()  # HTTP/1.0 without a length: the body ends when the connection does
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/v1/completions", b"{}", {})
+        assert resp.status == 400 and await resp.read() == b'{"error":1}'
+        resp.close()
+        assert pool._idle == []  # Connection: close is honoured
+        resp = await pool.post("/v1/completions", b"{}", {})
+        assert resp.status == 200 and await resp.read() == b'{"whole":true}'
+        resp.close()
+        assert pool._idle == []  # HTTP/1.0 without keep-alive is not reused
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_engine_closing_mid_body_is_an_error_not_an_end():
+    async def script(reader, writer):
+        await read_request(reader)
+        await send_pieces(writer, [HEAD + b"6\r\ndata: \r\n"])
+        writer.transport.abort()
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/v1/completions", b"{}", {})
+        sink = Recorder()
+        resp.attach(sink)
+        outcome = await sink.ended
+        assert isinstance(outcome, EngineError) and "mid-response" in str(outcome)
+        assert sink.data == [b"data: "]
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_stale_kept_alive_connection_is_retried_once_on_a_fresh_one():
+    requests = []
+
+    async def script(reader, writer):
+        requests.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # closes the kept-alive connection right after answering
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        for _ in range(2):
+            resp = await pool.post("/v1/completions", b'{"n":1}', {})
+            assert await resp.read() == b"ok"
+            resp.close()
+            await asyncio.sleep(0.05)
+        assert len(requests) == 2  # each request reached the engine exactly once
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_malformed_answers_and_silence_are_clear_errors():
+    answers = iter([b"garbage\r\n\r\n", HEAD + b"zz\r\n", None])
+
+    async def script(reader, writer):
+        await read_request(reader)
+        answer = next(answers)
+        if answer is not None:
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url, read_timeout_s=1.0)
+    try:
+        with pytest.raises(EngineError, match="malformed status line"):
+            await pool.post("/x", b"{}", {})
+        resp = await pool.post("/x", b"{}", {})
+        with pytest.raises(EngineError, match="malformed chunk size"):
+            await resp.read()
+        resp.close()
+        with pytest.raises(EngineTimeout, match="sent nothing for 1s"):
+            await pool.post("/x", b"{}", {})
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_unreachable_engine_and_header_injection():
+    pool = EnginePool("http://127.0.0.1:9", connect_timeout_s=2)
+    with pytest.raises(EngineError, match="engine not reachable"):
+        await pool.post("/x", b"{}", {})
+    head = pool._request_head("/v1/completions", 2, {"x-request-id": "a\r\nEvil: 1", "traceparent": "t"})
+    assert b"Evil" not in head and b"traceparent: t\r\n" in head and head.endswith(b"\r\n\r\n")
+    await pool.close()
+
+
+async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_sidecar):
+    """The sidecar buffers a bounded amount for a client that does not read, then pauses reading
+    from the engine; once the client reads, the rest follows and the stream is complete."""
+    from sidecar_support import scrape, wait_for
+
+    event = b"data: " + b"x" * 20_000 + b"\n\n"
+    count = 400  # 8 MB: far more than the sidecar's high-water mark plus the kernel's socket buffers
+
+    async def script(reader, writer):
+        if not (await read_request(reader)).startswith(b"POST"):  # the sidecar's /metrics scrapes
+            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%b" % (len(metrics), metrics))
+            writer.close()
+            return
+        writer.write(HEAD)
+        for _ in range(count):
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        await writer.drain()
+        await reader.read()
+
+    server, url = await scripted_server(script)
+    sidecar = await start_sidecar(url)
+    host, port = sidecar.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so it sticks
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    writer.transport.pause_reading()  # the client stops reading
+    try:
+        pool = sidecar.sidecar.pool
+        assert await wait_for(lambda: any(not c.transport.is_reading() for c in pool._busy), timeout=10)
+        writer.transport.resume_reading()
+        received = await reader.readuntil(b"\r\n0\r\n\r\n")
+        assert received.count(b"data: ") == count + 1 and b"data: [DONE]" in received
+        metrics = await scrape(sidecar.url)
+        assert metrics[("saber_requests_total", (("class", "batch"), ("outcome", "met")))] == 1
+    finally:
+        writer.close()
+        server.close()
