@@ -368,7 +368,12 @@ class SpeedModel:
         """Record one finished request's (average concurrency, tokens/s); True when it refitted."""
         if not (concurrency > 0 and speed > 0 and math.isfinite(concurrency) and math.isfinite(speed)):
             return False
-        self._buf[self._count % self._window] = (concurrency, speed)
+        # Two scalar stores: assigning a tuple to the row converts it through a temporary array,
+        # which cost more than the rest of `observe` (this runs for every finished request).
+        i = self._count % self._window
+        buf = self._buf
+        buf[i, 0] = concurrency
+        buf[i, 1] = speed
         self._count += 1
         self._since_refit += 1
         if not self.online_refit or self.samples < self.min_samples or self._since_refit < self.refit_every:

@@ -1,0 +1,164 @@
+"""saber's batch plan and online estimates, against straightforward reference versions.
+
+The plan is the one O(n) part of a decision, so it is written for speed: one lean pass for the
+common candidate (done after the whole batch), per-request lists only when a candidate finishes
+inside the batch, candidates priced once per shape. The estimates keep sorted windows instead of
+sorting on every recompute. None of that may change a decision, so these tests compare them,
+exactly (floats to the bit), with the per-position version the policy used before and with sorts.
+"""
+
+import math
+import random
+
+import pytest
+
+from saber_sidecar.config import paper_config
+from saber_sidecar.policy import Admit, request_for
+from saber_sidecar.policy.estimates import PREFILL_MIN_TOKENS, OutputEstimate, PrefillCost
+from saber_sidecar.policy.saber import FITS, HURTS_BATCH, INF, MISSES_OWN, SaberPolicy
+
+TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
+
+
+def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0, cold=False):
+    """(verdict, thin) as `_fits` decided them with the full per-position plan, rebuilt here."""
+    table = pol.model.table
+    h = pol.headroom
+    inv = [h / v for v in table]
+    ks, dues, W, n, tol = list(pol._ks), list(pol._dues), pol._W, len(pol._ks), pol.at_risk
+    a0s, a1s, lenient, prefix = [], [], [], [INF]
+    a0 = a1 = prev = 0.0
+    least = INF
+    for k, due, w0, w1 in zip(ks, dues, inv[n:0:-1], inv[n + 1 : 1 : -1]):
+        r = max(k - W, 1.0)
+        d = r - prev
+        a0 += d * w0
+        a1 += d * w1
+        prev = r
+        a0s.append(a0)
+        a1s.append(a1)
+        s = due - now - a0
+        lenient.append(s if s >= tol * a0 else INF)
+        if s >= 0.0 and s - a1 + a0 < least:
+            least = s - a1 + a0
+        prefix.append(least)
+    max_tpot = max((r.tpot_speed for r in pol._running.values()), default=0.0)
+    light = pol._plan(now).light  # the same cached load reading the policy's plan takes
+    if n + 2 >= len(table) or max_tpot * h > table[n + 1]:
+        return HURTS_BATCH, None
+    if tpot_speed * h > table[n + 1]:
+        return MISSES_OWN, None
+    if cold:
+        slot = n + 1 + pol.reserve
+        if slot >= len(table) or table[slot] < pol._fresh_need * h:
+            return HURTS_BATCH, None
+    pos = next((j for j in range(n) if max(ks[j] - W, 1.0) >= expected), n)
+    if pos:
+        r_prev = max(ks[pos - 1] - W, 1.0)
+        before0, before1 = a0s[pos - 1], a1s[pos - 1]
+    else:
+        before0 = before1 = r_prev = 0.0
+    stall = pol._prefill.per_token * prompt
+    finish = before1 + (expected - r_prev) * h / table[n + 1 - pos] + stall
+    reserve = pol.reserve_share * (deadline - now if deadline is not None else span)
+    thin = False
+    if deadline is not None:
+        own = deadline - pol.margin - reserve - now - finish
+        if own < 0.0 and not cold:
+            return MISSES_OWN, None
+        thin = cold or (light and own < pol.at_risk * finish)
+    if prefix[pos] < stall + (0.0 if light else reserve):
+        return HURTS_BATCH, None
+    if pos < n:
+        delay = finish - (before0 + (expected - r_prev) * h / table[n - pos])
+        if min(lenient[pos:]) < delay + reserve:
+            return HURTS_BATCH, None
+    return FITS, thin
+
+
+def busy_policy(seed, steps=260, **saber):
+    """A saber policy run through random paper traffic; yields (policy, now) between events."""
+    cfg = paper_config("saber", max_queue=400)
+    cfg.scheduling.saber = cfg.scheduling.saber.model_copy(update=saber)
+    pol = SaberPolicy(cfg)
+    rng = random.Random(seed)
+    now, running = 0.0, []
+    for i in range(steps):
+        now += rng.expovariate(40.0)
+        if running and rng.random() < 0.45:
+            acts = pol.finished(running.pop(rng.randrange(len(running))), now, rng.randint(20, 600), None)
+        else:
+            name, mt = rng.choice(TASKS)
+            acts = pol.submit(request_for(cfg, name, f"r{i}", now, mt, prompt_tokens=rng.choice((0, 300, 2000))), now)
+        running += [a.request_id for a in acts if isinstance(a, Admit)]
+        if pol.next_wake() is not None and pol.next_wake() <= now:
+            running += [a.request_id for a in pol.wake(now) if isinstance(a, Admit)]
+        if i % 5 == 0 and pol._running:
+            yield pol, now, rng
+
+
+@pytest.mark.parametrize("seed, saber", [(1, {}), (2, {"light_load": 0.0}), (3, {"light_load": 10.0}),
+                                         (4, {"slack_reserve_share": 0.0, "at_risk_slack_share": 0.3})])
+def test_fits_matches_the_per_position_plan(seed, saber):
+    checked = {FITS: 0, HURTS_BATCH: 0, MISSES_OWN: 0}
+    for pol, now, rng in busy_policy(seed, **saber):
+        plans = {"lean": pol._plan(now)}
+        for _ in range(12):
+            expected = rng.choice((1, 2, rng.randint(1, 700), 51, 387))
+            deadline = None if rng.random() < 0.2 else now + rng.uniform(-0.5, 14.0)
+            args = (expected, deadline, rng.choice((0.0, 0.0, 20.0, 120.0)), rng.choice((0, 300, 2000)),
+                    rng.uniform(1, 12), rng.random() < 0.2)
+            want = reference_fits(pol, now, *args)
+            # The lean plan, a plan built with the per-request lists at once (a first candidate
+            # finishing inside the batch), and the lean plan again with shapes already priced.
+            for plan in (plans["lean"], pol._plan(now, expected), plans["lean"]):
+                verdict = pol._fits(plan, *args)
+                assert (verdict, pol._thin if verdict is FITS else None) == want
+            checked[want[0]] += 1
+    assert min(checked.values()) > 20, checked  # every verdict was exercised
+
+
+def test_lean_plan_ends_are_the_lists_to_the_bit():
+    for pol, now, _ in busy_policy(5):
+        lean = pol._plan(now)
+        full = pol._plan(now, 1.0)  # a one-token candidate finishes inside any batch
+        assert full.a0 is not None and lean.a0 is None
+        assert (lean.a0_end, lean.a1_end, lean.r_end, lean.least) == (full.a0[-1], full.a1[-1], full.r_end,
+                                                                     full.prefix_min[-1])
+
+
+@pytest.mark.parametrize("window, quantile, min_samples", [(8, 0.9, 8), (16, 0.5, 4), (256, 0.9, 8)])
+def test_output_estimate_is_the_sorted_window_quantile(window, quantile, min_samples):
+    rng = random.Random(window)
+    est = OutputEstimate(window, quantile, min_samples)
+    recent, since, value = [], 0, None
+    for _ in range(2000):
+        tokens = rng.choice((rng.randint(1, 600), 48, 48))  # ties, as real lengths have
+        recent = (recent + [tokens])[-window:]
+        since += 1
+        changed = est.add(tokens)
+        if len(recent) >= min_samples and (value is None or since >= 8):
+            ordered = sorted(recent)
+            new = max(1, ordered[max(0, math.ceil(quantile * len(ordered)) - 1)])
+            assert changed == (new != value)
+            since, value = 0, new
+        else:
+            assert not changed
+        assert est.value == value
+
+
+def test_prefill_cost_is_the_sorted_window_quantile():
+    rng = random.Random(3)
+    cost = PrefillCost(5e-5)
+    recent = []
+    for _ in range(3000):
+        tokens, ttft, step = rng.randint(1, 3000), rng.uniform(0, 0.3), rng.uniform(0, 0.05)
+        before = cost.per_token
+        recomputed = cost.observe(tokens, ttft, step)
+        if tokens >= PREFILL_MIN_TOKENS:
+            recent = (recent + [max(0.0, ttft - step) / tokens])[-256:]
+        if recomputed:
+            ordered = sorted(recent)
+            assert cost.per_token == min(ordered[int(0.2 * (len(ordered) - 1))], 0.01)
+        else:
+            assert cost.per_token == before
