@@ -6,6 +6,7 @@ closing, a kept-alive connection the server has closed) happen every time.
 """
 
 import asyncio
+import json
 import socket
 
 import pytest
@@ -233,3 +234,21 @@ async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_
     finally:
         writer.close()
         server.close()
+
+
+async def test_http10_client_gets_an_unchunked_stream(emulator, start_sidecar):
+    """An HTTP/1.0 client cannot take chunked framing: its stream is relayed raw and ends with the
+    connection, through the queued path rather than the direct one."""
+    from sidecar_support import MODEL, emulator_url
+
+    sidecar = await start_sidecar(emulator_url(emulator))
+    host, port = sidecar.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"model": MODEL, "prompt": "p", "max_tokens": 5, "stream": True}).encode()
+    writer.write(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    answer = await reader.read()  # to EOF: the server closes an HTTP/1.0 response
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert payload.count(b"data: ") == 6 and payload.rstrip().endswith(b"data: [DONE]")
