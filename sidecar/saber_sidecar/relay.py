@@ -210,7 +210,8 @@ class StreamRelay(Sink):
     pieces are written to the client's transport from the engine connection's own callback, with
     the chunked framing aiohttp would add, so the handler task is not woken per token. When the
     client reads slower than the engine writes (more than HIGH_WATER bytes waiting for it), the
-    engine's connection is paused until the client's buffer drains. Tokens are counted from the SSE `data:` events as they pass.
+    engine's connection is paused until the client's buffer drains. Tokens are counted from the
+    SSE `data:` events as they pass.
     """
 
     HIGH_WATER = 256 * 1024  # bytes buffered for the client before the engine's connection pauses
@@ -300,13 +301,14 @@ class StreamRelay(Sink):
                 self.direct = False if self.client_gone else self.direct
 
     async def _drain(self) -> None:
+        # Without a transport (HTTP/1.0, queued path) aiohttp's own write has already drained.
         transport = self.transport
-        while transport is not None and not transport.is_closing() and (
-                transport.get_write_buffer_size() > self.LOW_WATER):
-            await asyncio.sleep(0.005)
-        if transport is None or transport.is_closing():
-            self.client_gone = True
-            return
+        if transport is not None:
+            while not transport.is_closing() and transport.get_write_buffer_size() > self.LOW_WATER:
+                await asyncio.sleep(0.005)
+            if transport.is_closing():
+                self.client_gone = True
+                return
         self.paused = False
         self.upstream.resume_reading()
 

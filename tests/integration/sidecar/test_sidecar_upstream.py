@@ -189,9 +189,11 @@ async def test_unreachable_engine_and_header_injection():
     await pool.close()
 
 
-async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_sidecar):
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_sidecar, version):
     """The sidecar buffers a bounded amount for a client that does not read, then pauses reading
-    from the engine; once the client reads, the rest follows and the stream is complete."""
+    from the engine; once the client reads, the rest follows and the stream is complete (HTTP/1.1:
+    the direct path; HTTP/1.0: the queued one)."""
     from sidecar_support import scrape, wait_for
 
     event = b"data: " + b"x" * 20_000 + b"\n\n"
@@ -220,14 +222,17 @@ async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_
     sock.connect((host, int(port)))
     reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
     body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    writer.write(b"POST /v1/completions HTTP/%b\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (version.encode(), len(body), body))
     writer.transport.pause_reading()  # the client stops reading
     try:
         pool = sidecar.sidecar.pool
         assert await wait_for(lambda: any(not c.transport.is_reading() for c in pool._busy), timeout=10)
         writer.transport.resume_reading()
-        received = await reader.readuntil(b"\r\n0\r\n\r\n")
+        if version == "1.1":
+            received = await reader.readuntil(b"\r\n0\r\n\r\n")
+        else:
+            received = await reader.read()  # an HTTP/1.0 response ends with the connection
         assert received.count(b"data: ") == count + 1 and b"data: [DONE]" in received
         metrics = await scrape(sidecar.url)
         assert metrics[("saber_requests_total", (("class", "batch"), ("outcome", "met")))] == 1
