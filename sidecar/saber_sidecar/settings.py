@@ -47,7 +47,11 @@ class SidecarSettings(BaseSettings):
         default=600.0, gt=0, le=86_400, description="Longest silence from the engine inside one response."
     )
     pool_size: int = Field(
-        default=1024, ge=1, le=100_000, description="Keep-alive connections to the engine (>= expected concurrency)."
+        default=1024,
+        ge=1,
+        le=100_000,
+        description="Most idle keep-alive connections kept open to the engine (set it at or above the expected "
+        "concurrency, so connections are reused rather than reopened).",
     )
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 503 responses.")
     drain_grace_s: float = Field(
