@@ -332,6 +332,7 @@ class SpeedModel:
         self.form = form
         self.params = params
         self.valid_up_to = float(limit)
+        self._table_array = table
         self._table: list[float] = table.tolist()
         self._tail_throughput = self._table[-1] * (TABLE_SIZE - 1)
 
@@ -339,6 +340,11 @@ class SpeedModel:
     def table(self) -> list[float]:
         """speed(L) for L = 0 .. TABLE_SIZE-1, for callers that index it directly on hot paths."""
         return self._table
+
+    @property
+    def table_array(self) -> np.ndarray:
+        """`table` as a numpy array (the same floats), for whole-table arithmetic; do not modify."""
+        return self._table_array
 
     def speed(self, L: float) -> float:
         """Predicted per-request speed (tokens/s) with L requests running."""

@@ -1,6 +1,6 @@
 """Decision cost of each policy with 1,000 requests queued.
 
-    python -m saber_sidecar.policy.perf --out DIR [--queued 1000] [--ops 2000]
+    python -m saber_sidecar.policy.perf --out DIR [--queued 1000] [--ops 2000] [--running N]
 
 For each policy the engine is filled (the policy admits what it will at t=0 from a burst of the
 paper's four task classes), then `--queued` more requests wait. Timed, one call at a time:
@@ -15,6 +15,18 @@ the queue does not go hopeless). Online refitting is off while decisions are tim
 its cost is not a decision's: it is measured on its own (`speed_model_refit`: one refit of a
 full 512-sample window; the sidecar pays it once every `refit_every` finished requests).
 
+`--running N` (default: off) also measures `saber` with N requests running (its replay of the
+batch is O(running); the paper's classes have it admit 39 at t=0), in two settings, written under
+the key "running" of policy_perf.json (the default protocol and its output are unchanged):
+
+- tight:       one class with a one-hour deadline and an output length sized so that saber admits
+               exactly N at t=0 (its deadlines bind), then `--queued` more wait; submit and
+               finished are timed as above (each finished admits the head of the queue, which
+               barely fits).
+- closed_loop: the sidecar under a steady load of N streams with a one-hour deadline (64 output
+               tokens, 80 prompt tokens): N running, nothing queued; timed, in turn, a running
+               request finishing (nothing to admit) and an arrival (admitted at once).
+
 Writes DIR/policy_perf.json with mean, median, p99 and max nanoseconds per call, and prints a
 table. The budget is 20 µs per decision.
 """
@@ -24,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -126,6 +139,119 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
     return results
 
 
+def _loose_config(name: str, output_tokens: int, queued: int):
+    """One class with a one-hour deadline (refits off, as in `measure`)."""
+    from saber_sidecar.config import SidecarConfig, SchedulingConfig, SLAClass
+
+    cfg = SidecarConfig(
+        classes=[SLAClass(name=name, deadline_seconds=3600.0, output_tokens=output_tokens)],
+        default_class=name,
+        scheduling=SchedulingConfig(policy="saber", max_queue=max(10 * queued, 1024)),
+    )
+    cfg.scheduling.speed_model.online_refit = False
+    return cfg
+
+
+def measure_running(running: int, queued: int, ops: int) -> dict:
+    """`saber` with `running` requests running: batch held there by deadlines, and a closed loop."""
+    from saber_sidecar.speed_model import SpeedModel
+
+    # Tight: the longest output that still fits `running` requests in a one-hour deadline with
+    # the slack reserve: T x headroom / v(N) <= deadline - margin - reserve.
+    probe = _loose_config("bulk", 1, queued)
+    p = probe.scheduling.saber
+    table = SpeedModel.from_config(probe.scheduling.speed_model).table
+    if running + 3 >= len(table):
+        raise ValueError(f"--running must be below {len(table) - 3}")
+    budget = 3600.0 - p.deadline_margin_seconds - p.slack_reserve_share * 3600.0
+    T = max(1, math.floor(budget * table[running] / (1.0 + p.speed_headroom)))
+    cfg = _loose_config("bulk", T, queued)
+    pol = make_policy(cfg, seed=1)
+    now = 0.0
+    seq = 0
+    ids: list[str] = []
+
+    def new_request(t: float, cfg=cfg, name="bulk", tokens=T, prompt=0):
+        nonlocal seq
+        seq += 1
+        return request_for(cfg, name, f"r{seq}", t, tokens, prompt_tokens=prompt)
+
+    def apply(actions) -> None:
+        for a in actions:
+            if isinstance(a, Admit):
+                ids.append(a.request_id)
+
+    while pol.stats().queued_sla < queued and seq < 10 * (queued + running) + 10:
+        apply(pol.submit(new_request(now), now))
+    tight: dict = {"output_tokens": T, "queued": pol.stats().queued_sla, "running_at_start": len(ids)}
+    gc.collect()
+    gc.disable()
+    try:
+        samples: list[int] = []
+        for _ in range(ops):
+            now += 1e-6
+            req = new_request(now)
+            t0 = time.perf_counter_ns()
+            actions = pol.submit(req, now)
+            samples.append(time.perf_counter_ns() - t0)
+            apply(actions)
+            if req.id not in ids:
+                pol.cancel(req.id, now)
+        tight["submit"] = _summary(samples)
+        samples = []
+        admitted = len(ids)
+        for i in range(ops):
+            now += 1e-6
+            rid = ids.pop(i % len(ids))
+            t0 = time.perf_counter_ns()
+            actions = pol.finished(rid, now, T, None)
+            samples.append(time.perf_counter_ns() - t0)
+            apply(actions)
+            apply(pol.submit(new_request(now), now))
+        tight["finished"] = _summary(samples)
+        tight["admitted_by_finished"] = len(ids) - admitted + ops
+    finally:
+        gc.enable()
+    stats = pol.stats()
+    tight["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
+    tight["running_at_end"] = stats.running
+
+    # Closed loop: every arrival admitted at once, `running` streams.
+    cfg = _loose_config("bench", 64, queued)
+    pol = make_policy(cfg, seed=1)
+    ids = []
+    now = 0.0
+    while len(ids) < running:
+        now += 1e-6
+        apply(pol.submit(new_request(now, cfg, "bench", 64, 80), now))
+    loop: dict = {"queued": 0, "running_at_start": len(ids)}
+    gc.collect()
+    gc.disable()
+    try:
+        fin: list[int] = []
+        sub: list[int] = []
+        for _ in range(ops):
+            now += 1e-6
+            rid = ids.pop(0)
+            t0 = time.perf_counter_ns()
+            pol.finished(rid, now, 64, None)
+            fin.append(time.perf_counter_ns() - t0)
+            now += 1e-6
+            req = new_request(now, cfg, "bench", 64, 80)
+            t0 = time.perf_counter_ns()
+            actions = pol.submit(req, now)
+            sub.append(time.perf_counter_ns() - t0)
+            apply(actions)
+        loop["submit"] = _summary(sub)
+        loop["finished"] = _summary(fin)
+    finally:
+        gc.enable()
+    stats = pol.stats()
+    loop["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
+    loop["running_at_end"] = stats.running
+    return {"running": running, "queued": queued, "tight": tight, "closed_loop": loop}
+
+
 def measure_refit(repeats: int = 20) -> dict:
     """One online refit of a full window: 512 samples shaped like the paper's curve, with noise."""
     import random
@@ -153,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory for policy_perf.json")
     ap.add_argument("--queued", type=int, default=1000, help="requests waiting in the queue (default 1000)")
     ap.add_argument("--ops", type=int, default=2000, help="timed calls per operation (default 2000)")
+    ap.add_argument(
+        "--running", type=int, default=None, metavar="N",
+        help="also measure saber with N requests running (key \"running\"; default: off)",
+    )
     args = ap.parse_args(argv)
     if args.queued < 1 or args.ops < 1:
         ap.error("--queued and --ops must be positive")
+    if args.running is not None and not 1 <= args.running <= 4000:
+        ap.error("--running must be between 1 and 4000")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -165,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "policies": {name: measure(name, args.queued, args.ops) for name in ("static", "saber-paper", "saber")},
         "speed_model_refit": measure_refit(),
     }
+    if args.running is not None:
+        report["running"] = measure_running(args.running, args.queued, args.ops)
     path = out / "policy_perf.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'policy':<12} {'op':<9} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8}  queued/running")
@@ -179,6 +313,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<12} {op:<9} {s['mean_ns'] / 1e3:>8.2f} {s['median_ns'] / 1e3:>8.2f} "
                 f"{s['p99_ns'] / 1e3:>8.2f} {s['max_ns'] / 1e3:>8.2f}  {res['queued']}/{res['running_at_start']}"
             )
+    if "running" in report:
+        run = report["running"]
+        for setting in ("tight", "closed_loop"):
+            res = run[setting]
+            for op in ("submit", "finished", "wake"):
+                if op not in res:
+                    continue
+                s = res[op]
+                print(
+                    f"{'saber ' + setting:<18} {op:<9} {s['mean_ns'] / 1e3:>8.2f} {s['median_ns'] / 1e3:>8.2f} "
+                    f"{s['p99_ns'] / 1e3:>8.2f} {s['max_ns'] / 1e3:>8.2f}  {res['queued']}/{res['running_at_start']}"
+                )
     r = report["speed_model_refit"]
     print(f"speed model refit (512 samples, not a decision): mean {r['mean_ns'] / 1e6:.2f} ms, p50 "
           f"{r['median_ns'] / 1e6:.2f} ms")

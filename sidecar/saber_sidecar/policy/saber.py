@@ -76,6 +76,9 @@ Decisions happen when a request arrives, when one finishes, and on timers the po
   Arrivals that queue behind a blocked front are not replayed against the batch (O(log n) each).
 - Bounded work: one decision replays the batch at most `REPLAYS_PER_DECISION` times; when more
   admissions may be possible it asks to be woken `min_recheck_seconds` later and goes on then.
+  In a large batch with loose deadlines (the sidecar under a steady load with a long SLA), bounds
+  on the replay settle most candidates without it (`_fits_by_bounds`; the verdict is the one the
+  replay would reach), so such a decision costs O(1) in the batch size, not O(n).
 - No deadlock: with nothing running, the head of the queue is admitted (or found hopeless and
   handled) unconditionally.
 - Cut-off requests (`finished(..., completed=False)`) free their slot but feed neither the
@@ -86,8 +89,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy.estimates import OutputEstimate, PrefillCost
@@ -109,6 +114,11 @@ FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a run
 TTFT_EWMA = 0.2
 LOAD_RECHECK_S = 0.25  # the offered load moves on a 10 s scale: re-checking it every decision is waste
 REPLAYS_PER_DECISION = 1  # batch replays one decision may do; bounds its cost
+# `_fits_by_bounds` costs about as much as replaying ~10-15 requests: it is tried while the share of
+# candidates it settles times the batch size is at least BOUNDS_WORTH, and else every BOUNDS_PROBE-th.
+BOUNDS_WORTH = 16.0
+BOUNDS_PROBE = 16
+_LS = np.arange(1025, dtype=float)  # L = 0 .. 1024, for `_fresh_limit_cached`
 
 
 @dataclass(slots=True)
@@ -134,18 +144,24 @@ class _Plan:
     # planned: `_admit` inserts into copies of the live lists, so these stay put.
     ks: list[float]
     dues: list[float]
-    # Seconds until the whole batch has finished, and the same had one more request run alongside
-    # until then; the last request's remaining tokens (at least 1).
-    a0_end: float
-    a1_end: float
-    r_end: float
-    # The least slack left, among the requests on time, once slowed by one more: what a candidate
-    # that finishes after the whole batch (most of them) is checked against.
-    least: float
     light: bool  # offered load below `light_load`
     # No candidate fits at all: the batch is at the model's size limit or a running TPOT target binds.
     full: bool
     v_more: float  # v(n + 1): the speed with the candidate alongside
+    # The earliest of `dues` (INF if none): with the speed table's ends, it bounds every slack in
+    # the plan from below, which settles most candidates of a large, loose batch without the
+    # replay (`_fits_by_bounds`).
+    min_due: float = INF
+    # The replay itself, done on first need (`_plan_loop`, `_plan_lists`): `looped` once the ends
+    # below are set. Seconds until the whole batch has finished, and the same had one more request
+    # run alongside until then; the last request's remaining tokens (at least 1).
+    looped: bool = False
+    a0_end: float = 0.0
+    a1_end: float = 0.0
+    r_end: float = 0.0
+    # The least slack left, among the requests on time, once slowed by one more: what a candidate
+    # that finishes after the whole batch (most of them) is checked against.
+    least: float = INF
     # Per (expected tokens, prompt tokens): where a candidate of that shape lands in the finishing
     # order and when it would finish. Candidates are priced by shape, and the window repeats shapes.
     shapes: dict = field(default_factory=dict)
@@ -221,6 +237,9 @@ class SaberPolicy(Policy):
         self._by_finish: list[tuple[float, str, float]] = []
         self._ks: list[float] = []  # the same k's and deadlines, as flat lists for `_plan`
         self._dues: list[float] = []
+        self._dues_sorted: list[float] = []  # the finite ones, ascending: `_Plan.min_due` in O(1)
+        self._bounds_rate = 1.0  # share of recent `_fits_by_bounds` tries that settled the candidate
+        self._bounds_skipped = 0
         self._sla_running = 0
         self._queued: dict[str, _Queued] = {}
         # Queued SLA requests, EDF: (deadline, seq, id, the _Queued). `q.key` (the first three)
@@ -311,7 +330,11 @@ class SaberPolicy(Policy):
         i = bisect_left(ks, run.k)
         while by_finish[i][1] != request_id:
             i += 1
+        due = self._dues[i]
         del by_finish[i], ks[i], self._dues[i]
+        if due < INF:
+            dues_sorted = self._dues_sorted
+            del dues_sorted[bisect_left(dues_sorted, due)]
         if run.sla:
             self._sla_running -= 1
         if run.tpot_speed:
@@ -420,31 +443,20 @@ class SaberPolicy(Policy):
                 self._A += L * dt
             self._t = now
 
-    def _plan(self, now: float, expected: float = INF) -> _Plan:
-        """Play the running batch forward without further admissions, once per decision.
+    def _plan(self, now: float) -> _Plan:
+        """The running batch as it stands, for `_fits` to price candidates against; once per decision.
 
-        Requests finish in order of remaining tokens; while n run, each advances at v(n) (less the
-        headroom). `_fits` then prices any candidate against this plan. This is the one O(n) part
-        of a decision (n = running requests), so it is one tight loop over flat lists, the speeds
-        pre-sliced to the batch sizes each request runs at (cached per n), keeping only what a
-        candidate that finishes after the whole batch needs (most do): when the batch is done and
-        the least slack in it. Measured on CPython 3.11: this loop beats map/accumulate stages
-        (which allocate a list each), and storing each request's finishing time here (two list
-        appends an element) cost more than building them apart for the few that need them.
-        `expected` is the first candidate's: when it finishes inside the batch, the per-request
-        detail is built here at once (`_plan_lists`), not in a second pass.
+        The replay itself (requests finish in order of remaining tokens; while n run, each advances
+        at v(n), less the headroom) is the one O(n) part of a decision (n = running requests), and
+        it is done only when a candidate needs it (`_plan_loop`, or `_plan_lists` for a candidate
+        finishing inside the batch): in a large batch with loose deadlines most candidates are
+        settled by bounds on the replay that take O(1) (`_fits_by_bounds`).
         """
         table = self.model.table
         if self._inv_for is not table:
             self._inverse_speeds()
         ks = self._ks
-        dues = self._dues
         n = len(ks)
-        sliced = self._inv_sliced.get(n)
-        if sliced is None:
-            inv = self._inv
-            sliced = self._inv_sliced[n] = (inv[n:0:-1], inv[n + 1 : 1 : -1])
-        W = self._W
         max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
         light_at = self._light_at
         light = (
@@ -453,15 +465,38 @@ class SaberPolicy(Policy):
             else self._is_light(now)
         )
         full = n + 2 >= len(table) or max_tpot * self.headroom > table[n + 1]
-        v_more = 0.0 if full else table[n + 1]
-        if n and (ks[-1] - W >= expected or 1.0 >= expected):
-            # The candidate finishes inside the batch (r = max(k - W, 1) >= expected for the last).
-            plan = _Plan(now, n, W, ks, dues, 0.0, 0.0, 0.0, INF, light, full, v_more)
-            self._plan_lists(plan)
-            return plan
+        dues_sorted = self._dues_sorted
+        return _Plan(
+            now, n, self._W, ks, self._dues, light, full, 0.0 if full else table[n + 1],
+            dues_sorted[0] if dues_sorted else INF, not n,
+        )
+
+    def _slices(self, n: int) -> tuple[list[float], list[float]]:
+        """headroom / v at the batch size each of n requests, in finishing order, runs at: alone
+        (inv[n - j] for request j) and with one more alongside (inv[n + 1 - j]); cached per n."""
+        sliced = self._inv_sliced.get(n)
+        if sliced is None:
+            inv = self._inv
+            sliced = self._inv_sliced[n] = (inv[n:0:-1], inv[n + 1 : 1 : -1])
+        return sliced
+
+    def _plan_loop(self, plan: _Plan) -> None:
+        """The replay, keeping only what a candidate that finishes after the whole batch needs
+        (most do): when the batch is done and the least slack in it.
+
+        One tight loop over flat lists, the speeds pre-sliced to the batch sizes each request runs
+        at. Measured on CPython 3.11: this loop beats map/accumulate stages (which allocate a list
+        each), and storing each request's finishing time here (two list appends an element) cost
+        more than building them apart for the few that need them (`_plan_lists`).
+        """
+        now = plan.now
+        W = plan.W
+        ks = plan.ks
+        dues = plan.dues
+        n = plan.n
+        w0s, w1s = self._slices(n)  # the speed table cannot change within a decision
         a0 = a1 = prev = 0.0
         least = INF
-        w0s, w1s = sliced
         if n and ks[0] - W < 1.0:
             # Requests past their estimate, a prefix (k is sorted): each has at least a token left.
             # Rare, so the loop below need not check.
@@ -494,12 +529,13 @@ class SaberPolicy(Policy):
                 s = s - a1 + a0
                 if s < least:
                     least = s
-        return _Plan(now, n, W, ks, dues, a0, a1, prev, least, light, full, v_more)
+        plan.a0_end, plan.a1_end, plan.r_end, plan.least = a0, a1, prev, least
+        plan.looped = True
 
     def _plan_lists(self, plan: _Plan) -> None:
         """The per-request detail of `plan`, for candidates that finish inside the batch.
 
-        `_plan`'s loop (the same arithmetic, so the last elements are `a0_end`, `a1_end` and
+        `_plan_loop`'s loop (the same arithmetic, so the last elements are `a0_end`, `a1_end` and
         `least` to the bit), keeping for each running request its finishing time alone and with
         one more alongside, the least slack among the requests up to it once slowed by one more
         (`prefix_min[j]`: before request j), and its lenient slack: INF where it is late anyway or
@@ -509,7 +545,7 @@ class SaberPolicy(Policy):
         now = plan.now
         W = plan.W
         tol = self.at_risk
-        w0s, w1s = self._inv_sliced[plan.n]  # filled by `_plan`; the speed table cannot change within a decision
+        w0s, w1s = self._slices(plan.n)  # the speed table cannot change within a decision
         a0s: list[float] = []
         a1s: list[float] = []
         lenient: list[float] = []
@@ -537,6 +573,7 @@ class SaberPolicy(Policy):
         plan.a0, plan.a1, plan.prefix_min, plan.lenient = a0s, a1s, prefix, lenient
         if a0s:
             plan.a0_end, plan.a1_end, plan.r_end, plan.least = a0, a1, prev, least
+        plan.looped = True
 
     def _fits(
         self,
@@ -571,7 +608,21 @@ class SaberPolicy(Policy):
                 return HURTS_BATCH
         priced = plan.shapes.get((expected, prompt))
         if priced is None:
-            priced = self._price(plan, expected, prompt)
+            pos = self._position(plan, expected)
+            if (not plan.looped if pos == plan.n else plan.a0 is None) and (
+                self._bounds_rate * plan.n >= BOUNDS_WORTH or self._bounds_skipped >= BOUNDS_PROBE
+            ):
+                # The replay this candidate needs is not done yet: bounds on it may settle it
+                # (tried where they have been settling enough candidates for the size of the
+                # batch to pay for the try, and now and then to find out).
+                verdict = self._fits_by_bounds(plan, pos, expected, deadline, prompt, span, cold)
+                self._bounds_skipped = 0
+                self._bounds_rate += 0.125 * ((verdict is not None) - self._bounds_rate)
+                if verdict is not None:
+                    return verdict
+            else:
+                self._bounds_skipped += 1
+            priced = self._price(plan, pos, expected, prompt)
         pos, finish, stall, before0, r_prev = priced
         # The slack a candidate must leave: a share of its own time to deadline (best effort: of
         # its SLA, `span`), so a long request stops taking the batch's last slack while short,
@@ -609,27 +660,118 @@ class SaberPolicy(Policy):
             return HURTS_BATCH
         return FITS
 
-    def _price(self, plan: _Plan, expected: float, prompt: int) -> tuple[int, float, float, float, float]:
-        """Where a candidate of this shape lands in `plan`'s finishing order (pos), when it would
-        finish, its prefill stall, and the finishing time and remaining tokens of the request
-        before it; cached in `plan.shapes`."""
+    def _position(self, plan: _Plan, expected: float) -> int:
+        """Where a candidate of `expected` tokens lands in `plan`'s finishing order: before the
+        first request with at least that many tokens left (r = max(k - W, 1), as in the replay)."""
         ks = plan.ks
         W = plan.W
         n = plan.n
-        # The first request with at least `expected` tokens left (r = max(k - W, 1), as in
-        # `_plan`). r never falls along the batch, so none has when the last has not (the common
-        # case: the batch is done before the candidate).
+        # r never falls along the batch, so none has when the last has not (the common case: the
+        # batch is done before the candidate).
         if not n or (ks[-1] - W < expected and 1.0 < expected):
-            pos = n
+            return n
+        # A bisection of k against W + expected, corrected where that sum rounds.
+        pos = bisect_left(ks, W + expected)
+        # (r >= expected reads `k - W >= expected or 1.0 >= expected` without calling max.)
+        while pos and (ks[pos - 1] - W >= expected or 1.0 >= expected):
+            pos -= 1
+        while pos < n and ks[pos] - W < expected and 1.0 < expected:
+            pos += 1
+        return pos
+
+    def _fits_by_bounds(
+        self, plan: _Plan, pos: int, expected: float, deadline: float | None, prompt: int, span: float, cold: bool
+    ) -> str | None:
+        """`_fits`'s verdict (past its first checks) where bounds on the replay settle it; None where
+        they do not, and the replay decides.
+
+        In the replay every request runs at the speed of a batch no larger than the one it starts
+        in (n, or n + 1 with the candidate) and no smaller than the one it ends in, and its
+        remaining tokens r are the sum of the steps before it, so request j finishes within
+        [r_j h / v(n - j), r_j h / v(n)] (with one more: v(n + 1 - j), v(n + 1)). The earliest
+        deadline in the batch then bounds every slack from below. With a large batch and loose
+        deadlines (the sidecar under a steady load, a one-hour SLA) these settle almost every
+        candidate, and a decision costs O(1) instead of O(n). Every comparison must clear a
+        tolerance (relative 1e-9, where the floats' rounding is ~1e-16 a step) or the replay
+        decides, so the verdict is the replay's, to the bit: one that bounds settle is the same
+        one the replay would reach.
+        """
+        n = plan.n
+        now = plan.now
+        inv = self._inv
+        table = self.model.table
+        h = self.headroom
+        ks = plan.ks
+        W = plan.W
+        if pos:
+            r_prev = ks[pos - 1] - W
+            if r_prev < 1.0:
+                r_prev = 1.0
+            b1_lo = r_prev * inv[n + 2 - pos]
+            b1_hi = r_prev * inv[n + 1]
+            b0_lo = r_prev * inv[n + 1 - pos]
         else:
-            # A bisection of k against W + expected, corrected where that sum rounds.
-            pos = bisect_left(ks, W + expected)
-            # (r >= expected reads `k - W >= expected or 1.0 >= expected` without calling max.)
-            while pos and (ks[pos - 1] - W >= expected or 1.0 >= expected):
-                pos -= 1
-            while pos < n and ks[pos] - W < expected and 1.0 < expected:
-                pos += 1
+            r_prev = b1_lo = b1_hi = b0_lo = 0.0
+        stall = self._prefill.per_token * prompt
+        rest = (expected - r_prev) * h / table[n + 1 - pos]
+        f_lo = b1_lo + rest + stall
+        f_hi = b1_hi + rest + stall
+        min_due = plan.min_due
+        scale = now if now >= 0.0 else -now
+        scale += f_hi + span + 1.0
+        if min_due < INF:
+            scale += min_due if min_due >= 0.0 else -min_due
+        if deadline is not None:
+            scale += deadline if deadline >= 0.0 else -deadline
+        if pos < n:
+            r_last = ks[-1] - W
+            if r_last < 1.0:
+                r_last = 1.0
+            a0_hi = r_last * inv[n]
+            scale += a0_hi
+        tol = 1e-9 * scale
+        thin = False
+        if deadline is not None:
+            reserve = self.reserve_share * (deadline - now)
+            room = deadline - self.margin - reserve - now  # `own` is room - finish
+            if cold:
+                thin = True
+            else:
+                if room - f_lo < -tol:
+                    return MISSES_OWN
+                if not room - f_hi > tol:
+                    return None
+                if plan.light:
+                    at_risk = self.at_risk
+                    if room - f_lo - at_risk * f_lo < -tol:
+                        thin = True
+                    elif not room - f_hi - at_risk * f_hi > tol:
+                        return None
+        else:
+            reserve = self.reserve_share * span
+        before = stall if plan.light else stall + reserve
+        if min_due < INF:
+            base = min_due - now
+            # The requests finishing before it (all of them when pos == n): slack once slowed.
+            if pos and not base - b1_hi - before > tol:
+                return None
+            if pos < n:
+                # Those finishing after it: delayed by at most this much.
+                delay_hi = f_hi - (b0_lo + (expected - r_prev) * h / table[n - pos])
+                if not base - a0_hi - delay_hi - reserve > tol:
+                    return None
+        self._thin = thin
+        return FITS
+
+    def _price(self, plan: _Plan, pos: int, expected: float, prompt: int) -> tuple[int, float, float, float, float]:
+        """When a candidate of this shape (at `pos`) would finish, its prefill stall, and the
+        finishing time and remaining tokens of the request before it; cached in `plan.shapes`."""
+        ks = plan.ks
+        W = plan.W
+        n = plan.n
         if pos == n and n:
+            if not plan.looped:
+                self._plan_loop(plan)
             before0, before1, r_prev = plan.a0_end, plan.a1_end, plan.r_end
         elif pos:
             r_prev = ks[pos - 1] - W
@@ -646,11 +788,11 @@ class SaberPolicy(Policy):
         return priced
 
     def _inverse_speeds(self) -> list[float]:
-        """headroom / v(L) for every L, rebuilt only when the speed model changes."""
+        """headroom / v(L) for every L, rebuilt only when the speed model changes (in numpy: the
+        same IEEE divisions as a list comprehension, a tenth of the time after each refit)."""
         table = self.model.table
         if self._inv_for is not table:
-            h = self.headroom
-            self._inv = [h / v for v in table]
+            self._inv = (self.headroom / self.model.table_array).tolist()
             self._inv_for = table
             self._inv_sliced = {}
         return self._inv
@@ -766,13 +908,13 @@ class SaberPolicy(Policy):
             else:
                 self._set_timer(q, now, max(self._hopeless_at(q), now + self.min_recheck))
 
-    def _replay(self, now: float, expected: float) -> _Plan | None:
+    def _replay(self, now: float) -> _Plan | None:
         """A fresh plan, or None when this decision has used its replays (it resumes shortly)."""
         if self._replays <= 0:
             self._resume_at = now + self.min_recheck
             return None
         self._replays -= 1
-        return self._plan(now, expected)
+        return self._plan(now)
 
     def _admit_sla(self, now: float, out: list[Action]) -> None:
         """EDF: admit the head while it fits; past a head that does not, try up to `lookahead` more.
@@ -837,11 +979,11 @@ class SaberPolicy(Policy):
                         self._resume_at = now + self.min_recheck
                         return
                     self._replays -= 1
-                    plan, stale = self._plan(now, q.expected), False
+                    plan, stale = self._plan(now), False
                 req = q.req
                 verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, 0.0, q.cold)
                 if verdict is FITS and stale:
-                    plan, stale = self._replay(now, q.expected), False
+                    plan, stale = self._replay(now), False
                     if plan is None:
                         return
                     verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, 0.0, q.cold)
@@ -876,7 +1018,7 @@ class SaberPolicy(Policy):
                 slot = L + 1 + self.reserve
                 if slot >= len(table) or table[slot] < self._fresh_need * self.headroom:
                     return
-                plan = self._replay(now, q.expected)
+                plan = self._replay(now)
                 span = q.req.deadline - q.req.arrival
                 if plan is None or self._fits(plan, q.expected, None, 0.0, q.req.prompt_tokens, span) is not FITS:
                     return
@@ -920,6 +1062,8 @@ class SaberPolicy(Policy):
         ks.insert(i, k)
         self._dues = dues = self._dues.copy()
         dues.insert(i, due)
+        if due < INF:
+            insort(self._dues_sorted, due)
         if req.prompt_tokens:
             # Requests admitted within one engine step of each other are prefilled in the same
             # step (or queue behind each other), so the first token of each waits for all their
@@ -1064,7 +1208,9 @@ class SaberPolicy(Policy):
             self._limit = len(table) - 1 if limit is None else max(1, limit)
             self._limit_table = table
             self._limit_need = self._fresh_need
-            self._capacity = max(L * table[L] for L in range(1, min(self._limit, 1024) + 1))
+            # max(L * v(L) for L in 1..top), in numpy: the same products (L is exact as a float).
+            top = min(self._limit, 1024)
+            self._capacity = float((_LS[1 : top + 1] * self.model.table_array[1 : top + 1]).max())
         return self._limit
 
     def _fresh_limit(self) -> int | None:

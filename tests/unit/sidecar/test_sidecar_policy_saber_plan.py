@@ -109,19 +109,103 @@ def test_fits_matches_the_per_position_plan(seed, saber):
             args = (expected, deadline, rng.choice((0.0, 0.0, 20.0, 120.0)), rng.choice((0, 300, 2000)),
                     rng.uniform(1, 12), rng.random() < 0.2)
             want = reference_fits(pol, now, *args)
-            # The lean plan, a plan built with the per-request lists at once (a first candidate
-            # finishing inside the batch), and the lean plan again with shapes already priced.
-            for plan in (plans["lean"], pol._plan(now, expected), plans["lean"]):
+            # A fresh plan (bounds first, the replay on need), plans with the replay or the
+            # per-request lists done up front, and the first plan again with shapes already priced.
+            looped, listed = pol._plan(now), pol._plan(now)
+            pol._plan_loop(looped)
+            pol._plan_lists(listed)
+            for plan in (plans["lean"], looped, listed, plans["lean"]):
                 verdict = pol._fits(plan, *args)
                 assert (verdict, pol._thin if verdict is FITS else None) == want
             checked[want[0]] += 1
     assert min(checked.values()) > 20, checked  # every verdict was exercised
 
 
+def loose_policy(seed, running=200):
+    """A saber policy with a large batch of one-hour requests of mixed lengths, some admitted
+    unprotected (INF deadlines), the clock moved on between admissions."""
+    from saber_sidecar.config import SchedulingConfig, SidecarConfig, SLAClass
+
+    cfg = SidecarConfig(
+        classes=[SLAClass(name="hour", deadline_seconds=3600.0), SLAClass(name="minute", deadline_seconds=60.0)],
+        default_class="hour",
+        scheduling=SchedulingConfig(policy="saber", max_queue=10_000),
+    )
+    pol = SaberPolicy(cfg)
+    rng = random.Random(seed)
+    now = 0.0
+    for i in range(running):
+        now += rng.expovariate(50.0)
+        name = "minute" if rng.random() < 0.1 else "hour"
+        pol.submit(request_for(cfg, name, f"r{i}", now, rng.randint(16, 2000), prompt_tokens=rng.choice((0, 80))), now)
+    return pol, now, rng
+
+
+def test_bounds_verdicts_are_the_replays():
+    """Where `_fits_by_bounds` settles a candidate, the full replay reaches the same verdict (and
+    the same thin flag); on a large loose batch it settles most, on the paper's traffic few."""
+    settled = {"loose": 0, "paper": 0}
+    tried = {"loose": 0, "paper": 0}
+    states = [("loose", *loose_policy(seed)) for seed in range(3)]
+    states += [("paper", pol, now, rng) for seed in (1, 3) for pol, now, rng in busy_policy(seed)]
+    for kind, pol, now, rng in states:
+        outcomes = []
+
+        def bounds(*args, pol=pol, outcomes=outcomes):
+            outcomes.append(SaberPolicy._fits_by_bounds(pol, *args))
+            return outcomes[-1]
+
+        pol._fits_by_bounds = bounds
+        for _ in range(40 if kind == "loose" else 12):
+            expected = rng.choice((1, 2, rng.randint(1, 3000), 51, 387))
+            horizon = 4000.0 if kind == "loose" else 14.0
+            deadline = None if rng.random() < 0.2 else now + rng.uniform(-0.5, horizon)
+            args = (expected, deadline, rng.choice((0.0, 0.0, 20.0)), rng.choice((0, 300, 2000)),
+                    rng.uniform(1, 12), rng.random() < 0.2)
+            want = reference_fits(pol, now, *args)
+            outcomes.clear()
+            pol._bounds_skipped = 10**9  # try the bounds whatever their recent record
+            verdict = pol._fits(pol._plan(now), *args)  # a fresh plan: bounds first
+            assert (verdict, pol._thin if verdict is FITS else None) == want
+            if outcomes:
+                tried[kind] += 1
+                if outcomes[0] is not None:
+                    settled[kind] += 1
+                    assert outcomes[0] == verdict
+    assert settled["loose"] > 0.5 * tried["loose"], (settled, tried)
+    assert settled["paper"] > 0, (settled, tried)
+
+
+def test_bounds_at_the_verdicts_edge():
+    """Deadlines within ulps of where the replay's verdict flips: the bounds must leave those to
+    the replay (or agree with it)."""
+    for seed in range(3):
+        pol, now, rng = loose_policy(seed)
+        for _ in range(8):
+            expected, prompt = rng.randint(1, 3000), rng.choice((0, 80))
+            lo, hi = now, now + 8000.0  # the verdict at lo is not FITS, at hi it is
+            assert reference_fits(pol, now, expected, hi, 0.0, prompt)[0] is FITS
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                if mid in (lo, hi):
+                    break
+                if reference_fits(pol, now, expected, mid, 0.0, prompt)[0] is FITS:
+                    hi = mid
+                else:
+                    lo = mid
+            for deadline in (lo, hi, math.nextafter(lo, -INF), math.nextafter(hi, INF), hi + 1e-9 * hi, hi + 1e-6 * hi):
+                want = reference_fits(pol, now, expected, deadline, 0.0, prompt)
+                pol._bounds_skipped = 10**9
+                verdict = pol._fits(pol._plan(now), expected, deadline, 0.0, prompt)
+                assert (verdict, pol._thin if verdict is FITS else None) == want
+
+
 def test_lean_plan_ends_are_the_lists_to_the_bit():
     for pol, now, _ in busy_policy(5):
-        lean = pol._plan(now)
-        full = pol._plan(now, 1.0)  # a one-token candidate finishes inside any batch
+        lean, full = pol._plan(now), pol._plan(now)
+        assert not lean.looped and lean.a0 is None
+        pol._plan_loop(lean)
+        pol._plan_lists(full)
         assert full.a0 is not None and lean.a0 is None
         assert (lean.a0_end, lean.a1_end, lean.r_end, lean.least) == (full.a0[-1], full.a1[-1], full.r_end,
                                                                      full.prefix_min[-1])
