@@ -3,7 +3,7 @@
 import pytest
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy import Admit, Demote, Reject, make_policy, request_for
+from saber_sidecar.policy import make_policy, request_for
 from saber_sidecar.policy.paper import PaperPolicy
 from policy_support import fmt
 

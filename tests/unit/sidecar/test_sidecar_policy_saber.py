@@ -4,7 +4,7 @@ so each expected decision can be checked by hand."""
 import pytest
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy import Admit, Demote, EngineSnapshot, Reject, make_policy, request_for
+from saber_sidecar.policy import Admit, EngineSnapshot, Reject, make_policy, request_for
 from saber_sidecar.policy.estimates import PREFILL_MIN_SAMPLES, PREFILL_MIN_TOKENS
 from saber_sidecar.policy.saber import SaberPolicy
 from policy_support import fmt

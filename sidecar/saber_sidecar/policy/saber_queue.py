@@ -1,0 +1,216 @@
+"""The queue's bookkeeping for `SaberPolicy` (saber.py): hopeless requests and their timers,
+demotion and rejection, the best-effort wait bound (see saber_admit.py), and the Retry-After
+estimate.
+
+- Hopeless requests: a queued request is hopeless when it could not make its deadline even
+  alone on the engine (needed speed above v(1)), or, under contention, only in a batch smaller than
+  `shed_batch_fraction` x the SLA requests queued or running (capped by the batch a fresh request
+  fits in): admitted late, such a request would throttle the engine for everyone until it ends,
+  so it is shed early instead; also when its deadline has passed, or when its TTFT
+  target would be missed (now + the measured admission-to-first-token time). A timer fires at the
+  moment each queued request becomes hopeless. For classes with `on_miss: reject` the policy also
+  predicts when the request could be admitted, draining the running batch at the model's speed
+  and counting the SLA requests queued ahead of it as occupying slots; if that is too late, the
+  request is rejected at once (429 with a Retry-After estimated from the batch) rather than after
+  waiting. `on_miss: demote` requests become best effort, as in the paper.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from saber_sidecar.policy.base import Action, Demote, Reject, Request
+from saber_sidecar.policy.saber_replay import INF
+
+
+@dataclass(slots=True)
+class _Queued:
+    req: Request
+    expected: int
+    key: tuple[float, int, str]  # position in the EDF order
+    tpot_speed: float
+    due: float  # deadline less the margin: copied out of `req` for the decision's inner loop
+    shape: tuple[int, int]  # (expected tokens, prompt tokens): candidates priced alike
+    # Its class states no output length and has not learned one yet: `expected` is only
+    # `max_tokens`, an upper bound (see `_cold`).
+    cold: bool = False
+    timer: int = 0  # generation of this request's current timer; older timers are stale
+
+
+
+class _QueueMixin:
+    """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
+    mixin rather than a helper object, so a decision stays method calls on one object."""
+
+    def _shed_speed(self) -> float:
+        """The most speed a queued request may still need and be kept waiting for.
+
+        A request admitted late needs a fast, hence small, batch until it is done, and every
+        admission after it must keep it on time: under contention one such request throttles the
+        engine for everyone. So while `contenders` SLA requests are queued or running, a request
+        that would need more than v(shed_batch_fraction x min(contenders, fresh limit)) is shed
+        (demoted or rejected) rather than admitted; with nothing else around, the floor is one
+        request alone on the engine, as in the paper.
+        """
+        table = self.model.table
+        if self.shed <= 0.0:
+            return table[1]
+        contenders = len(self._queued) + self._sla_running
+        if self._limit_table is table and self._limit_need == self._fresh_need:
+            limit = self._limit
+        else:
+            limit = self._fresh_limit_cached()
+        floor = int(self.shed * (contenders if contenders < limit else limit))
+        return table[floor] if floor > 1 else table[1]
+
+    def _hopeless(self, q: _Queued, now: float) -> str | None:
+        if q.due <= now:
+            return "deadline cannot be met"
+        if q.cold and not self._warm_up(q):
+            ttft = q.req.ttft_deadline
+            if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+                return "time-to-first-token target cannot be met"
+            return None
+        # The speed it needs: its tokens over the time left (ahead here), or its TPOT speed if higher.
+        need = q.expected / (q.due - now)
+        if need <= q.tpot_speed:
+            need = q.tpot_speed
+        if need > self.model.table[1]:
+            return "deadline needs more than the engine's single-request speed"
+        if need > self._shed_speed():
+            return "deadline needs a batch too small for the load"
+        ttft = q.req.ttft_deadline
+        if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+            return "time-to-first-token target cannot be met"
+        return None
+
+    def _hopeless_at(self, q: _Queued) -> float:
+        t = q.due if q.cold else q.due - q.expected / self._shed_speed()
+        if q.tpot_speed > self.model.table[1]:
+            t = -INF
+        if q.req.ttft_deadline is not None:
+            t = min(t, q.req.ttft_deadline - self.margin - self.ttft_estimate)
+        return t
+
+    def _warm_up(self, q: _Queued) -> bool:
+        """A cold request whose class has learned its output length since it queued takes that estimate."""
+        value = self._estimates[q.req.sla_class].value
+        if value is None:
+            return False
+        q.expected = max(1, min(q.req.max_tokens, value))
+        q.shape = (q.expected, q.req.prompt_tokens)
+        q.cold = False
+        return True
+
+    def _set_timer(self, q: _Queued, now: float, when: float | None = None) -> None:
+        q.timer += 1
+        at = self._hopeless_at(q) if when is None else when
+        heapq.heappush(self._timers, (max(at, now), q.key[1], q.req.id, q.timer))
+
+    def _fire_timers(self, now: float, out: list[Action]) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, rid, gen = heapq.heappop(timers)
+            q = self._queued.get(rid)
+            if q is None or q.timer != gen:
+                continue
+            reason = self._hopeless(q, now)
+            if not reason and now >= self._hopeless_at(q) - 1e-9:
+                # Its last chance has come and it is still queued: by the next event it is late.
+                reason = "deadline cannot be met"
+                if q.req.ttft_deadline is not None and now >= q.req.ttft_deadline - self.margin - self.ttft_estimate - 1e-9:
+                    reason = "time-to-first-token target cannot be met"
+            if reason:
+                self._dequeue(q)
+                self._miss(q, now, reason, out)
+            elif q.req.on_miss == "reject":
+                self._reject_if_late(q, now, out)
+            else:
+                self._set_timer(q, now, max(self._hopeless_at(q), now + self.min_recheck))
+
+    def _expire_best_effort(self, now: float, out: list[Action]) -> None:
+        """Reject best-effort requests that have waited `best_effort_max_wait_slas` SLAs: a bounded wait."""
+        expiry = self._be_expiry
+        while expiry and expiry[0][0] <= now:
+            _, _, rid = heapq.heappop(expiry)
+            if self._be_reqs.pop(rid, None) is not None:
+                out.append(Reject(rid, "best-effort wait bound reached", retry_after_s=self._retry_after(now)))
+        if not self._be_reqs:
+            self._be.clear()
+
+    def _dequeue(self, q: _Queued) -> None:
+        del self._queued[q.req.id]
+        del self._order[bisect_left(self._order, q.key)]
+
+    def _miss(self, q: _Queued, now: float, reason: str, out: list[Action]) -> None:
+        req = q.req
+        if req.on_miss == "reject":
+            out.append(Reject(req.id, reason, retry_after_s=self._retry_after(now)))
+            return
+        req.best_effort = True
+        heapq.heappush(self._be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
+        self._be_reqs[req.id] = q
+        if self.be_wait > 0.0:
+            expiry = req.arrival + self.be_wait * (req.deadline - req.arrival)
+            heapq.heappush(self._be_expiry, (max(expiry, now), q.key[1], req.id))
+        out.append(Demote(req.id, reason))
+
+    def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
+        """For reject classes: reject now if the request is predicted not to get in in time."""
+        if q.cold and not self._warm_up(q):
+            self._set_timer(q, now)  # its length is unknown: it waits for its chance until its deadline
+            return
+        eta = self._admission_eta(q, now)
+        if eta is None:
+            self._dequeue(q)
+            out.append(Reject(q.req.id, "predicted to miss its deadline", retry_after_s=self._retry_after(now)))
+            return
+        hopeless = self._hopeless_at(q)
+        when = eta if now + self.min_recheck < eta < hopeless else hopeless
+        self._set_timer(q, now, max(when, now + self.min_recheck))
+
+    def _admission_eta(self, q: _Queued, now: float) -> float | None:
+        """Earliest time the running batch will have drained enough to admit `q`, or None if too late.
+
+        SLA requests queued ahead of `q` are counted as taking slots and never leaving (a
+        deliberately cautious view); running requests drain at the model's speed.
+        """
+        speed = self.model.speed
+        ahead = bisect_left(self._order, q.key)
+        L_eff = len(self._running) + ahead
+        W = self._W
+        D = q.req.deadline - self.margin
+        v1 = speed(1)
+        latest = D - q.expected / v1
+        t = now
+        gen = 0.0
+        for k, _, _ in self._by_finish:
+            if t > latest:
+                return None
+            need = max(q.expected / (D - t), q.tpot_speed)
+            if speed(L_eff + 1) / self.headroom >= need:
+                return t
+            rem = k - W
+            if rem > gen:
+                t += (rem - gen) / speed(L_eff)
+                gen = rem
+            L_eff -= 1
+        if t > latest:
+            return None
+        need = max(q.expected / (D - t), q.tpot_speed)
+        if (L_eff == 0 and need <= v1) or speed(L_eff + 1) / self.headroom >= need:
+            return t
+        return None
+
+    def _retry_after(self, now: float) -> float:
+        """Seconds until the engine is predicted to have room, counting the queued SLA requests."""
+        L = len(self._running)
+        if not L:
+            return 0.1
+        v = self.model.speed(L)
+        first = max(self._by_finish[0][0] - self._W, 0.0) / v
+        drain = max(self._by_finish[-1][0] - self._W, 0.0) / v
+        estimate = first + drain / L * len(self._queued)
+        return min(60.0, max(0.1, estimate))
