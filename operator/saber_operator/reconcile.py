@@ -152,7 +152,6 @@ async def report_invalid(ctx: Context, body: dict[str, Any], message: str) -> No
 async def reconcile(ctx: Context, body: dict[str, Any], scrape_metrics: bool = True) -> SaberServiceStatus:
     """Bring the children in line with the spec and write the status. Raises InvalidSpec."""
     owner = builders.Owner.from_body(body)
-    generation = body["metadata"].get("generation")
     try:
         spec = parse_spec(body.get("spec") or {})
     except ValueError as exc:

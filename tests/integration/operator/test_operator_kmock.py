@@ -22,7 +22,7 @@ import yaml
 
 from saber_emulator.engine import EngineConfig, OutputLengthConfig
 from saber_emulator.server import EmulatorServer, EmulatorSettings
-from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SABER, SERVICES, SaberAPIEmulator
+from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, SABER, SERVICES, SaberAPIEmulator
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings

@@ -1,6 +1,5 @@
 """Config hot reload, and SIGTERM draining of a sidecar process."""
 
-import asyncio
 import re
 import signal
 import subprocess

@@ -1,5 +1,3 @@
-import pytest
-
 from saber_bench.bound import _moore_hodgson, capacity_bound, engine_seconds
 from saber_bench.workloads import RequestSpec, make_workload
 from saber_emulator.engine import EngineConfig

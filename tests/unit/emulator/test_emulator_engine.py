@@ -1,7 +1,5 @@
 """The virtual-time engine: calibration fidelity, scheduling limits, preemption, abort, determinism."""
 
-from pathlib import Path
-
 import pytest
 
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest, OutputLengthConfig

@@ -1,7 +1,5 @@
 """Latency profile: calibration from the paper's CSV, validation, interpolation."""
 
-from pathlib import Path
-
 import pytest
 from pydantic import ValidationError
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import lupa.lua51 as lua51  # a test dependency: runs the health check in Argo CD's Lua dialect
-import pytest
 import yaml
 
 from saber_operator.spec import ClassStatus, SaberServiceStatus
