@@ -156,6 +156,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
         self._reset()
+        self.last_read = time.monotonic()  # silence counts from the request, not from the last use
         self._head = asyncio.get_running_loop().create_future()
         assert self.transport is not None
         self.transport.write(head + body)

@@ -8,6 +8,7 @@ closing, a kept-alive connection the server has closed) happen every time.
 import asyncio
 import json
 import socket
+import time
 
 import pytest
 
@@ -257,3 +258,38 @@ async def test_http10_client_gets_an_unchunked_stream(emulator, start_sidecar):
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
     assert payload.count(b"data: ") == 6 and payload.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_silence_counts_from_the_request_not_from_the_connections_last_use():
+    served = 0
+
+    async def script(reader, writer):
+        nonlocal served
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            served += 1
+            if served == 2:
+                await asyncio.sleep(0.3)  # the engine thinks a while
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url, read_timeout_s=1.0)
+    try:
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        resp.close()
+        await asyncio.sleep(1.5)  # idle longer than the read timeout, then reused
+        pending = asyncio.create_task(pool.post("/x", b"{}", {}))
+        await asyncio.sleep(0.1)
+        (conn,) = pool._busy
+        assert conn.silent_for(time.monotonic()) < 0.5  # not the 1.6 s since its last use
+        resp = await pending
+        assert await resp.read() == b"ok"
+        resp.close()
+    finally:
+        await pool.close()
+        server.close()
