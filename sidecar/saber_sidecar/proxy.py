@@ -165,7 +165,7 @@ async def _read_request(sc: Sidecar, request: web.Request):
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Fail(400, f"request body is not valid JSON ({exc}); send a JSON object", m.BAD_REQUEST,
-                    "invalid_json") from None
+                   "invalid_json") from None
     chat = request.path.endswith("/chat/completions")
     try:
         info = body_info(body, chat)
@@ -185,10 +185,10 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     cls = classified.sla_class
     if sc.draining:
         raise Fail(503, "sidecar is shutting down; retry (another replica will take the request)",
-                    m.ENGINE_UNAVAILABLE, "shutting_down", settings.retry_after_s)
+                   m.ENGINE_UNAVAILABLE, "shutting_down", settings.retry_after_s)
     if not sc.engine.healthy:
         raise Fail(503, f"engine is unavailable ({sc.engine.last_error}); retry later", m.ENGINE_UNAVAILABLE,
-                    "engine_unavailable", settings.retry_after_s)
+                   "engine_unavailable", settings.retry_after_s)
     max_tokens = info.max_tokens or cls.output_tokens or settings.default_max_tokens
     deadline = arrival + classified.deadline_s if classified.deadline_s is not None else None
     req = sc.make_request(sc.gate.config, cls.name, sc.next_id(), arrival, max_tokens,
@@ -201,10 +201,10 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     if not isinstance(decision, Admit):
         if decision.reason == QUEUE_FULL:
             raise Fail(429, f"the sidecar's queue is full ({sc.gate.config.scheduling.max_queue} waiting); "
-                        "retry after a moment", m.QUEUE_FULL, "queue_full", decision.retry_after_s)
+                       "retry after a moment", m.QUEUE_FULL, "queue_full", decision.retry_after_s)
         raise Fail(429, f"request of SLA class {cls.name!r} cannot meet its deadline: {decision.reason}; "
-                    "retry later or use a class with a longer deadline", m.REJECTED, "sla_unattainable",
-                    decision.retry_after_s)
+                   "retry later or use a class with a longer deadline", m.REJECTED, "sla_unattainable",
+                   decision.retry_after_s)
     best_effort = decision.best_effort or sc.gate.was_demoted(req.id)
     relay = Relay(sc, request, req, raw, body, classified, best_effort)
     try:
