@@ -61,6 +61,22 @@ def _summary(samples: list[int]) -> dict:
     }
 
 
+def _timed_submits(pol, ops: int, now: float, new_request, apply, kept) -> tuple[list[int], float]:
+    """Time `ops` arrivals one by one; any not admitted (not in `kept`) is cancelled, untimed, so
+    the queue keeps its size. Returns the samples and the clock."""
+    samples: list[int] = []
+    for _ in range(ops):
+        now += 1e-6
+        req = new_request(now)
+        t0 = time.perf_counter_ns()
+        actions = pol.submit(req, now)
+        samples.append(time.perf_counter_ns() - t0)
+        apply(actions)
+        if req.id not in kept:
+            pol.cancel(req.id, now)
+    return samples, now
+
+
 def measure(policy_name: str, queued: int, ops: int) -> dict:
     cfg = paper_config(policy_name, max_queue=max(10 * queued, 1024))
     cfg.scheduling.speed_model.online_refit = False
@@ -93,16 +109,7 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
     gc.collect()
     gc.disable()
     try:
-        samples: list[int] = []
-        for _ in range(ops):
-            now += 1e-6
-            req = new_request(now)
-            t0 = time.perf_counter_ns()
-            actions = pol.submit(req, now)
-            samples.append(time.perf_counter_ns() - t0)
-            apply(actions)
-            if req.id not in running:
-                pol.cancel(req.id, now)
+        samples, now = _timed_submits(pol, ops, now, new_request, apply, running)
         results["submit"] = _summary(samples)
 
         samples = []
@@ -187,16 +194,7 @@ def measure_running(running: int, queued: int, ops: int) -> dict:
     gc.collect()
     gc.disable()
     try:
-        samples: list[int] = []
-        for _ in range(ops):
-            now += 1e-6
-            req = new_request(now)
-            t0 = time.perf_counter_ns()
-            actions = pol.submit(req, now)
-            samples.append(time.perf_counter_ns() - t0)
-            apply(actions)
-            if req.id not in ids:
-                pol.cancel(req.id, now)
+        samples, now = _timed_submits(pol, ops, now, new_request, apply, ids)
         tight["submit"] = _summary(samples)
         samples = []
         admitted = len(ids)
