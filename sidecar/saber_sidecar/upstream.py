@@ -31,6 +31,10 @@ class EngineTimeout(EngineError):
     """The engine sent nothing for longer than the read timeout."""
 
 
+class EngineClosed(EngineError):
+    """The engine closed the connection before answering anything."""
+
+
 class Sink:
     """Receives one response's body; every method is called on the event loop, in order."""
 
@@ -148,7 +152,9 @@ class _Connection(asyncio.Protocol):
             self._end()
             return
         if self._head is not None and not self._head.done():
-            self._head.set_exception(EngineError(f"engine closed the connection before answering ({exc or 'EOF'})"))
+            # Only a connection closed with not a byte answered may be retried (a stale keep-alive).
+            kind = EngineError if self._buf else EngineClosed
+            self._head.set_exception(kind(f"engine closed the connection before answering ({exc or 'EOF'})"))
         elif self._in_body and not self._ended:
             self._fail(EngineError(f"engine closed the connection mid-response ({exc or 'EOF'})"))
 
@@ -337,7 +343,7 @@ class EnginePool:
         conn = await self._acquire()
         try:
             return await conn.send(head, body)
-        except EngineError:
+        except EngineClosed:
             if not reused:
                 raise
         # A kept-alive connection the engine had just closed: one retry on a fresh connection

@@ -293,3 +293,37 @@ async def test_silence_counts_from_the_request_not_from_the_connections_last_use
     finally:
         await pool.close()
         server.close()
+
+
+async def test_a_broken_answer_on_a_reused_connection_is_not_sent_again():
+    """Only a kept-alive connection closed before a single byte came back is retried: a request
+    the engine started answering must not run twice."""
+    requests = []
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            if len(requests) == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            else:
+                writer.write(b"HTTP/1.1 200 O")  # half a head, then the engine dies
+                await writer.drain()
+                writer.transport.abort()
+                return
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        resp.close()
+        with pytest.raises(EngineError, match="before answering"):
+            await pool.post("/x", b"{}", {})
+        assert len(requests) == 2
+    finally:
+        await pool.close()
+        server.close()
