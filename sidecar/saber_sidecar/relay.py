@@ -298,7 +298,6 @@ class StreamRelay(Sink):
                 await self._waiter
             finally:
                 self._waiter = None
-                self.direct = False if self.client_gone else self.direct
 
     async def _drain(self) -> None:
         # Without a transport (HTTP/1.0, queued path) aiohttp's own write has already drained.

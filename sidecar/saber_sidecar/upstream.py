@@ -329,8 +329,7 @@ class EnginePool:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self._idle: list[_Connection] = []
-        self._idle_since: dict[_Connection, float] = {}
+        self._idle: dict[_Connection, float] = {}  # idle connection -> since when; the newest is reused first
         self._busy: set[_Connection] = set()
         self._watchdog: asyncio.Task | None = None
 
@@ -339,8 +338,7 @@ class EnginePool:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         head = self._request_head(path, len(body), headers)
-        reused = bool(self._idle)
-        conn = await self._acquire()
+        conn, reused = await self._acquire()
         try:
             return await conn.send(head, body)
         except EngineClosed:
@@ -360,16 +358,16 @@ class EnginePool:
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        """A connection for one request, and whether it is a kept-alive one."""
         while self._idle:
-            conn = self._idle.pop()
-            self._idle_since.pop(conn, None)
+            conn, _ = self._idle.popitem()
             if not conn.closed:
                 self._busy.add(conn)
-                return conn
+                return conn, True
         conn = await self._connect()
         self._busy.add(conn)
-        return conn
+        return conn, False
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -391,14 +389,11 @@ class EnginePool:
             if conn.transport is not None:
                 conn.transport.close()
             return
-        self._idle.append(conn)
-        self._idle_since[conn] = time.monotonic()
+        self._idle[conn] = time.monotonic()
 
     def forget(self, conn: _Connection) -> None:
         self._busy.discard(conn)
-        self._idle_since.pop(conn, None)
-        if conn in self._idle:
-            self._idle.remove(conn)
+        self._idle.pop(conn, None)
 
     async def _watch(self) -> None:
         """Once a second: time out silent engines, close connections idle too long."""
@@ -408,7 +403,7 @@ class EnginePool:
             for conn in list(self._busy):
                 if conn.silent_for(now) > self.read_timeout_s:
                     conn.time_out(self.read_timeout_s)
-            for conn, since in list(self._idle_since.items()):
+            for conn, since in list(self._idle.items()):
                 if now - since > self.idle_timeout_s:
                     self.forget(conn)
                     conn.closed = True
@@ -425,5 +420,4 @@ class EnginePool:
             if conn.transport is not None:
                 conn.transport.abort()
         self._idle.clear()
-        self._idle_since.clear()
         self._busy.clear()

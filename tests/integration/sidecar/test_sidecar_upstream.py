@@ -101,11 +101,11 @@ async def test_content_length_and_close_delimited_bodies():
         resp = await pool.post("/v1/completions", b"{}", {})
         assert resp.status == 400 and await resp.read() == b'{"error":1}'
         resp.close()
-        assert pool._idle == []  # Connection: close is honoured
+        assert len(pool._idle) == 0  # Connection: close is honoured
         resp = await pool.post("/v1/completions", b"{}", {})
         assert resp.status == 200 and await resp.read() == b'{"whole":true}'
         resp.close()
-        assert pool._idle == []  # HTTP/1.0 without keep-alive is not reused
+        assert len(pool._idle) == 0  # HTTP/1.0 without keep-alive is not reused
     finally:
         await pool.close()
         server.close()
