@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from saber_emulator.profile import LatencyProfile
+
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 # The paper's fit on Qwen2.5-Coder-3B (SABER.md): v = 102.55 / (1 + 0.0300 L - 0.0001 L^2).
@@ -199,6 +201,19 @@ class SchedulingConfig(BaseModel):
     engine_priority: bool = Field(
         default=False,
         description="The engine runs vLLM's priority scheduling: send best-effort requests with lower priority.",
+    )
+    engine_max_num_seqs: int | None = Field(
+        default=None,
+        ge=1,
+        le=65_536,
+        description="The engine's own cap on running sequences (vLLM --max-num-seqs): requests past it wait "
+        "inside the engine, so the gate never plans on more running than this. The operator sets it from "
+        "spec.engine.maxNumSeqs; unset, the gate relies on the engine's running/waiting metrics.",
+    )
+    engine_profile: LatencyProfile | None = Field(
+        default=None,
+        description="A measured engine profile (the file `saber calibrate` writes) used as the gate's prior "
+        "instead of the built-in paper curve; online learning goes on from it.",
     )
     speed_model: SpeedModelConfig = Field(default_factory=SpeedModelConfig)
     paper: PaperSchedulingConfig = Field(default_factory=PaperSchedulingConfig)
