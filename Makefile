@@ -24,5 +24,10 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest
 
+# ruff and mypy come with the test extra; strict typing for the policies and the operator's builders.
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy cli/saber_cli emulator/saber_emulator sidecar/saber_sidecar operator/saber_operator bench/saber_bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache out
