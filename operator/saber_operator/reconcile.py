@@ -208,9 +208,11 @@ async def refresh_status(
         engine_model = engine_model_status(pods)
     else:  # a Deployment event: nothing scraped, keep what the last scrape learned
         engine_model = EngineModelStatus.model_validate(old["engineModel"]) if old.get("engineModel") else None
-    if calibration is None:  # not reconciled this time: keep the calibration status as it was
+    if calibration is None and spec.calibration.enabled:  # not reconciled this time: keep it as it was
         calibration_status = CalibrationStatus.model_validate(old["calibration"]) if old.get("calibration") else None
         conditions += [Condition.model_validate(c) for c in old.get("conditions") or [] if c.get("type") == "Calibrated"]
+    elif calibration is None:
+        calibration_status = None
     else:
         calibration_status = calibration.status
         if calibration.condition is not None:
