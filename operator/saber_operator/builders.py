@@ -170,7 +170,7 @@ def _engine_container(spec: SaberServiceSpec, saber_image: str) -> dict[str, Any
     if "memory" not in resources.get("limits", {}):
         requested = resources.get("requests", {}).get("memory")
         resources.setdefault("limits", {})["memory"] = requested or DEFAULT_ENGINE_MEMORY[engine.kind]
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
@@ -179,7 +179,7 @@ def _engine_container(spec: SaberServiceSpec, saber_image: str) -> dict[str, Any
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/torchinductor"},
         {"name": "NUMBA_CACHE_DIR", "value": f"{CACHE_DIR}/numba"},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -507,7 +507,7 @@ def build_calibration_configmap(
 
 
 def deployment_engine_hash(deployment: dict[str, Any]) -> str:
-    return deployment["spec"]["template"]["metadata"]["annotations"][ENGINE_HASH_ANNOTATION]
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][ENGINE_HASH_ANNOTATION])
 
 
 def build_children(

@@ -161,6 +161,7 @@ def describe(
         f"the sidecars keep the profile measured on engine {stored.engine_hash} (ConfigMap {config_map})"
         if have and stored is not None else "the sidecars keep their built-in prior"
     )
+    status_: Literal["True", "False", "Unknown"]
     if phase == "Succeeded":
         status_, message = "True", f"{detail}; the sidecars use it (ConfigMap {config_map}, key {builders.CALIBRATION_FILE})"
     elif phase == "Failed":

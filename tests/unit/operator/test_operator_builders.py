@@ -4,6 +4,7 @@ Kubernetes' own schemas (kubernetes-validate)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -235,7 +236,7 @@ def test_networkpolicy_opens_only_the_sidecar(emulator):
 
 def test_monitoring_scrapes_the_engine_so_the_policy_admits_scrapers():
     # manifests/monitoring scrapes the engine port directly: the default scraper peer must exist.
-    podmonitor = yaml.safe_load(open("manifests/monitoring/prometheus-operator/podmonitor.yaml"))
+    podmonitor = yaml.safe_load(Path("manifests/monitoring/prometheus-operator/podmonitor.yaml").read_text())
     assert [e["port"] for e in podmonitor["spec"]["podMetricsEndpoints"]] == ["engine"]
     assert DEFAULT_ENGINE_SCRAPERS
 

