@@ -165,8 +165,8 @@ def describe(
     if phase == "Succeeded":
         status_, message = "True", f"{detail}; the sidecars use it (ConfigMap {config_map}, key {builders.CALIBRATION_FILE})"
     elif phase == "Failed":
-        retry = f"then delete the Job to run it again: kubectl -n {namespace} delete job {job}" if job else ""
-        status_, message = "False", f"{detail}. Fix the cause, {retry}; meanwhile {keeping}"
+        retry = f", then delete the Job to run it again: kubectl -n {namespace} delete job {job}" if job else ""
+        status_, message = "False", f"{detail}. Fix the cause{retry}; meanwhile {keeping}"
     else:
         status_, message = "Unknown", f"{detail}; meanwhile {keeping}"
     previous = old or {}
@@ -209,7 +209,9 @@ async def reconcile_calibration(
     key = builders.calibration_key(spec, engine_hash)
     job_name = builders.calibration_job_name(owner, key)
 
-    def done(phase: str, reason: str, detail: str, job: str | None = job_name) -> CalibrationResult:
+    def done(
+        phase: str, reason: str, detail: str, job: str | None = job_name, stored: Stored | None = stored
+    ) -> CalibrationResult:
         status, cond = describe(
             phase, reason, detail, engine_hash=engine_hash, job=job, stored=stored, namespace=ns,
             config_map=cm_name, generation=generation, now=now, old=old,
@@ -219,6 +221,29 @@ async def reconcile_calibration(
     if stored is not None and profile is not None and stored.key == key:
         return done("Succeeded", "Calibrated", f"profile measured on engine {engine_hash} at {stored.measured_at}")
 
+    try:
+        return await _run(kube, owner, spec, engine_hash, key, job_name, saber_image, now, done)
+    except Exception as exc:  # a calibration problem must never keep the children from being applied
+        log.warning("calibration of %s/%s: %s", ns, owner.name, exc)
+        # Unknown rather than Failed: an API blip must not flap the condition and post Warnings; a
+        # lasting cause (RBAC) stays visible in the status and the log.
+        return done("Pending", "APIError", f"could not read or start the calibration Job {job_name}: {exc}; check "
+                    "the operator's RBAC (batch jobs: get, create, patch; pods: list)", job=None)
+
+
+async def _run(
+    kube: Any,
+    owner: builders.Owner,
+    spec: SaberServiceSpec,
+    engine_hash: str,
+    key: str,
+    job_name: str,
+    saber_image: str,
+    now: str,
+    done: Any,
+) -> CalibrationResult:
+    ns = owner.namespace
+    cm_name = builders.calibration_configmap_name(owner)
     job = await kube.get("batch/v1", "jobs", ns, job_name)
     if job is None:
         pods = await kube.list("v1", "pods", ns, builders.selector_labels(owner))
@@ -248,6 +273,6 @@ async def reconcile_calibration(
         )
     text = yaml.safe_dump(new_profile, sort_keys=False)
     await kube.apply(builders.build_calibration_configmap(owner, text, engine_hash, key, job_name, now))
-    stored = Stored(new_profile, key, engine_hash, now)
     log.info("calibration of %s/%s stored in ConfigMap %s", ns, owner.name, cm_name)
-    return done("Succeeded", "Calibrated", f"profile measured on engine {engine_hash} at {now} by Job {job_name}")
+    return done("Succeeded", "Calibrated", f"profile measured on engine {engine_hash} at {now} by Job {job_name}",
+                stored=Stored(new_profile, key, engine_hash, now))

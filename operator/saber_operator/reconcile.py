@@ -33,8 +33,8 @@ from saber_operator.spec import (
 )
 from saber_operator.status import (
     aggregate,
-    engine_model_status,
     deployment_conditions,
+    engine_model_status,
     event_type,
     merge_conditions,
     parse_sidecar_metrics,

@@ -98,3 +98,33 @@ def test_describe_says_what_to_fix_and_what_stays_in_use():
     assert rerun.last_transition_time == "T2"
     running, cond = describe("Running", "Measuring", "Job j is measuring", job="j", stored=None, old=None, **kw)
     assert cond.status == "Unknown" and "built-in prior" in cond.message and running.config_map is None
+
+
+class RefusingKube:
+    """A stand-in KubeClient (no API server in a unit test): serves one ConfigMap, refuses Jobs."""
+
+    def __init__(self, cm: dict) -> None:
+        self.cm = cm
+
+    async def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict | None:
+        if plural == "configmaps":
+            return self.cm if name == self.cm["metadata"]["name"] else None
+        raise RuntimeError("HTTP 403: jobs.batch is forbidden")
+
+
+async def test_an_api_error_keeps_the_profile_and_says_to_check_rbac():
+    from saber_operator.calibration import reconcile_calibration
+    from saber_operator.spec import parse_spec
+
+    owner = builders.Owner("s", "n", "uid-1")
+    spec = parse_spec({
+        "model": {"name": "m"}, "engine": {"kind": "emulator"}, "calibration": {"enabled": True},
+        "sla": {"classes": [{"name": "a", "deadlineSeconds": 1}], "defaultClass": "a"},
+    })
+    cm = builders.build_calibration_configmap(owner, yaml.safe_dump(PROFILE), "old", "oldkey", "j", "T0")
+    result = await reconcile_calibration(RefusingKube(cm), owner, spec, "new", saber_image="img", now="T1",
+                                         generation=1, old=None)
+    assert result.profile == parse_profile(yaml.safe_dump(PROFILE))  # the sidecars keep the last good profile
+    assert result.status.phase == "Pending" and result.status.reason == "APIError"
+    assert result.condition.status == "Unknown" and "403" in result.condition.message
+    assert "RBAC" in result.condition.message
