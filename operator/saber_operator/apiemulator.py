@@ -28,6 +28,8 @@ CONFIGMAPS = "v1/configmaps"
 SERVICES = "v1/services"
 PODS = "v1/pods"
 EVENTS = "v1/events"
+JOBS = "batch/v1/jobs"
+NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
 VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
 
 
@@ -53,6 +55,8 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
         self.resources[SERVICES] = info(kind="Service", namespaced=True, verbs=VERBS)
         self.resources[PODS] = info(kind="Pod", namespaced=True, verbs=VERBS)
         self.resources[EVENTS] = info(kind="Event", namespaced=True, verbs=VERBS)
+        self.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources=["status"])
+        self.resources[NETWORKPOLICIES] = info(kind="NetworkPolicy", namespaced=True, verbs=VERBS)
         # kopf waits for these two to be discoverable before it starts watching anything.
         self.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
         self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(

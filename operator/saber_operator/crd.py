@@ -52,7 +52,7 @@ VALIDATIONS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 # Object-valued fields that get `default: {}` so the apiserver fills in their nested defaults.
-OBJECT_DEFAULTS: list[tuple[str, ...]] = [("engine",), ("sidecar",), ("service",), ("scheduling",)]
+OBJECT_DEFAULTS: list[tuple[str, ...]] = [("engine",), ("sidecar",), ("service",), ("scheduling",), ("calibration",)]
 
 
 def structural(node: Any) -> Any:
@@ -142,6 +142,11 @@ def build_crd() -> dict[str, Any]:
                         {"name": "SLA", "type": "number", "jsonPath": ".status.slaAttainment",
                          "description": "Request-weighted SLA attainment (0..1)."},
                         {"name": "Policy", "type": "string", "jsonPath": ".status.policy"},
+                        # -o wide: how far the sidecars have learned the engine, and the calibration.
+                        {"name": "Model-Confidence", "type": "number", "priority": 1,
+                         "jsonPath": ".status.engineModel.confidence",
+                         "description": "Mean confidence of the sidecars' learned engine model (0..1)."},
+                        {"name": "Calibration", "type": "string", "priority": 1, "jsonPath": ".status.calibration.phase"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

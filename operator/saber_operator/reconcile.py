@@ -17,12 +17,24 @@ from typing import Any
 import aiohttp
 
 from saber_operator import builders
+from saber_operator.calibration import CalibrationResult, reconcile_calibration
 from saber_operator.kube import KubeClient, scrape
 from saber_operator.settings import OperatorSettings
-from saber_operator.spec import GROUP, PLURAL, VERSION, Condition, SaberServiceSpec, SaberServiceStatus, parse_spec
+from saber_operator.spec import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    CalibrationStatus,
+    Condition,
+    EngineModelStatus,
+    SaberServiceSpec,
+    SaberServiceStatus,
+    parse_spec,
+)
 from saber_operator.status import (
     aggregate,
     deployment_conditions,
+    engine_model_status,
     event_type,
     merge_conditions,
     parse_sidecar_metrics,
@@ -39,6 +51,7 @@ CHILD_KINDS = (
     ("apps/v1", "deployments"),
     ("v1", "services"),
     ("monitoring.coreos.com/v1", "servicemonitors"),
+    ("networking.k8s.io/v1", "networkpolicies"),
 )
 
 
@@ -159,10 +172,19 @@ async def reconcile(ctx: Context, body: dict[str, Any], scrape_metrics: bool = T
         raise InvalidSpec(str(exc)) from None
 
     servicemonitor = ctx.settings.servicemonitor and await ctx.kube.has_api("monitoring.coreos.com/v1")
+    engine_hash = builders.deployment_engine_hash(builders.build_deployment(owner, spec, ctx.settings.saber_image))
+    # Before the children: a profile stored now reaches the sidecar config in this same pass.
+    calibration = await reconcile_calibration(
+        ctx.kube, owner, spec, engine_hash, saber_image=ctx.settings.saber_image, now=ctx.clock(),
+        generation=body["metadata"].get("generation"), old=(body.get("status") or {}).get("calibration"),
+    )
     # Everything is built before anything is written: a spec that cannot be built applies nothing.
-    children = builders.build_children(owner, spec, ctx.settings.saber_image, servicemonitor)
+    children = builders.build_children(
+        owner, spec, ctx.settings.saber_image, servicemonitor, engine_profile=calibration.profile,
+        network_policy=ctx.settings.network_policy, engine_scrapers=ctx.settings.engine_metrics_from,
+    )
     live = await apply_children(ctx, children)
-    return await refresh_status(ctx, body, spec, live.get("Deployment"), scrape_metrics)
+    return await refresh_status(ctx, body, spec, live.get("Deployment"), scrape_metrics, calibration)
 
 
 async def refresh_status(
@@ -171,6 +193,7 @@ async def refresh_status(
     spec: SaberServiceSpec,
     deployment: dict[str, Any] | None,
     scrape_metrics: bool = True,
+    calibration: CalibrationResult | None = None,
 ) -> SaberServiceStatus:
     owner = builders.Owner.from_body(body)
     generation = body["metadata"].get("generation")
@@ -178,8 +201,22 @@ async def refresh_status(
     conditions, replicas, ready = deployment_conditions(spec.replicas, deployment, generation)
     config = spec.sidecar_config()
     texts = await sidecar_metrics(ctx, owner, spec) if scrape_metrics and replicas else []
-    figures = aggregate(config, [parse_sidecar_metrics(t) for t in texts])
+    pods = [parse_sidecar_metrics(t) for t in texts]
+    figures = aggregate(config, pods)
     conditions.append(sla_condition(figures, generation))
+    if scrape_metrics:
+        engine_model = engine_model_status(pods)
+    else:  # a Deployment event: nothing scraped, keep what the last scrape learned
+        engine_model = EngineModelStatus.model_validate(old["engineModel"]) if old.get("engineModel") else None
+    if calibration is None and spec.calibration.enabled:  # not reconciled this time: keep it as it was
+        calibration_status = CalibrationStatus.model_validate(old["calibration"]) if old.get("calibration") else None
+        conditions += [Condition.model_validate(c) for c in old.get("conditions") or [] if c.get("type") == "Calibrated"]
+    elif calibration is None:
+        calibration_status = None
+    else:
+        calibration_status = calibration.status
+        if calibration.condition is not None:
+            conditions.append(calibration.condition)
     status = SaberServiceStatus(
         observed_generation=generation,
         replicas=replicas,
@@ -190,6 +227,8 @@ async def refresh_status(
         goodput_requests_per_second=figures.goodput,
         admission_limit=figures.admission_limit,
         classes=figures.classes,
+        engine_model=engine_model,
+        calibration=calibration_status,
         conditions=merge_conditions(old.get("conditions") or [], conditions, ctx.clock()),
     )
     await write_status(ctx, body, status)

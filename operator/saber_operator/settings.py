@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from saber_operator.builders import DEFAULT_SABER_IMAGE
+from saber_operator.builders import DEFAULT_ENGINE_SCRAPERS, DEFAULT_SABER_IMAGE
 
 
 class OperatorSettings(BaseSettings):
@@ -24,6 +26,17 @@ class OperatorSettings(BaseSettings):
     saber_image: str = Field(default=DEFAULT_SABER_IMAGE, description="Image for sidecars and the emulator engine.")
     servicemonitor: bool = Field(default=True, description="Create a ServiceMonitor when its CRD is installed.")
     events: bool = Field(default=True, description="Post Kubernetes events on condition transitions.")
+    network_policy: bool = Field(
+        default=True,
+        description="Give each SaberService a NetworkPolicy: the sidecar port open, the engine port only to "
+        "calibration pods and engine scrapers (needs a CNI that enforces NetworkPolicy).",
+    )
+    engine_metrics_from: list[dict[str, Any]] = Field(
+        default_factory=lambda: [dict(p) for p in DEFAULT_ENGINE_SCRAPERS],
+        max_length=16,
+        description="NetworkPolicy peers (JSON) admitted to the engine's port to scrape vLLM's metrics; "
+        "default: pods app.kubernetes.io/name=prometheus in namespace monitoring; [] admits none.",
+    )
     namespaces: list[str] = Field(default_factory=list, description="Namespaces to serve; empty: all.")
     peering: bool = Field(default=False, description="Coordinate replicas through kopf peering: one active at a time.")
     peering_name: str = Field(default="saber-operator", description="ClusterKopfPeering object to use.")

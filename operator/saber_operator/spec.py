@@ -91,8 +91,14 @@ def sla_json_schema() -> dict[str, Any]:
     return schema
 
 
+# Sidecar scheduling fields the operator sets itself; a user setting them gets a clear error.
+OPERATOR_SET_SCHEDULING = {"engineMaxNumSeqs": "the operator sets it from spec.engine.maxNumSeqs"}
+
+
 def scheduling_json_schema() -> dict[str, Any]:
     schema = _camel_schema(_inline_refs(SchedulingConfig.model_json_schema()))
+    for name in OPERATOR_SET_SCHEDULING:
+        schema["properties"].pop(name, None)
     schema["description"] = "Admission policy and its parameters (the sidecar's scheduling model, camelCase keys)."
     return schema
 
@@ -214,6 +220,38 @@ class SidecarSpec(_Model):
     )
 
 
+class CalibrationSpec(_Model):
+    """An active measurement of the engine (`saber calibrate`, run as a one-off Job against one ready
+    pod's engine); the profile it writes becomes the sidecars' prior (`scheduling.engineProfile`)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Run a calibration Job whenever the engine spec has no profile measured yet (and after each "
+        "engine change); the result overrides scheduling.engineProfile.",
+    )
+    image: str | None = Field(
+        default=None, max_length=512, description="Image with `saber calibrate`; defaults to the sidecar's image."
+    )
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=8192,
+        description="Highest concurrency measured (`--max-concurrency`); unset: the calibrator's default.",
+    )
+    duration_seconds: int | None = Field(
+        default=None, ge=10, le=3600,
+        description="Rough measurement time (`--duration`); unset: the calibrator's default (a few minutes).",
+    )
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=32, description="More `saber calibrate` arguments, appended verbatim."
+    )
+    timeout_seconds: int = Field(
+        default=1800, ge=60, le=86_400, description="The Job's activeDeadlineSeconds: a run past it fails."
+    )
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}),
+        description="The calibration container's resources (it only sends requests).",
+    )
+
+
 class ServiceSpec(_Model):
     port: int = Field(default=80, ge=1, le=65535, description="Service port; traffic goes to the sidecar.")
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
@@ -235,6 +273,7 @@ class SaberServiceSpec(_Model):
     )
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
     @model_validator(mode="after")
     def _check(self) -> SaberServiceSpec:
@@ -245,8 +284,17 @@ class SaberServiceSpec(_Model):
             raise ValueError(f"sidecar.port {ENGINE_PORT} is the engine's port in the pod; pick another")
         return self
 
-    def sidecar_config(self) -> SidecarConfig:
+    def sidecar_config(self, engine_profile: dict[str, Any] | None = None) -> SidecarConfig:
+        """The sidecar's config: `sla` and `scheduling`, plus what the operator knows about the
+        engine: its seat limit (`engine.maxNumSeqs`) and, when given, a calibrated profile, which
+        takes precedence over a pasted `scheduling.engineProfile`."""
+        for name, why in OPERATOR_SET_SCHEDULING.items():
+            if name in self.scheduling:
+                raise ValueError(f"spec.scheduling.{name} must not be set: {why}")
         data = snake_keys({**self.sla, "scheduling": self.scheduling})
+        data["scheduling"]["engine_max_num_seqs"] = self.engine.max_num_seqs
+        if engine_profile is not None:
+            data["scheduling"]["engine_profile"] = engine_profile  # snake_case already (LatencyProfile dump)
         try:
             return SidecarConfig.model_validate(data)
         except ValidationError as exc:
@@ -304,7 +352,7 @@ def parse_spec(raw: dict[str, Any]) -> SaberServiceSpec:
 
 # --- status ----------------------------------------------------------------------------------------
 
-ConditionType = Literal["Ready", "Progressing", "Degraded", "SLAMet"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "SLAMet", "Calibrated"]
 
 
 class Condition(_Model):
@@ -325,6 +373,43 @@ class ClassStatus(_Model):
     )
 
 
+class EngineModelStatus(_Model):
+    """The engine model the sidecars learned online (their `saber_engine_*` metrics). Each figure is
+    the mean over the pods that report it, weighted by each pod's confidence (a plain mean when no
+    pod is confident yet); `observations` is their sum."""
+
+    prefill_seconds_per_token: float | None = Field(
+        default=None, ge=0, description="Engine seconds one prompt token's prefill costs."
+    )
+    speed_tokens_per_second: dict[str, float] = Field(
+        default_factory=dict, description="Decode speed per sequence (tokens/s) by batch size (the key)."
+    )
+    confidence: float | None = Field(default=None, ge=0, le=1, description="Mean confidence of the pods' models.")
+    observations: float = Field(default=0, ge=0, description="Finished requests the models learned from, all pods.")
+    pods: int = Field(default=0, ge=0, description="Pods that reported an engine model.")
+
+
+CalibrationPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+class CalibrationStatus(_Model):
+    """Where spec.calibration stands; the last good profile stays in use while a new run goes on or fails."""
+
+    phase: CalibrationPhase = Field(description="Pending (no ready pod of this engine yet), Running, Succeeded, Failed.")
+    reason: str = Field(default="", max_length=128)
+    message: str = Field(default="", max_length=4096)
+    engine_hash: str = Field(default="", max_length=64, description="The engine spec being (or last) calibrated.")
+    job: str | None = Field(default=None, description="The calibration Job of this engine spec.")
+    config_map: str | None = Field(
+        default=None, description="ConfigMap holding the last good profile (key profile.yaml)."
+    )
+    profile_engine_hash: str | None = Field(
+        default=None, max_length=64, description="The engine spec the profile in use was measured on."
+    )
+    measured_at: str | None = Field(default=None, description="RFC 3339 time the profile in use was stored.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time the phase last changed.")
+
+
 class SaberServiceStatus(_Model):
     observed_generation: int | None = Field(default=None, ge=0)
     replicas: int = Field(default=0, ge=0, description="Pods of the current Deployment.")
@@ -339,4 +424,6 @@ class SaberServiceStatus(_Model):
     )
     admission_limit: float | None = Field(default=None, ge=0, description="Sum of the sidecars' admission limits.")
     classes: list[ClassStatus] = Field(default_factory=list)
+    engine_model: EngineModelStatus | None = Field(default=None, description="The engine model the sidecars learned.")
+    calibration: CalibrationStatus | None = Field(default=None, description="spec.calibration's progress.")
     conditions: list[Condition] = Field(default_factory=list)

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from saber_operator.spec import ClassStatus, Condition, SaberServiceStatus
+from saber_operator.spec import ClassStatus, Condition, EngineModelStatus, SaberServiceStatus
 from saber_sidecar.config import SidecarConfig
 
 ATTAINMENT = "saber_sla_attainment_ratio"
@@ -20,6 +20,11 @@ GOODPUT = "saber_goodput_requests_per_second"
 REQUESTS = "saber_requests_total"
 WINDOW_REQUESTS = "saber_sla_window_requests"
 ADMISSION_LIMIT = "saber_admission_limit"
+# The sidecar's learned engine model (names agreed with the sidecar).
+ENGINE_SPEED = "saber_engine_speed_tokens_per_second"  # {batch="1"|"2"|...}: per-sequence decode speed
+ENGINE_PREFILL = "saber_engine_prefill_seconds_per_token"
+ENGINE_CONFIDENCE = "saber_engine_model_confidence"  # 0..1
+ENGINE_OBSERVATIONS = "saber_engine_model_observations_total"
 
 
 @dataclass
@@ -31,6 +36,10 @@ class PodMetrics:
     window_requests: dict[str, float] = field(default_factory=dict)  # per class, behind `attainment`
     goodput: float | None = None
     admission_limit: float | None = None
+    speed: dict[int, float] = field(default_factory=dict)  # batch size -> tokens/s
+    prefill_seconds_per_token: float | None = None
+    confidence: float | None = None
+    observations: float | None = None
 
 
 def parse_sidecar_metrics(text: str) -> PodMetrics:
@@ -52,6 +61,14 @@ def parse_sidecar_metrics(text: str) -> PodMetrics:
                 out.goodput = (out.goodput or 0.0) + value
             elif name == ADMISSION_LIMIT:
                 out.admission_limit = (out.admission_limit or 0.0) + value
+            elif name == ENGINE_SPEED and labels.get("batch", "").isdigit() and value >= 0:
+                out.speed[int(labels["batch"])] = value
+            elif name == ENGINE_PREFILL and value >= 0:
+                out.prefill_seconds_per_token = value
+            elif name == ENGINE_CONFIDENCE:
+                out.confidence = min(1.0, max(0.0, value))
+            elif name == ENGINE_OBSERVATIONS and value >= 0:  # the parser names counter samples *_total
+                out.observations = value
     out.requests = dict(requests)
     return out
 
@@ -102,6 +119,38 @@ def aggregate(config: SidecarConfig, pods: list[PodMetrics]) -> SLAFigures:
         overall=total_met / total_weight if total_weight else None,
         goodput=sum(goodputs) if goodputs else None,
         admission_limit=sum(limits) if limits else None,
+    )
+
+
+def engine_model_status(pods: list[PodMetrics]) -> EngineModelStatus | None:
+    """The pods' learned engine models in one: each figure is the mean over the pods reporting it,
+    weighted by the pod's confidence (a plain mean while no pod is confident), so one freshly
+    started pod still on its prior does not drag the figure of a well-learned one. Confidence is
+    the plain mean, observations the sum. None when no pod exports an engine model."""
+    reporting = [p for p in pods if p.confidence is not None or p.speed or p.prefill_seconds_per_token is not None]
+    if not reporting:
+        return None
+
+    def mean(values: list[tuple[float, float]]) -> float | None:  # (value, weight)
+        if not values:
+            return None
+        total = sum(w for _, w in values)
+        if total <= 0:
+            return sum(v for v, _ in values) / len(values)
+        return sum(v * w for v, w in values) / total
+
+    weight = {id(p): p.confidence or 0.0 for p in reporting}
+    batches = sorted({b for p in reporting for b in p.speed})
+    speed = {str(b): mean([(p.speed[b], weight[id(p)]) for p in reporting if b in p.speed]) for b in batches}
+    prefill = mean([(p.prefill_seconds_per_token, weight[id(p)]) for p in reporting
+                    if p.prefill_seconds_per_token is not None])
+    confidences = [p.confidence for p in reporting if p.confidence is not None]
+    return EngineModelStatus(
+        prefill_seconds_per_token=prefill,
+        speed_tokens_per_second={k: v for k, v in speed.items() if v is not None},
+        confidence=sum(confidences) / len(confidences) if confidences else None,
+        observations=sum(p.observations or 0.0 for p in reporting),
+        pods=len(reporting),
     )
 
 
@@ -196,7 +245,7 @@ def transitions(old: list[dict[str, Any]], new: list[Condition]) -> list[Conditi
 
 def event_type(cond: Condition) -> str:
     bad = (cond.type == "Degraded" and cond.status == "True") or (
-        cond.type in ("Ready", "SLAMet") and cond.status == "False"
+        cond.type in ("Ready", "SLAMet", "Calibrated") and cond.status == "False"
     )
     return "Warning" if bad else "Normal"
 

@@ -292,7 +292,7 @@ async def test_invalid_spec_is_degraded_and_applies_nothing(api: API, operator):
     await api.patch(SABER, "bad", {"spec": {"engine": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}})
     await eventually(lambda: condition(api.get(SABER, "bad"), "Degraded").get("status") == "False", what="recovery")
     assert api.get(DEPLOYMENTS, "bad")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
-        "nvidia.com/gpu": "2"
+        "nvidia.com/gpu": "2", "memory": "32Gi"  # the engine's default memory limit (builders.DEFAULT_ENGINE_MEMORY)
     }
 
 

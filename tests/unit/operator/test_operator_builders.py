@@ -4,15 +4,22 @@ Kubernetes' own schemas (kubernetes-validate)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from saber_emulator.profile import LatencyProfile
 from saber_operator.builders import (
+    DEFAULT_ENGINE_SCRAPERS,
     ENGINE_HASH_ANNOTATION,
     Owner,
+    build_calibration_configmap,
+    build_calibration_job,
     build_children,
+    build_networkpolicy,
+    calibration_key,
     build_configmap,
     build_deployment,
     build_service,
@@ -65,7 +72,7 @@ def test_children_validate_against_kubernetes_schemas(vllm, emulator):
 def test_vllm_deployment(vllm):
     dep = build_deployment(OWNER, vllm, "registry.example/saber:1")
     engine, sidecar = containers(dep)["engine"], containers(dep)["sidecar"]
-    assert engine["image"] == "vllm/vllm-openai:v0.10.0"
+    assert engine["image"] == "vllm/vllm-openai:v0.32.0"
     args = engine["args"]
     flag = lambda name: args[args.index(name) + 1]  # noqa: E731
     assert flag("--model") == "Qwen/Qwen2.5-Coder-3B-Instruct"
@@ -145,6 +152,8 @@ def test_configmap_is_the_sidecar_config(emulator):
     config = parse_config(cm["data"]["config.yaml"])
     assert config == emulator.sidecar_config()
     assert config.get_class("generation").target_attainment == 0.9
+    # The engine's seat limit reaches the gate from spec.engine, not from the user's scheduling.
+    assert config.scheduling.engine_max_num_seqs == 256
 
 
 def test_sla_change_keeps_pod_template_engine_change_rolls(emulator):
@@ -175,7 +184,148 @@ def test_service_targets_sidecar(emulator):
 
 def test_servicemonitor_only_when_asked(emulator):
     kinds = [c["kind"] for c in build_children(OWNER, emulator)]
-    assert kinds == ["ConfigMap", "Deployment", "Service"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Deployment", "Service"]
+    assert "NetworkPolicy" not in [c["kind"] for c in build_children(OWNER, emulator, network_policy=False)]
     sm = build_servicemonitor(OWNER, emulator)
     assert sm["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
     assert [c["kind"] for c in build_children(OWNER, emulator, servicemonitor=True)][-1] == "ServiceMonitor"
+
+
+def test_engine_memory_limit_defaults(vllm, emulator):
+    # The sample sets its own limit: kept.
+    assert containers(build_deployment(OWNER, vllm))["engine"]["resources"]["limits"]["memory"] == "24Gi"
+    # The emulator sample sets a limit too; without one the request becomes the limit, else a default.
+    raw = sample("manifests/samples/emulator.yaml")
+    raw["engine"]["resources"] = {"requests": {"memory": "700Mi"}}
+    engine = containers(build_deployment(OWNER, parse_spec(raw)))["engine"]
+    assert engine["resources"] == {"requests": {"memory": "700Mi"}, "limits": {"memory": "700Mi"}}
+    raw["engine"]["resources"] = {}
+    engine = containers(build_deployment(OWNER, parse_spec(raw)))["engine"]
+    assert engine["resources"] == {"limits": {"memory": "1Gi"}}
+    gpu = sample("manifests/samples/qwen-coder-vllm.yaml")
+    gpu["engine"]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+    engine = containers(build_deployment(OWNER, parse_spec(gpu)))["engine"]
+    assert engine["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "32Gi"}
+
+
+def test_networkpolicy_opens_only_the_sidecar(emulator):
+    np = build_networkpolicy(OWNER, emulator)
+    kubernetes_validate.validate(np, K8S, strict=True)
+    assert np["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
+    spec = np["spec"]
+    # It isolates exactly the serving pods (the Service's selector), for ingress only.
+    assert spec["podSelector"] == {"matchLabels": build_service(OWNER, emulator)["spec"]["selector"]}
+    assert spec["policyTypes"] == ["Ingress"]
+    sidecar_rule, engine_rule = spec["ingress"]
+    assert sidecar_rule == {"ports": [{"protocol": "TCP", "port": 8080}]}  # from anywhere
+    assert engine_rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    calib = engine_rule["from"][0]["podSelector"]["matchLabels"]
+    assert calib == {"app.kubernetes.io/name": "saber-calibration", "app.kubernetes.io/instance": "coder"}
+    assert engine_rule["from"][1] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    # Calibration pods carry the admitted labels, and are not selected as serving pods.
+    job = build_calibration_job(OWNER, emulator, "10.0.0.7", "abc")
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert calib.items() <= pod_labels.items()
+    assert not spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    # No scrapers configured: only calibration reaches the engine.
+    assert build_networkpolicy(OWNER, emulator, [])["spec"]["ingress"][1]["from"] == [{"podSelector": {"matchLabels": calib}}]
+
+
+def test_monitoring_scrapes_the_engine_so_the_policy_admits_scrapers():
+    # manifests/monitoring scrapes the engine port directly: the default scraper peer must exist.
+    podmonitor = yaml.safe_load(Path("manifests/monitoring/prometheus-operator/podmonitor.yaml").read_text())
+    assert [e["port"] for e in podmonitor["spec"]["podMetricsEndpoints"]] == ["engine"]
+    assert DEFAULT_ENGINE_SCRAPERS
+
+
+def calibrating(**calibration):
+    raw = sample("manifests/samples/emulator.yaml")
+    raw["calibration"] = {"enabled": True, **calibration}
+    return parse_spec(raw)
+
+
+def test_calibration_job():
+    spec = calibrating(maxConcurrency=32, durationSeconds=120)
+    job = build_calibration_job(OWNER, spec, "10.1.2.3", "0123456789abcdef", "registry.example/saber:1")
+    kubernetes_validate.validate(job, K8S, strict=True)
+    key = calibration_key(spec, "0123456789abcdef")
+    assert job["metadata"]["name"] == f"coder-calibrate-{key[:10]}"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
+    assert job["metadata"]["annotations"] == {"saber.dev/engine-hash": "0123456789abcdef", "saber.dev/calibration-key": key}
+    assert job["spec"]["backoffLimit"] == 1 and job["spec"]["activeDeadlineSeconds"] == 1800
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    # Least privilege: no API credentials at all, non-root, read-only root.
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["image"] == "registry.example/saber:1"
+    assert c["command"] == ["saber", "calibrate"]
+    assert c["args"] == [
+        "--engine-url", "http://10.1.2.3:8000", "--model", "qwen2.5-coder-3b", "--out", "/dev/termination-log",
+        "--no-plot", "--max-concurrency", "32", "--duration", "120",
+    ]
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["saber.dev/calibration-job"] == job["metadata"]["name"]
+    assert len(job["metadata"]["name"]) <= 63
+    long = Owner(name="x" * 60, namespace="n", uid="u")
+    assert len(build_calibration_job(long, spec, "10.0.0.1", "h")["metadata"]["name"]) <= 63
+
+
+def test_calibration_key_follows_engine_and_measurement_settings():
+    spec = calibrating()
+    assert calibration_key(spec, "a") == calibration_key(calibrating(), "a")
+    assert calibration_key(spec, "a") != calibration_key(spec, "b")
+    assert calibration_key(spec, "a") != calibration_key(calibrating(maxConcurrency=8), "a")
+    # An image given for calibration wins over the sidecar's.
+    job = build_calibration_job(OWNER, calibrating(image="reg/cal:2"), "10.0.0.1", "a")
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "reg/cal:2"
+    assert "--max-concurrency" not in job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+PROFILE = {
+    "name": "measured", "decode_batch_sizes": [1, 4, 16], "decode_step_s": [0.02, 0.025, 0.05],
+    "prefill_s_per_token": 0.0014,
+}
+
+
+def test_calibrated_profile_overrides_pasted_one_in_the_sidecar_config():
+    raw = sample("manifests/samples/emulator.yaml")
+    raw["scheduling"]["engineProfile"] = {"name": "pasted", "decodeBatchSizes": [1], "decodeStepS": [0.01]}
+    spec = parse_spec(raw)
+    pasted = parse_config(build_configmap(OWNER, spec)["data"]["config.yaml"])
+    assert pasted.scheduling.engine_profile.name == "pasted"
+    calibrated = parse_config(build_configmap(OWNER, spec, PROFILE)["data"]["config.yaml"])
+    assert calibrated.scheduling.engine_profile.model_dump(mode="json") == LatencyProfile(**PROFILE).model_dump(mode="json")
+    # Only the ConfigMap changes: the pods are not restarted for a new profile.
+    assert build_children(OWNER, spec, engine_profile=PROFILE)[2] == build_deployment(OWNER, spec)
+
+
+def test_calibration_configmap():
+    cm = build_calibration_configmap(OWNER, "name: x\n", "h1", "k1", "job-1", "2026-01-01T00:00:00Z")
+    kubernetes_validate.validate(cm, K8S, strict=True)
+    assert cm["metadata"]["name"] == "coder-calibration"
+    assert cm["data"] == {"profile.yaml": "name: x\n"}
+    assert cm["metadata"]["annotations"] == {
+        "saber.dev/engine-hash": "h1", "saber.dev/calibration-key": "k1", "saber.dev/calibration-job": "job-1",
+        "saber.dev/measured-at": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_engine_max_num_seqs_is_the_operators():
+    raw = sample("manifests/samples/emulator.yaml")
+    raw["scheduling"]["engineMaxNumSeqs"] = 8
+    with pytest.raises(ValueError, match="engineMaxNumSeqs must not be set: the operator sets it from spec.engine.maxNumSeqs"):
+        parse_spec(raw)

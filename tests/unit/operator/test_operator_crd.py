@@ -41,7 +41,10 @@ def test_crd_shape():
     assert crd["spec"]["names"]["shortNames"] == ["saber"]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert "status" in version["subresources"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Ready", "Replicas", "SLA", "Policy", "Age"]
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Ready", "Replicas", "SLA", "Policy", "Age"]
+    wide = {c["name"]: c["jsonPath"] for c in columns if c.get("priority") == 1}
+    assert wide == {"Model-Confidence": ".status.engineModel.confidence", "Calibration": ".status.calibration.phase"}
     spec = openapi_schema(crd)["properties"]["spec"]
     text = yaml.safe_dump(spec)
     assert "$ref" not in text and "title" not in spec
@@ -53,6 +56,26 @@ def test_crd_shape():
     assert "deadlineSeconds" in sla_class and "deadline_seconds" not in sla_class
     rules = [r["rule"] for r in spec.get("x-kubernetes-validations", [])]
     assert any("model.source" in r for r in rules)
+
+
+def test_crd_calibration_engine_model_and_operator_set_fields():
+    schema = openapi_schema(build_crd())
+    spec, status = schema["properties"]["spec"]["properties"], schema["properties"]["status"]["properties"]
+    # The engine's seat limit is the operator's to set (from engine.maxNumSeqs), not the user's.
+    scheduling = spec["scheduling"]["properties"]
+    assert "engineMaxNumSeqs" not in scheduling and "engineProfile" in scheduling
+    assert "decodeBatchSizes" in scheduling["engineProfile"]["properties"]
+    cal = spec["calibration"]
+    assert cal["default"] == {} and cal["properties"]["enabled"]["default"] is False
+    assert set(cal["properties"]) == {
+        "enabled", "image", "maxConcurrency", "durationSeconds", "extraArgs", "timeoutSeconds", "resources",
+    }
+    model = status["engineModel"]["properties"]
+    assert model["speedTokensPerSecond"]["additionalProperties"]["type"] == "number"
+    assert {"prefillSecondsPerToken", "confidence", "observations", "pods"} <= set(model)
+    assert status["calibration"]["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed"]
+    assert "configMap" in status["calibration"]["properties"] and "engineHash" in status["calibration"]["properties"]
+    assert "Calibrated" in status["conditions"]["items"]["properties"]["type"]["enum"]
 
 
 def test_crd_and_base_manifests_validate_against_kubernetes():
@@ -91,6 +114,14 @@ def test_rbac_is_least_privilege():
     assert ("", "secrets", "get") not in granted and ("", "pods", "get") not in granted
     assert ("saber.dev", "saberservices/status", "patch") in granted
     assert ("apps", "deployments", "create") in granted  # server-side apply of a new object
+    # Calibration Jobs (server-side apply: create and patch; get to read their status), the calibration
+    # pods' termination messages (list by label), and the per-SaberService NetworkPolicy.
+    for verb in ("get", "create", "patch"):
+        assert ("batch", "jobs", verb) in granted
+    assert ("batch", "jobs", "delete") not in granted  # owner references and the Job's TTL remove them
+    assert ("", "pods", "list") in granted
+    for verb in ("get", "create", "patch", "delete"):
+        assert ("networking.k8s.io", "networkpolicies", verb) in granted
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
@@ -118,6 +149,8 @@ INVALID = {
     "privileged sidecar port": lambda s: s["spec"]["sidecar"].update(port=80),
     "no classes": lambda s: s["spec"]["sla"].update(classes=[]),
     "string replicas": lambda s: s["spec"].update(replicas="two"),
+    "calibration timeout too short": lambda s: s["spec"].update(calibration={"enabled": True, "timeoutSeconds": 5}),
+    "calibration concurrency zero": lambda s: s["spec"].update(calibration={"maxConcurrency": 0}),
 }
 
 

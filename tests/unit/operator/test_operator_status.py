@@ -10,10 +10,12 @@ from saber_operator.spec import Condition
 from saber_operator.status import (
     aggregate,
     deployment_conditions,
+    engine_model_status,
     event_type,
     merge_conditions,
     parse_sidecar_metrics,
     sla_condition,
+    status_dict,
     transitions,
 )
 from saber_sidecar.config import SidecarConfig
@@ -119,3 +121,50 @@ def test_pods_are_weighted_by_their_attainment_window_not_their_lifetime():
     fast = {c.name: c for c in aggregate(CONFIG, [old, new]).classes}["fast"]
     assert fast.attainment == pytest.approx(0.5)
     assert fast.requests == 1010
+
+
+def engine_text(speed: dict[int, float], prefill: float, confidence: float | None, observations: int) -> str:
+    """A sidecar's learned engine model as it exports it (the names agreed with the sidecar)."""
+    registry = CollectorRegistry()
+    v = Gauge("saber_engine_speed_tokens_per_second", "x", ["batch"], registry=registry)
+    for batch, tps in speed.items():
+        v.labels(str(batch)).set(tps)
+    Gauge("saber_engine_prefill_seconds_per_token", "x", registry=registry).set(prefill)
+    if confidence is not None:
+        Gauge("saber_engine_model_confidence", "x", registry=registry).set(confidence)
+    Counter("saber_engine_model_observations", "x", registry=registry).inc(observations)
+    return generate_latest(registry).decode()
+
+
+def test_engine_model_is_the_confidence_weighted_mean_of_the_pods():
+    learned = parse_sidecar_metrics(engine_text({1: 40.0, 4: 30.0, 16: 12.0}, 0.0014, 0.9, 300))
+    fresh = parse_sidecar_metrics(engine_text({1: 100.0, 4: 90.0}, 0.00005, 0.1, 5))
+    assert learned.speed == {1: 40.0, 4: 30.0, 16: 12.0}
+    assert learned.prefill_seconds_per_token == pytest.approx(0.0014)
+    assert learned.confidence == pytest.approx(0.9) and learned.observations == 300
+    # A pod with no engine model metrics (an older sidecar) is left out, not counted as zeros.
+    older = parse_sidecar_metrics(sidecar_text({"fast": 1.0}, {}, 1.0, 4))
+    model = engine_model_status([learned, fresh, older])
+    assert model.pods == 2 and model.observations == 305
+    assert model.confidence == pytest.approx(0.5)
+    assert model.speed_tokens_per_second["1"] == pytest.approx((40 * 0.9 + 100 * 0.1) / 1.0)
+    assert model.speed_tokens_per_second["4"] == pytest.approx((30 * 0.9 + 90 * 0.1) / 1.0)
+    assert model.speed_tokens_per_second["16"] == pytest.approx(12.0)  # only the learned pod has it
+    assert model.prefill_seconds_per_token == pytest.approx(0.0014 * 0.9 + 0.00005 * 0.1)
+    # Nobody confident yet: a plain mean.
+    cold = [parse_sidecar_metrics(engine_text({1: 10.0}, 0.001, 0.0, 0)),
+            parse_sidecar_metrics(engine_text({1: 30.0}, 0.003, 0.0, 0))]
+    cold_model = engine_model_status(cold)
+    assert cold_model.speed_tokens_per_second == {"1": pytest.approx(20.0)}
+    assert cold_model.prefill_seconds_per_token == pytest.approx(0.002) and cold_model.confidence == 0.0
+    assert engine_model_status([older]) is None and engine_model_status([]) is None
+    # It fits the status schema (keys are batch sizes as strings) and round-trips.
+    from saber_operator.spec import SaberServiceStatus
+    status = SaberServiceStatus(engine_model=model)
+    dumped = status_dict(status)["engineModel"]
+    assert dumped["speedTokensPerSecond"]["16"] == pytest.approx(12.0) and dumped["pods"] == 2
+
+
+def test_calibration_failure_is_a_warning():
+    assert event_type(Condition(type="Calibrated", status="False", reason="JobFailed")) == "Warning"
+    assert event_type(Condition(type="Calibrated", status="Unknown", reason="Running")) == "Normal"
