@@ -168,10 +168,10 @@ async def test_malformed_answers_and_silence_are_clear_errors():
     server, url = await scripted_server(script)
     pool = EnginePool(url, read_timeout_s=1.0)
     try:
-        with pytest.raises(EngineError, match="malformed status line"):
+        with pytest.raises(EngineError, match="malformed response .*Expected HTTP"):
             await pool.post("/x", b"{}", {})
         resp = await pool.post("/x", b"{}", {})
-        with pytest.raises(EngineError, match="malformed chunk size"):
+        with pytest.raises(EngineError, match="malformed response .*chunk size"):
             await resp.read()
         resp.close()
         with pytest.raises(EngineTimeout, match="sent nothing for 1s"):
