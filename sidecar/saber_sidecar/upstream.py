@@ -117,7 +117,8 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[Response] | None = None
-        self._head_bytes = 0  # bytes received before the head was complete (bounded by MAX_HEAD_BYTES)
+        self._head_bytes = 0  # bytes received while the head was incomplete (bounded by MAX_HEAD_BYTES)
+        self._header_bytes = 0  # names and values of the head's headers (bounded the same way)
         self._header_list: list[tuple[bytes, bytes]] = []
         self._sink: Sink | None = None
         self._pending: list[bytes] = []  # body bytes that arrived before a sink was attached
@@ -151,7 +152,7 @@ class _Connection(asyncio.Protocol):
             reason = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             self._protocol_error(f"engine sent a malformed response ({reason or type(exc).__name__})")
             return
-        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES:
+        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES:  # a head that never ends
             self._protocol_error("engine response head is too large")
 
     def eof_received(self) -> bool | None:
@@ -177,6 +178,10 @@ class _Connection(asyncio.Protocol):
             raise EngineError("engine sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here too: a whole oversized head can arrive in one read.
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEAD_BYTES:
+            raise EngineError("engine response head is too large")
         self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
