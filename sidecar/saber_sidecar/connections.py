@@ -46,7 +46,7 @@ class FlowControl:
     """The write side of one client connection: `paused` while the transport's buffer is above
     its high-water mark; a listener (at most one, the stream being relayed) hears each change."""
 
-    __slots__ = ("transport", "paused", "listener")
+    __slots__ = ("listener", "paused", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport

@@ -26,7 +26,12 @@ from saber_sidecar.classify import Classified, RequestError, body_info, classify
 from saber_sidecar.connections import track_requests
 from saber_sidecar.driver import QUEUE_FULL, Gate
 from saber_sidecar.engine_metrics import EngineState
-from saber_sidecar.errors import LLMD_DROPPED_REASON_HEADER, REJECT_REASON_HEADER, Fail, error_response
+from saber_sidecar.errors import (
+    LLMD_DROPPED_REASON_HEADER,
+    REJECT_REASON_HEADER,
+    Fail,
+    error_response,
+)
 from saber_sidecar.metrics import SidecarMetrics
 from saber_sidecar.policy.base import Admit, Request
 from saber_sidecar.relay import Relay, RelayContext, forward_headers
@@ -80,7 +85,7 @@ class Sidecar:
                 async with self.session.get(self.settings.engine_url + "/v1/models") as resp:
                     data = await resp.json(content_type=None)
                 self.engine_model = data["data"][0]["id"]
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, IndexError, TypeError):
                 log.warning("could not read the engine's model name; alias requests keep their model name")
         return self.engine_model
 
@@ -130,7 +135,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         async with sc.session.get(sc.settings.engine_url + "/v1/models", headers=forward_headers(request)) as up:
             body = await up.read()
             return web.Response(status=up.status, body=body, content_type=up.content_type)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return _engine_down(sc, f"engine not reachable: {type(exc).__name__}")
 
 
@@ -178,9 +183,10 @@ async def _read_request(sc: Sidecar, request: web.Request):
     except TimeoutError:
         raise Fail(408, f"request body not received within {sc.settings.body_timeout_s:g}s", m.BAD_REQUEST,
                    "body_timeout") from None
-    except (ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-            web.HTTPBadRequest) as exc:
-        # The client went away or broke the body's framing mid-body.
+    except (ConnectionError, aiohttp.ClientConnectionError) as exc:  # the client went away mid-body
+        raise Fail(400, f"request body could not be read ({type(exc).__name__}); resend the request",
+                   m.CANCELLED, "invalid_body") from None
+    except (aiohttp.ClientPayloadError, web.HTTPBadRequest) as exc:  # it broke the body's framing
         raise Fail(400, f"request body could not be read ({type(exc).__name__}); resend the request",
                    m.BAD_REQUEST, "invalid_body") from None
     if len(raw) > limit:

@@ -23,7 +23,13 @@ from saber_sidecar.classify import Classified
 from saber_sidecar.connections import FlowControl, flow_control_of
 from saber_sidecar.errors import Fail
 from saber_sidecar.policy.base import Request
-from saber_sidecar.upstream import EngineError, EnginePool, EngineTimeout, Response, Sink
+from saber_sidecar.upstream import (
+    EngineError,
+    EnginePool,
+    EngineTimeout,
+    Response,
+    Sink,
+)
 
 if TYPE_CHECKING:
     from saber_sidecar.driver import Gate
@@ -181,9 +187,9 @@ class Relay:
             resp.enable_chunked_encoding()
         try:
             await resp.prepare(self.request)
-        except (ConnectionError, aiohttp.ClientConnectionError, RuntimeError):
-            # The client went away before its response head could be written (aiohttp raises
-            # RuntimeError for a transport already closed): a disconnect, not a sidecar error.
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            # The client reset its connection before the response head could be written (its
+            # transport is closing, the handler not cancelled yet): a disconnect, not a 500.
             self._record(m.CANCELLED, gate.now())
             return resp
         transport = self.request.transport

@@ -96,7 +96,7 @@ class SidecarServer:
         # handler_cancellation: a client that disconnects cancels its handler, which frees its
         # queue slot or closes its upstream request. keepalive_timeout: aiohttp's idle limit (an
         # hour by default); the header timeout and the connection cap are the guard's (connections.py).
-        handler_kwargs = dict(access_log=None, keepalive_timeout=s.idle_timeout_s)
+        handler_kwargs = {"access_log": None, "keepalive_timeout": s.idle_timeout_s}
         self._runner = web.AppRunner(create_app(self.sidecar), handler_cancellation=True, **handler_kwargs)
         await self._runner.setup()
         self.limits = ConnectionLimits(s.header_timeout_s, s.max_connections)
@@ -124,7 +124,7 @@ class SidecarServer:
         try:
             await asyncio.wait_for(self.sidecar.idle.wait(), timeout=grace)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain grace over with %d request(s) in flight; cutting them off", self.sidecar.inflight)
             return False
 

@@ -361,7 +361,7 @@ class EnginePool:
                 loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl),
                 self.connect_timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineError(f"could not connect to the engine within {self.connect_timeout_s:g}s") from None
         except OSError as exc:
             raise EngineError(f"engine not reachable ({type(exc).__name__}: {exc})") from None

@@ -22,9 +22,8 @@ import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sidecar_support import MODEL, emulator_url
-
 from saber_sidecar.upstream import MAX_HEAD_BYTES, EngineError, EnginePool, Sink
+from sidecar_support import MODEL, emulator_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,7 +171,7 @@ async def test_a_response_cut_short_is_an_error_never_an_end(data):
 
 # -- the sidecar's request handling -------------------------------------------------------------
 
-FAST = dict(max_model_len=256)
+FAST = {"max_model_len": 256}
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ async def test_slowloris_head_is_cut_off_by_the_header_timeout(emulator, start_s
                 break
             await asyncio.sleep(0.05)
         if not closed:
-            closed, got = await asyncio.to_thread(closed_within, sock, 3.0)
+            closed, _ = await asyncio.to_thread(closed_within, sock, 3.0)
         assert closed and time.monotonic() - start < 3.0
     finally:
         sock.close()
@@ -197,7 +197,7 @@ async def test_malformed_http_is_a_counted_openai_4xx_without_a_log_flood(emulat
         sock = raw_client(sidecar.url)
         try:
             sock.sendall(garbage)
-            closed, got = await asyncio.to_thread(closed_within, sock, 3.0)
+            _, got = await asyncio.to_thread(closed_within, sock, 3.0)
         finally:
             sock.close()
         answers.append(got)

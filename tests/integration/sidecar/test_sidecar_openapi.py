@@ -17,10 +17,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from saber_emulator.server import EmulatorServer
 from schemathesis import GenerationMode
 from sidecar_support import MODEL, emulator_settings, emulator_url
-
-from saber_emulator.server import EmulatorServer
 
 pytestmark = pytest.mark.timeout(120)
 
