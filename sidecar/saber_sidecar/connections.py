@@ -235,6 +235,27 @@ class ConnectionLimits:
         self.header_timeouts = 0  # connections closed for a head that did not arrive in time
 
 
+class ConnectionCollector:
+    """`saber_client_connections` (open now) and `saber_client_connections_closed_total{reason}`
+    (closed by the sidecar: `header_timeout`, `connection_cap`), read from the limits at scrape
+    time; register it on the sidecar's registry."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily("saber_client_connections", "Client connections open now.",
+                                value=len(self.limits.open))
+        closed = CounterMetricFamily("saber_client_connections_closed", "Client connections the sidecar closed "
+                                     "itself: a head not received in time, or over the connection cap.",
+                                     labels=["reason"])
+        closed.add_metric(["header_timeout"], self.limits.header_timeouts)
+        closed.add_metric(["connection_cap"], self.limits.refused)
+        yield closed
+
+
 @web.middleware
 async def track_requests(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
     """Tells the connection's guard that a request's head has arrived (the header timer stops)

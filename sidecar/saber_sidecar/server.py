@@ -55,7 +55,7 @@ class SidecarServer:
         from aiohttp import web
 
         from saber_sidecar import metrics as m
-        from saber_sidecar.connections import ConnectionLimits, GuardedSite
+        from saber_sidecar.connections import ConnectionCollector, ConnectionLimits, GuardedSite
         from saber_sidecar.driver import Gate
         from saber_sidecar.engine_metrics import EngineScraper
         from saber_sidecar.metrics import SidecarMetrics
@@ -100,6 +100,7 @@ class SidecarServer:
         self._runner = web.AppRunner(create_app(self.sidecar), handler_cancellation=True, **handler_kwargs)
         await self._runner.setup()
         self.limits = ConnectionLimits(s.header_timeout_s, s.max_connections)
+        self.registry.register(ConnectionCollector(self.limits))
         site = GuardedSite(self._runner, s.host, s.port, limits=self.limits, handler_kwargs=handler_kwargs,
                            on_bad_request=lambda status: metrics.record(NO_CLASS, m.BAD_REQUEST if status < 500
                                                                         else m.ERROR))

@@ -141,6 +141,8 @@ async def test_slowloris_head_is_cut_off_by_the_header_timeout(emulator, start_s
     finally:
         sock.close()
     assert sidecar.limits.header_timeouts == 1
+    metrics = await scrape(sidecar.url)
+    assert metrics[("saber_client_connections_closed_total", (("reason", "header_timeout"),))] == 1
     # A client that sends its head in time is served as before.
     async with aiohttp.ClientSession() as s, s.get(sidecar.url + "/healthz") as r:
         assert r.status == 200
@@ -186,6 +188,9 @@ async def test_connection_cap_refuses_with_503_and_recovers(emulator, start_side
     assert await wait_for(lambda: len(sidecar.limits.open) == 0)
     async with aiohttp.ClientSession() as s, s.get(sidecar.url + "/healthz") as r:
         assert r.status == 200
+    metrics = await scrape(sidecar.url)
+    assert metrics[("saber_client_connections_closed_total", (("reason", "connection_cap"),))] == 1
+    assert metrics[("saber_client_connections", ())] == 1  # the scrape's own connection
 
 
 async def test_malformed_http_is_a_counted_openai_4xx_without_a_log_flood(emulator, start_sidecar, caplog):
