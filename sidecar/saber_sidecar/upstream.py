@@ -141,6 +141,11 @@ class _Connection(asyncio.Protocol):
             # Bytes after the response's end (or after an error): this connection is not reused.
             self._keep_alive = False
             return
+        if self._head is None and not self._in_body:
+            # Bytes on an idle kept-alive connection answer nothing we sent: never let them pass
+            # for the next request's response.
+            self.abandon()
+            return
         if not self._in_body:
             self._head_bytes += len(data)
         try:

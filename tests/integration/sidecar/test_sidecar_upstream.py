@@ -398,3 +398,49 @@ async def test_slow_client_flow_control_under_uvloop(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         server.close()
+
+
+async def test_bytes_after_a_response_never_pass_for_the_next_one():
+    """An engine that sends more than one response's worth (in the same read, or later on the
+    idle connection): the extra bytes are nobody's answer, so the connection is not reused and
+    the next request gets its own response on a fresh one."""
+    requests = []
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            if len(requests) == 1:  # an answer and a stray second one in the same write
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            elif len(requests) == 2:  # an answer, then stray bytes while the connection is idle
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree")
+            await writer.drain()
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        resp.close()
+        assert not pool._idle  # the stray response came with it: not reused
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"two"
+        resp.close()
+        assert len(pool._idle) == 1
+        await asyncio.sleep(0.3)  # the stray bytes arrive on the idle connection
+        assert not pool._idle
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"three"
+        resp.close()
+        assert len(requests) == 3
+    finally:
+        await pool.close()
+        server.close()
