@@ -4,6 +4,8 @@ relay alike (neither imports the other for it)."""
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 # Why the sidecar refused or dropped a request, as a machine-readable code (the body's
@@ -21,18 +23,16 @@ class Fail(Exception):
         self.status, self.message, self.outcome, self.code, self.retry_after = status, message, outcome, code, retry_after
 
 
+def openai_error(status: int, message: str, code: str) -> dict:
+    """The OpenAI/vLLM error shape: `{"error": {"message", "type", "param", "code"}}`."""
+    kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
-    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
-    if status == 429:
-        kind = "rate_limit_error"
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status, headers=headers
-    )
+    return web.json_response(openai_error(status, message, code), status=status, headers=headers)
 
 
 def openai_error_bytes(status: int, message: str, code: str) -> bytes:
     """The same shape as bytes, for answers written straight to a transport (no aiohttp request)."""
-    import json
-
-    kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return json.dumps(openai_error(status, message, code)).encode()
