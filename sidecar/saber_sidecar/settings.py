@@ -72,7 +72,9 @@ class SidecarSettings(BaseSettings):
         gt=0,
         le=3600,
         description="A kept-alive client connection with no request in progress is closed after this many seconds "
-        "(aiohttp's own default is an hour).",
+        "(aiohttp's own default is an hour). A proxy that pools connections to the sidecar (an Envoy-based "
+        "gateway keeps them up to an hour by default) should close idle ones sooner than this, or it may send a "
+        "request on a connection the sidecar is closing.",
     )
     max_connections: int = Field(
         default=4096,
