@@ -2,7 +2,8 @@
 
 Class resolution, first match wins: header `x-saber-sla-class`; then a model-name alias; then
 the default class. Header `x-saber-deadline-ms` sets an explicit end-to-end deadline on top of
-whichever class was chosen.
+whichever class was chosen; TTFT and TPOT targets come from the headers the ecosystem's tools
+send (`SLO_HEADERS`: saber's own, then llm-d's, then inference-perf's; the first one present wins).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from saber_sidecar.config import SidecarConfig, SLAClass
 
 CLASS_HEADER = "x-saber-sla-class"
 DEADLINE_HEADER = "x-saber-deadline-ms"
+# Per-request time-to-first-token and time-per-output-token targets, in milliseconds, by the name
+# each tool uses, in order of precedence when a request carries several.
+TTFT_HEADERS = ("x-saber-ttft-ms", "x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
+TPOT_HEADERS = ("x-saber-tpot-ms", "x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
+SLO_HEADERS = (DEADLINE_HEADER, *TTFT_HEADERS, *TPOT_HEADERS)
+# A target under a millisecond is no SLO an engine can be held to (and a deadline equal to the
+# arrival time, as 1e-300 ms rounds to, is no deadline at all).
+MIN_SLO_MS = 1.0
 MAX_DEADLINE_MS = 3_600_000
 CHARS_PER_TOKEN = 4  # rough prompt-size estimate; the policy uses it only as a hint
 
@@ -32,6 +41,8 @@ class Classified:
     sla_class: SLAClass
     deadline_s: float | None  # explicit deadline from the header, seconds after arrival
     alias: bool  # the model name was a class alias (the proxy rewrites it to the engine's model)
+    ttft_s: float | None = None  # TTFT target from a header, seconds after arrival
+    tpot_s: float | None = None  # TPOT target from a header, seconds per output token after the first
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +55,9 @@ class BodyInfo:
 
 
 def classify(config: SidecarConfig, headers: Mapping[str, str], model: str | None) -> Classified:
-    deadline_s = _deadline(headers.get(DEADLINE_HEADER))
+    deadline_s = _millis(DEADLINE_HEADER, headers.get(DEADLINE_HEADER))
+    ttft_s = _first_millis(headers, TTFT_HEADERS)
+    tpot_s = _first_millis(headers, TPOT_HEADERS)
     name = headers.get(CLASS_HEADER)
     if name is not None:
         name = name.strip()
@@ -55,27 +68,39 @@ def classify(config: SidecarConfig, headers: Mapping[str, str], model: str | Non
                 f"unknown SLA class {name[:64]!r} in header {CLASS_HEADER}; valid classes: {valid}",
                 code="unknown_sla_class",
             )
-        return Classified(cls, deadline_s, alias=model is not None and config.class_for_model(model) is not None)
+        alias = model is not None and config.class_for_model(model) is not None
+        return Classified(cls, deadline_s, alias, ttft_s, tpot_s)
     if model is not None:
         cls = config.class_for_model(model)
         if cls is not None:
-            return Classified(cls, deadline_s, alias=True)
+            return Classified(cls, deadline_s, True, ttft_s, tpot_s)
     cls = config.get_class(config.default_class)
     assert cls is not None  # the config validator guarantees it
-    return Classified(cls, deadline_s, alias=False)
+    return Classified(cls, deadline_s, False, ttft_s, tpot_s)
 
 
-def _deadline(raw: str | None) -> float | None:
+def _first_millis(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        raw = headers.get(name)
+        if raw is not None:
+            return _millis(name, raw)
+    return None
+
+
+def _millis(name: str, raw: str | None) -> float | None:
+    """Seconds from a header holding milliseconds in [MIN_SLO_MS, MAX_DEADLINE_MS]."""
     if raw is None:
         return None
     try:
         ms = float(raw)
     except ValueError:
         ms = float("nan")
-    if not 0 < ms <= MAX_DEADLINE_MS:  # also refuses NaN
+    if not MIN_SLO_MS <= ms <= MAX_DEADLINE_MS:  # also refuses NaN and infinities
+        code = "invalid_deadline" if name == DEADLINE_HEADER else "invalid_slo"
         raise RequestError(
-            f"header {DEADLINE_HEADER} must be a number of milliseconds in (0, {MAX_DEADLINE_MS}], got {raw[:32]!r}",
-            code="invalid_deadline",
+            f"header {name} must be a number of milliseconds in [{MIN_SLO_MS:g}, {MAX_DEADLINE_MS}], "
+            f"got {raw[:32]!r}",
+            code=code,
         )
     return ms / 1000.0
 

@@ -2,6 +2,7 @@
 
     python -m saber_sidecar.perf --out DIR [--streams 200] [--duration 15] [--rounds 2]
     python -m saber_sidecar.perf --out DIR --pin --floor --flat-step-ms 50 --jitter-ms 50
+    python -m saber_sidecar.perf --parser-only     # CPU per relayed chunk of the engine client's parser
 
 Starts the emulator, one sidecar per policy and (`--floor`) a bare TCP pipe as separate processes
 on loopback, then runs a closed-loop load generator (`--streams` workers, each sending streamed
@@ -359,9 +360,65 @@ async def main_async(opts: argparse.Namespace) -> dict:
     }
 
 
+def parser_cost(chunks: int = 100_000, repeats: int = 5) -> dict[str, float]:
+    """CPU per chunk of the engine client's response parsing (`upstream._Connection.data_received`),
+    fed one vLLM-sized SSE chunk per read as a stream arrives, with a sink that only counts: the
+    part of the relay's per-token cost that the parser owns, without sockets or other processes
+    (so it holds on a loaded machine, where the end-to-end benchmark does not)."""
+    from saber_sidecar import upstream
+
+    class _Pool:
+        def forget(self, conn) -> None: ...
+
+        def release(self, conn) -> None: ...
+
+    class _Transport:
+        def write(self, data) -> None: ...
+
+        def abort(self) -> None: ...
+
+    class _Count(upstream.Sink):
+        n = 0
+
+        def on_data(self, data: bytes) -> None:
+            self.n += 1
+
+        def on_end(self) -> None: ...
+
+        def on_error(self, exc: Exception) -> None:
+            raise exc
+
+    event = b"data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL,
+                                    "choices": [{"index": 0, "text": " tok", "logprobs": None,
+                                                 "finish_reason": None}]}).encode() + b"\n\n"
+    chunk = b"%x\r\n%b\r\n" % (len(event), event)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def once() -> float:
+        conn = upstream._Connection(_Pool())  # type: ignore[arg-type]
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        head_future = conn.send(b"", b"")
+        conn.data_received(head)
+        sink = _Count()
+        (await head_future).attach(sink)
+        start = time.process_time()
+        for _ in range(chunks):
+            conn.data_received(chunk)
+        elapsed = time.process_time() - start
+        assert sink.n == chunks
+        return elapsed / chunks * 1e6
+
+    runs = [asyncio.run(once()) for _ in range(repeats)]
+    return {"us_per_chunk_best": min(runs), "us_per_chunk_median": float(np.median(runs)), "chunk_bytes": len(chunk)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saber_sidecar.perf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for sidecar_perf.json and the process logs")
+    parser.add_argument("--out", help="folder for sidecar_perf.json and the process logs (required but with "
+                        "--parser-only)")
+    parser.add_argument("--parser-only", action="store_true",
+                        help="only measure the CPU per chunk of the engine client's parser (in-process, a few "
+                        "seconds) and print it")
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams (default 200)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/sidecar pairs per policy (default 2)")
@@ -388,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                         "generator on the others, as in a pod where the sidecar container has its own CPU; "
                         "without it all three compete for every CPU")
     opts = parser.parse_args(argv)
+    if opts.parser_only:
+        cost = parser_cost()
+        print(f"engine client parser: {cost['us_per_chunk_best']:.2f} us per {cost['chunk_bytes']}-byte chunk "
+              f"(best of 5 runs of 100,000; median {cost['us_per_chunk_median']:.2f})")
+        return 0
+    if not opts.out:
+        parser.error("--out is required (but with --parser-only)")
     if opts.flat_step_ms is not None:
         if opts.latency_profile or opts.flat_step_ms <= 0:
             parser.error("--flat-step-ms must be positive and cannot be combined with --latency-profile")

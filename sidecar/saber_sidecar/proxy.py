@@ -23,11 +23,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from saber_sidecar import metrics as m
 from saber_sidecar.classify import Classified, RequestError, body_info, classify
+from saber_sidecar.connections import track_requests
 from saber_sidecar.driver import QUEUE_FULL, Gate
 from saber_sidecar.engine_metrics import EngineState
+from saber_sidecar.errors import (
+    LLMD_DROPPED_REASON_HEADER,
+    REJECT_REASON_HEADER,
+    Fail,
+    error_response,
+)
 from saber_sidecar.metrics import SidecarMetrics
 from saber_sidecar.policy.base import Admit, Request
-from saber_sidecar.relay import Fail, Relay, forward_headers
+from saber_sidecar.relay import Relay, RelayContext, forward_headers
 from saber_sidecar.settings import SidecarSettings
 from saber_sidecar.upstream import EnginePool
 
@@ -61,23 +68,34 @@ class Sidecar:
     def __post_init__(self) -> None:
         self.idle.set()
         self.engine_model = self.settings.engine_model
+        self._relay_context: RelayContext | None = None
+
+    def relay_context(self) -> RelayContext:
+        """The collaborators a relay works with, built once."""
+        if self._relay_context is None:
+            assert self.pool is not None
+            self._relay_context = RelayContext(self.gate, self.metrics, self.pool, self.settings,
+                                               self.engine_model_name)
+        return self._relay_context
+
+    async def engine_model_name(self) -> str | None:
+        """The model the engine serves (for alias requests), read once from its /v1/models."""
+        if self.engine_model is None and self.session is not None:
+            try:
+                async with self.session.get(self.settings.engine_url + "/v1/models") as resp:
+                    data = await resp.json(content_type=None)
+                self.engine_model = data["data"][0]["id"]
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, IndexError, TypeError):
+                log.warning("could not read the engine's model name; alias requests keep their model name")
+        return self.engine_model
 
 
 SIDECAR = web.AppKey("saber_sidecar", Sidecar)
 
 
-def error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
-    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
-    if status == 429:
-        kind = "rate_limit_error"
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status, headers=headers
-    )
-
-
 def create_app(sidecar: Sidecar) -> web.Application:
     # Bodies are size-checked in the handler so the 413 can be an OpenAI-shaped error.
-    app = web.Application(client_max_size=sidecar.settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=sidecar.settings.max_body_bytes + 1, middlewares=[track_requests])
     app[SIDECAR] = sidecar
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", completions)
@@ -117,7 +135,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         async with sc.session.get(sc.settings.engine_url + "/v1/models", headers=forward_headers(request)) as up:
             body = await up.read()
             return web.Response(status=up.status, body=body, content_type=up.content_type)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return _engine_down(sc, f"engine not reachable: {type(exc).__name__}")
 
 
@@ -141,6 +159,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             headers["x-saber-class"] = label
         if fail.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(fail.retry_after)))
+        # Why, for machines: saber's header and llm-d's (the body's error.code says the same).
+        headers[REJECT_REASON_HEADER] = headers[LLMD_DROPPED_REASON_HEADER] = fail.code
         return error_response(fail.status, fail.message, fail.code, headers)
     finally:
         sc.inflight -= 1
@@ -156,15 +176,28 @@ async def _read_request(sc: Sidecar, request: web.Request):
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        raw = await request.read()
+        async with asyncio.timeout(sc.settings.body_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
+    except TimeoutError:
+        raise Fail(408, f"request body not received within {sc.settings.body_timeout_s:g}s", m.BAD_REQUEST,
+                   "body_timeout") from None
+    except (ConnectionError, aiohttp.ClientConnectionError) as exc:  # the client went away mid-body
+        raise Fail(400, f"request body could not be read ({type(exc).__name__}); resend the request",
+                   m.CANCELLED, "invalid_body") from None
+    except (aiohttp.ClientPayloadError, web.HTTPBadRequest) as exc:  # it broke the body's framing
+        raise Fail(400, f"request body could not be read ({type(exc).__name__}); resend the request",
+                   m.BAD_REQUEST, "invalid_body") from None
     if len(raw) > limit:
         raise too_large
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Fail(400, f"request body is not valid JSON ({exc}); send a JSON object", m.BAD_REQUEST,
+                   "invalid_json") from None
+    except RecursionError:
+        raise Fail(400, "request body nests JSON too deeply; send a flatter JSON object", m.BAD_REQUEST,
                    "invalid_json") from None
     chat = request.path.endswith("/chat/completions")
     try:
@@ -193,6 +226,11 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     deadline = arrival + classified.deadline_s if classified.deadline_s is not None else None
     req = sc.make_request(sc.gate.config, cls.name, sc.next_id(), arrival, max_tokens,
                           prompt_tokens=info.prompt_tokens, deadline=deadline)
+    # Per-request SLO headers (saber's, llm-d's, inference-perf's) override the class's targets.
+    if classified.ttft_s is not None:
+        req.ttft_deadline = arrival + classified.ttft_s
+    if classified.tpot_s is not None:
+        req.tpot_target = classified.tpot_s
     try:
         decision = await sc.gate.admit(req)
     except asyncio.CancelledError:
@@ -206,7 +244,7 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
                    "retry later or use a class with a longer deadline", m.REJECTED, "sla_unattainable",
                    decision.retry_after_s)
     best_effort = decision.best_effort or sc.gate.was_demoted(req.id)
-    relay = Relay(sc, request, req, raw, body, classified, best_effort)
+    relay = Relay(sc.relay_context(), request, req, raw, body, classified, best_effort)
     try:
         return await relay.run()
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -18,11 +20,21 @@ from aiohttp import web
 
 from saber_sidecar import metrics as m
 from saber_sidecar.classify import Classified
+from saber_sidecar.connections import FlowControl, flow_control_of
+from saber_sidecar.errors import Fail
 from saber_sidecar.policy.base import Request
-from saber_sidecar.upstream import EngineError, EngineTimeout, Response, Sink
+from saber_sidecar.upstream import (
+    EngineError,
+    EnginePool,
+    EngineTimeout,
+    Response,
+    Sink,
+)
 
 if TYPE_CHECKING:
-    from saber_sidecar.proxy import Sidecar
+    from saber_sidecar.driver import Gate
+    from saber_sidecar.metrics import SidecarMetrics
+    from saber_sidecar.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +42,21 @@ ADMITTED = "admitted"  # header value for a stream whose final outcome is not kn
 FORWARDED_HEADERS = ("authorization", "x-request-id", "traceparent")
 
 
-class Fail(Exception):
-    """Answer with an OpenAI-shaped error and record `outcome`."""
+@dataclass(frozen=True, slots=True)
+class RelayContext:
+    """What a relay needs from the sidecar, handed in explicitly (the relay never sees the proxy)."""
 
-    def __init__(self, status: int, message: str, outcome: str, code: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.outcome, self.code, self.retry_after = status, message, outcome, code, retry_after
+    gate: Gate
+    metrics: SidecarMetrics
+    pool: EnginePool
+    settings: SidecarSettings
+    engine_model: Callable[[], Awaitable[str | None]]  # the engine's model name, for alias requests
 
 
 class Relay:
     """One admitted request's trip to the engine and back."""
 
-    def __init__(self, sc: Sidecar, request: web.Request, req: Request, raw: bytes, body: dict,
+    def __init__(self, sc: RelayContext, request: web.Request, req: Request, raw: bytes, body: dict,
                  classified: Classified, best_effort: bool) -> None:
         self.sc, self.request, self.req, self.raw, self.body = sc, request, req, raw, body
         self.classified, self.best_effort = classified, best_effort
@@ -83,7 +98,7 @@ class Relay:
         sc, body = self.sc, self.body
         changed = False
         if self.classified.alias:
-            model = await engine_model(sc)
+            model = await sc.engine_model()
             if model is not None and body.get("model") != model:
                 body["model"] = model
                 changed = True
@@ -97,11 +112,16 @@ class Relay:
         elif "priority" in body:
             del body["priority"]
             changed = True
-        return json.dumps(body).encode() if changed else self.raw
+        if not changed:
+            return self.raw
+        try:
+            return json.dumps(body).encode()
+        except RecursionError:  # a body nested about as deep as the parser allows
+            raise Fail(400, "request body nests JSON too deeply; send a flatter JSON object", m.BAD_REQUEST,
+                       "invalid_json") from None
 
     async def run(self) -> web.StreamResponse:
         sc, settings = self.sc, self.sc.settings
-        assert sc.pool is not None
         data = await self._engine_body()
         headers = forward_headers(self.request)
         headers["Content-Type"] = "application/json"
@@ -112,6 +132,11 @@ class Relay:
         except EngineError as exc:
             raise Fail(503, f"{exc}; retry later", m.ENGINE_UNAVAILABLE, "engine_unavailable",
                        settings.retry_after_s) from None
+        except asyncio.CancelledError:
+            # The client gave up while the engine was still working on a whole answer: the pool has
+            # dropped the connection (the engine aborts the request); counted like any disconnect.
+            self._record(m.CANCELLED, sc.gate.now())
+            raise
         try:
             if upstream.status != 200:
                 return await self._relay_error(upstream)
@@ -160,8 +185,15 @@ class Relay:
         chunked = self.request.version >= aiohttp.HttpVersion11
         if chunked:
             resp.enable_chunked_encoding()
-        await resp.prepare(self.request)
-        stream = StreamRelay(self, upstream, self.request.transport if chunked else None)
+        try:
+            await resp.prepare(self.request)
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            # The client reset its connection before the response head could be written (its
+            # transport is closing, the handler not cancelled yet): a disconnect, not a 500.
+            self._record(m.CANCELLED, gate.now())
+            return resp
+        transport = self.request.transport
+        stream = StreamRelay(self, upstream, transport if chunked else None, flow_control_of(transport))
         upstream.attach(stream)
         chat_role = 1 if self.request.path.endswith("/chat/completions") else 0
         try:
@@ -208,31 +240,65 @@ class StreamRelay(Sink):
 
     The first piece goes through aiohttp's response (it carries the response head); after that,
     pieces are written to the client's transport from the engine connection's own callback, with
-    the chunked framing aiohttp would add, so the handler task is not woken per token. When the
-    client reads slower than the engine writes (more than HIGH_WATER bytes waiting for it), the
-    engine's connection is paused until the client's buffer drains. Tokens are counted from the
-    SSE `data:` events as they pass.
+    the chunked framing aiohttp would add, so the handler task is not woken per token.
+
+    Flow control is by callbacks, as uvicorn's: the client connection's transport calls
+    `pause_writing` once more than HIGH_WATER bytes wait for the client and `resume_writing` once
+    they drain below LOW_WATER (`connections.FlowControl` passes both here), and the engine's
+    connection is paused and resumed from those calls; nothing polls. Without that hook (a
+    transport the sidecar's server did not accept) every piece takes the queued path through
+    aiohttp's response, whose `write` waits for the drain. Tokens are counted from the SSE
+    `data:` events as they pass.
     """
 
     HIGH_WATER = 256 * 1024  # bytes buffered for the client before the engine's connection pauses
     LOW_WATER = 64 * 1024
 
-    def __init__(self, relay: Relay, upstream: Response, transport: asyncio.Transport | None) -> None:
-        self.relay, self.upstream, self.transport = relay, upstream, transport
+    def __init__(self, relay: Relay, upstream: Response, transport: asyncio.Transport | None,
+                 flow: FlowControl | None = None) -> None:
+        self.relay, self.upstream = relay, upstream
+        # Direct writes need the transport (HTTP/1.1, chunked) and the flow-control hook.
+        self.transport = transport if flow is not None else None
+        self.flow = flow
         self.now = relay.sc.gate.now
         self.events = 0
         self.tail = self.prev = self.last = b""
         self.queue: list[bytes] = []
         self.queued_bytes = 0
         self.direct = False  # True: on_data writes straight to the client's transport
-        self.paused = False
+        self.queue_full = False  # the handler's queue is over HIGH_WATER
+        self.client_blocked = False  # the client's transport is over its high-water mark
+        self.reading_paused = False
         self.ended = False
         self.failure: str | None = None
         self.client_gone = False
         self._waiter: asyncio.Future[None] | None = None
+        if flow is not None:
+            flow.set_limits(self.HIGH_WATER, self.LOW_WATER)
+            flow.listener = self
+            self.client_blocked = flow.paused
 
     def done_marker(self) -> bool:
         return b"[DONE]" in self.prev + self.last
+
+    def _update_reading(self) -> None:
+        want_paused = self.queue_full or self.client_blocked
+        if want_paused != self.reading_paused:
+            self.reading_paused = want_paused
+            if want_paused:
+                self.upstream.pause_reading()
+            else:
+                self.upstream.resume_reading()
+
+    # -- the client's flow control (called by the client transport, through FlowControl) ---------
+
+    def client_paused(self) -> None:
+        self.client_blocked = True
+        self._update_reading()
+
+    def client_resumed(self) -> None:
+        self.client_blocked = False
+        self._update_reading()
 
     # -- Sink: called from the engine connection's callbacks ------------------------------------
 
@@ -245,9 +311,9 @@ class StreamRelay(Sink):
         if not self.direct:
             self.queue.append(data)
             self.queued_bytes += len(data)
-            if self.queued_bytes > self.HIGH_WATER and not self.paused:
-                self.paused = True
-                self.upstream.pause_reading()
+            if self.queued_bytes > self.HIGH_WATER and not self.queue_full:
+                self.queue_full = True
+                self._update_reading()
             self._wake()
             return
         transport = self.transport
@@ -256,12 +322,9 @@ class StreamRelay(Sink):
             self.direct = False
             self._wake()
             return
+        # Written even while the client is blocked: at most one read's worth lands in the buffer
+        # after the engine's connection was paused.
         transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        if transport.get_write_buffer_size() > self.HIGH_WATER:
-            self.direct = False
-            self.paused = True
-            self.upstream.pause_reading()
-            self._wake()
 
     def on_end(self) -> None:
         self.ended = True
@@ -280,36 +343,28 @@ class StreamRelay(Sink):
 
     async def run(self, resp: web.StreamResponse) -> None:
         """Until the stream ends, fails or the client goes away."""
-        while True:
-            if self.queue:
-                queued, self.queue, self.queued_bytes = self.queue, [], 0
-                for data in queued:
-                    await resp.write(data)
-                continue
-            if self.client_gone or self.ended or self.failure is not None:
-                return
-            if self.paused:
-                await self._drain()
-                continue
-            if self.transport is not None:
-                self.direct = True
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    async def _drain(self) -> None:
-        # Without a transport (HTTP/1.0, queued path) aiohttp's own write has already drained.
-        transport = self.transport
-        if transport is not None:
-            while not transport.is_closing() and transport.get_write_buffer_size() > self.LOW_WATER:
-                await asyncio.sleep(0.005)
-            if transport.is_closing():
-                self.client_gone = True
-                return
-        self.paused = False
-        self.upstream.resume_reading()
+        try:
+            while True:
+                if self.queue:
+                    queued, self.queue, self.queued_bytes = self.queue, [], 0
+                    for data in queued:
+                        await resp.write(data)  # waits while the client's transport is paused
+                    if self.queue_full:
+                        self.queue_full = False
+                        self._update_reading()
+                    continue
+                if self.client_gone or self.ended or self.failure is not None:
+                    return
+                if self.transport is not None:
+                    self.direct = True
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            if self.flow is not None and self.flow.listener is self:
+                self.flow.listener = None
 
 
 def forward_headers(request: web.Request) -> dict[str, str]:
@@ -339,14 +394,3 @@ def usage_tokens(end_bytes: bytes) -> int | None:
         return int(tokens) if tokens is not None else None
     except (ValueError, AttributeError, TypeError):
         return None
-
-
-async def engine_model(sc: Sidecar) -> str | None:
-    if sc.engine_model is None and sc.session is not None:
-        try:
-            async with sc.session.get(sc.settings.engine_url + "/v1/models") as resp:
-                data = await resp.json(content_type=None)
-            sc.engine_model = data["data"][0]["id"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError):
-            log.warning("could not read the engine's model name; alias requests keep their model name")
-    return sc.engine_model

@@ -37,6 +37,7 @@ class SidecarServer:
         self.scraper = None
         self.watcher = None
         self._runner = None
+        self.limits = None  # the client connections' limits and counts (connections.ConnectionLimits)
         self.port: int | None = None
 
     @property
@@ -53,11 +54,13 @@ class SidecarServer:
         import aiohttp
         from aiohttp import web
 
+        from saber_sidecar import metrics as m
+        from saber_sidecar.connections import ConnectionCollector, ConnectionLimits, GuardedSite
         from saber_sidecar.driver import Gate
         from saber_sidecar.engine_metrics import EngineScraper
         from saber_sidecar.metrics import SidecarMetrics
         from saber_sidecar.policy import request_for
-        from saber_sidecar.proxy import Sidecar, create_app
+        from saber_sidecar.proxy import NO_CLASS, Sidecar, create_app
         from saber_sidecar.reload import ConfigWatcher
         from saber_sidecar.upstream import EnginePool
 
@@ -91,10 +94,16 @@ class SidecarServer:
         if self.watcher is not None:
             self.watcher.start()
         # handler_cancellation: a client that disconnects cancels its handler, which frees its
-        # queue slot or closes its upstream request.
-        self._runner = web.AppRunner(create_app(self.sidecar), handler_cancellation=True, access_log=None)
+        # queue slot or closes its upstream request. keepalive_timeout: aiohttp's idle limit (an
+        # hour by default); the header timeout and the connection cap are the guard's (connections.py).
+        handler_kwargs = {"access_log": None, "keepalive_timeout": s.idle_timeout_s}
+        self._runner = web.AppRunner(create_app(self.sidecar), handler_cancellation=True, **handler_kwargs)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, backlog=2048)
+        self.limits = ConnectionLimits(s.header_timeout_s, s.max_connections)
+        self.registry.register(ConnectionCollector(self.limits))
+        site = GuardedSite(self._runner, s.host, s.port, limits=self.limits, handler_kwargs=handler_kwargs,
+                           on_bad_request=lambda status: metrics.record(NO_CLASS, m.BAD_REQUEST if status < 500
+                                                                        else m.ERROR))
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("saber sidecar on %s -> engine %s (policy %s, classes %s)", self.url, s.engine_url,
@@ -116,7 +125,7 @@ class SidecarServer:
         try:
             await asyncio.wait_for(self.sidecar.idle.wait(), timeout=grace)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain grace over with %d request(s) in flight; cutting them off", self.sidecar.inflight)
             return False
 

@@ -53,6 +53,36 @@ class SidecarSettings(BaseSettings):
         description="Most idle keep-alive connections kept open to the engine (set it at or above the expected "
         "concurrency, so connections are reused rather than reopened).",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A client must send a whole request head within this many seconds of its first byte (of "
+        "connecting, for a connection's first request), or it gets a 408 and the connection is closed: a client "
+        "trickling a head byte by byte (slowloris) cannot hold a socket longer.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest time to receive a request's body once its head has arrived (408 above).",
+    )
+    idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A kept-alive client connection with no request in progress is closed after this many seconds "
+        "(aiohttp's own default is an hour). A proxy that pools connections to the sidecar (an Envoy-based "
+        "gateway keeps them up to an hour by default) should close idle ones sooner than this, or it may send a "
+        "request on a connection the sidecar is closing.",
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Most client connections open at once; past it a new connection gets a 503 and is closed. Keep "
+        "it below the process's file-descriptor limit (`ulimit -n`) less the engine pool's connections.",
+    )
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 503 responses.")
     drain_grace_s: float = Field(
         default=30.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests may take before exit."

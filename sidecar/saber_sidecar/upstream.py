@@ -8,8 +8,11 @@ so a chunk waits for the whole burst. Here the connection's `data_received` deco
 framing and gives each piece to the sink at once, which (`relay.py`) writes it to the client in
 the same callback: the burst is relayed socket by socket, at about half the CPU per chunk.
 
-It speaks only what vLLM's OpenAI server sends: a response head, then a body that is chunked,
-sized by Content-Length, or ended by the connection closing. Requests carry a Content-Length.
+The HTTP/1.1 parsing is llhttp's (`httptools`, Node's parser, as uvicorn uses it); this module
+keeps only the connection logic: the pool, the retry of a stale keep-alive, timeouts, and
+dropping a connection whose request nobody wants any more (so the engine aborts it). Bodies are
+chunked, sized by Content-Length, or ended by the connection closing; requests carry a
+Content-Length.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import ssl
 import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
+
+import httptools
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -95,7 +100,12 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection to the engine; it carries one request at a time."""
+    """One connection to the engine; it carries one request at a time.
+
+    The response is parsed by llhttp (`httptools`, as uvicorn does), fed from `data_received`;
+    its callbacks hand each piece of the body to the sink in that same call. A fresh parser per
+    request: anything after the response's end is a protocol error, never the next response.
+    """
 
     def __init__(self, pool: EnginePool) -> None:
         self.pool = pool
@@ -105,17 +115,19 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[Response] | None = None
-        self._buf = b""
+        self._head_bytes = 0  # bytes received while the head was incomplete (bounded by MAX_HEAD_BYTES)
+        self._header_bytes = 0  # names and values of the head's headers (bounded the same way)
+        self._header_list: list[tuple[bytes, bytes]] = []
         self._sink: Sink | None = None
         self._pending: list[bytes] = []  # body bytes that arrived before a sink was attached
         self._ended = False
         self._error: Exception | None = None
-        self._mode = ""  # "chunked", "length", "close"
-        self._need = 0  # payload bytes still expected in the current chunk (or the whole body)
-        self._state = 0  # chunked: 0 size line, 1 payload, 2 CRLF after payload, 3 trailers
+        self._until_close = False  # the body ends when the engine closes (no length, not chunked)
         self._keep_alive = True
         self._in_body = False
+        self._got_bytes = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -124,23 +136,29 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
+        self._got_bytes = True
+        if self._ended or self._error is not None:
+            # Bytes after the response's end (or after an error): this connection is not reused.
+            self._keep_alive = False
+            return
+        if self._head is None and not self._in_body:
+            # Bytes on an idle kept-alive connection answer nothing we sent: never let them pass
+            # for the next request's response.
+            self.abandon()
+            return
         if not self._in_body:
-            self._buf += data
-            if not self._parse_head():
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self._ended:
+                self._keep_alive = False  # the response was whole; what followed it was not ours
                 return
-            data, self._buf = self._buf, b""
-            if not data:
-                return
-        if self._mode == "chunked":
-            self._feed_chunked(data)
-        elif self._mode == "length":
-            take = data[: self._need]
-            self._need -= len(take)
-            self._deliver(take)
-            if self._need == 0:
-                self._end()
-        else:
-            self._deliver(data)
+            reason = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+            self._protocol_error(f"engine sent a malformed response ({reason or type(exc).__name__})")
+            return
+        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES:  # a head that never ends
+            self._protocol_error("engine response head is too large")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost says whether the body was complete
@@ -148,15 +166,58 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self._in_body and self._mode == "close" and not self._ended:
+        if self._in_body and self._until_close and not self._ended and self._error is None:
             self._end()
             return
         if self._head is not None and not self._head.done():
             # Only a connection closed with not a byte answered may be retried (a stale keep-alive).
-            kind = EngineError if self._buf else EngineClosed
+            kind = EngineError if self._got_bytes else EngineClosed
             self._head.set_exception(kind(f"engine closed the connection before answering ({exc or 'EOF'})"))
-        elif self._in_body and not self._ended:
+        elif self._in_body and not self._ended and self._error is None:
             self._fail(EngineError(f"engine closed the connection mid-response ({exc or 'EOF'})"))
+
+    # -- llhttp callbacks (inside feed_data) -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._in_body:  # a second response to one request
+            raise EngineError("engine sent more than one response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here too: a whole oversized head can arrive in one read.
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEAD_BYTES:
+            raise EngineError("engine response head is too large")
+        self._header_list.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._header_list = []  # an interim response: the real one follows
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1").strip()
+                   for name, value in self._header_list}
+        self._header_list = []
+        self._keep_alive = self._parser.should_keep_alive()
+        te = headers.get("transfer-encoding", "").lower()
+        self._until_close = ("chunked" not in te and "content-length" not in headers
+                             and status not in (204, 304))
+        if self._until_close:
+            self._keep_alive = False
+        self._in_body = True
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_result(Response(self, status, headers))
+
+    def on_body(self, body: bytes) -> None:
+        if self._sink is not None:
+            self._sink.on_data(body)
+        else:
+            self._pending.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._in_body:  # not the end of an interim (1xx) response
+            self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
+            self._end()
 
     # -- request/response ------------------------------------------------------------------------
 
@@ -167,92 +228,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(head + body)
         return self._head
-
-    def _parse_head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > MAX_HEAD_BYTES:
-                self._protocol_error("engine response head is too large")
-            return False
-        lines = self._buf[:end].decode("latin-1").split("\r\n")
-        self._buf = self._buf[end + 4 :]
-        try:
-            version, code = lines[0].split(" ", 2)[:2]
-            status = int(code)
-        except ValueError:
-            self._protocol_error(f"engine sent a malformed status line: {lines[0][:80]!r}")
-            return False
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        connection = headers.get("connection", "").lower()
-        self._keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self._mode = "chunked"
-        elif "content-length" in headers:
-            self._mode = "length"
-            try:
-                self._need = int(headers["content-length"])
-            except ValueError:
-                self._protocol_error("engine sent a malformed Content-Length")
-                return False
-        else:
-            self._mode = "close"
-            self._keep_alive = False
-        self._in_body = True
-        if status == 204 or status == 304 or 100 <= status < 200 or (self._mode == "length" and self._need == 0):
-            self._end()
-        head, self._head = self._head, None
-        if head is not None and not head.done():
-            head.set_result(Response(self, status, headers))
-        return True
-
-    def _feed_chunked(self, data: bytes) -> None:
-        if self._buf:
-            data, self._buf = self._buf + data, b""
-        pos, size = 0, len(data)
-        while pos < size and not self._ended:
-            state = self._state
-            if state == 1:
-                take = data[pos : pos + self._need]
-                pos += len(take)
-                self._need -= len(take)
-                self._deliver(take)
-                if self._need == 0:
-                    self._state = 2
-            elif state == 0 or state == 3:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    self._buf = data[pos:]
-                    return
-                line = data[pos:end]
-                pos = end + 2
-                if state == 3:
-                    if not line:  # the empty line after the (ignored) trailers
-                        self._end()
-                    continue
-                try:
-                    self._need = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    self._protocol_error("engine sent a malformed chunk size")
-                    return
-                self._state = 1 if self._need else 3
-            else:  # the CRLF that ends a chunk's payload
-                if size - pos < 2:
-                    self._buf = data[pos:]
-                    return
-                pos += 2
-                self._state = 0
-
-    def _deliver(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._sink is not None:
-            self._sink.on_data(data)
-        else:
-            self._pending.append(data)
 
     def _end(self) -> None:
         self._ended = True
@@ -270,8 +245,7 @@ class _Connection(asyncio.Protocol):
         head, self._head = self._head, None
         if head is not None and not head.done():
             head.set_exception(EngineError(message))
-        if self.transport is not None:
-            self.transport.abort()
+        self.abandon()
 
     def attach(self, sink: Sink) -> None:
         self._sink = sink
@@ -296,7 +270,14 @@ class _Connection(asyncio.Protocol):
         if self._ended and self._keep_alive and not self.closed and self._error is None:
             self._reset()
             self.pool.release(self)
-        elif self.transport is not None and not self.closed:
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Drop the connection now: the engine sees it close and aborts whatever it was running
+        for it (vLLM and the emulator both do); the pool forgets it at once."""
+        self.pool.forget(self)
+        if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
 
@@ -311,8 +292,7 @@ class _Connection(asyncio.Protocol):
             head.set_exception(exc)
         elif not self._ended:
             self._fail(exc)
-        if self.transport is not None:
-            self.transport.abort()
+        self.abandon()
 
 
 class EnginePool:
@@ -340,7 +320,7 @@ class EnginePool:
         head = self._request_head(path, len(body), headers)
         conn, reused = await self._acquire()
         try:
-            return await conn.send(head, body)
+            return await self._send(conn, head, body)
         except EngineClosed:
             if not reused:
                 raise
@@ -348,7 +328,17 @@ class EnginePool:
         # (nothing was answered, so nothing can have been run twice).
         conn = await self._connect()
         self._busy.add(conn)
-        return await conn.send(head, body)
+        return await self._send(conn, head, body)
+
+    @staticmethod
+    async def _send(conn: _Connection, head: bytes, body: bytes) -> Response:
+        try:
+            return await conn.send(head, body)
+        except BaseException:
+            # Cancelled (the client gave up) or failed before the head: the connection is dropped
+            # at once, so the engine stops generating for nobody and the pool holds nothing for it.
+            conn.abandon()
+            raise
 
     def _request_head(self, path: str, length: int, headers: Mapping[str, str]) -> bytes:
         lines = [f"POST {path} HTTP/1.1", f"Host: {self.host_header}", f"Content-Length: {length}"]
@@ -376,7 +366,7 @@ class EnginePool:
                 loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl),
                 self.connect_timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineError(f"could not connect to the engine within {self.connect_timeout_s:g}s") from None
         except OSError as exc:
             raise EngineError(f"engine not reachable ({type(exc).__name__}: {exc})") from None

@@ -49,3 +49,10 @@ def test_flat_profile_is_a_valid_emulator_profile(tmp_path):
 
     profile = load_profile(str(flat_profile(tmp_path, 25)))
     assert profile.name == "flat-25ms"
+
+
+def test_parser_cost_measures_the_engine_clients_parser():
+    from saber_sidecar.perf import parser_cost
+
+    cost = parser_cost(chunks=2_000, repeats=2)  # asserts inside that every chunk reached the sink
+    assert 0 < cost["us_per_chunk_best"] <= cost["us_per_chunk_median"] and cost["chunk_bytes"] > 100

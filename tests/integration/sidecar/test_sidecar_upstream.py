@@ -168,10 +168,10 @@ async def test_malformed_answers_and_silence_are_clear_errors():
     server, url = await scripted_server(script)
     pool = EnginePool(url, read_timeout_s=1.0)
     try:
-        with pytest.raises(EngineError, match="malformed status line"):
+        with pytest.raises(EngineError, match="malformed response .*Expected HTTP"):
             await pool.post("/x", b"{}", {})
         resp = await pool.post("/x", b"{}", {})
-        with pytest.raises(EngineError, match="malformed chunk size"):
+        with pytest.raises(EngineError, match="malformed response .*chunk size"):
             await resp.read()
         resp.close()
         with pytest.raises(EngineTimeout, match="sent nothing for 1s"):
@@ -324,6 +324,123 @@ async def test_a_broken_answer_on_a_reused_connection_is_not_sent_again():
         with pytest.raises(EngineError, match="before answering"):
             await pool.post("/x", b"{}", {})
         assert len(requests) == 2
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_slow_client_flow_control_under_uvloop(tmp_path):
+    """The same slow client against the sidecar as users run it: its own process, on uvloop (the
+    default when installed). Seen from the engine: while the client does not read, the engine's
+    writes back up (the sidecar stopped reading it) and stay backed up; once the client reads,
+    all of it arrives."""
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("uvloop")  # the sidecar extra installs it; the in-process test covers asyncio
+    from sidecar_support import STATIC_CONFIG, wait_for
+
+    event = b"data: " + b"x" * 20_000 + b"\n\n"
+    count = 400
+    backed_up: list[int] = []
+
+    async def script(reader, writer):
+        if not (await read_request(reader)).startswith(b"POST"):  # the sidecar's /metrics scrapes
+            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%b" % (len(metrics), metrics))
+            writer.close()
+            return
+        writer.write(HEAD)
+        for _ in range(count):
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        for _ in range(10):  # while the client does not read: what the engine could not send yet
+            await asyncio.sleep(0.1)
+            backed_up.append(writer.transport.get_write_buffer_size())
+        await writer.drain()
+        await reader.read()
+
+    server, url = await scripted_server(script)
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(STATIC_CONFIG)
+    log = tmp_path / "sidecar.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saber_cli.main", "sidecar", "--host", "127.0.0.1", "--port", "0",
+             "--engine-url", url, "--config", str(config), "--drain-grace", "1"],
+            stdout=sink, stderr=subprocess.STDOUT,
+            env={**__import__("os").environ, "SABER_SIDECAR_EVENT_LOOP": "uvloop"})
+    try:
+        assert await wait_for(lambda: "saber sidecar listening on http" in log.read_text(), timeout=20)
+        sidecar_url = re.search(r"saber sidecar listening on (http://\S+)", log.read_text()).group(1)
+        host, port = sidecar_url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+        body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        writer.transport.pause_reading()  # the client stops reading
+        assert await wait_for(lambda: len(backed_up) == 10, timeout=15)
+        # 8 MB on its way: the sidecar stopped reading the engine once its high-water mark and
+        # the sockets' buffers were full, so the engine's own backlog stays put for a second (with
+        # no flow control the sidecar would read it all into its memory and the backlog would be 0).
+        assert min(backed_up) > 0 and len(set(backed_up)) == 1, backed_up
+        writer.transport.resume_reading()
+        received = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 20)
+        assert received.count(b"data: ") == count + 1 and b"data: [DONE]" in received
+        writer.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        server.close()
+
+
+async def test_bytes_after_a_response_never_pass_for_the_next_one():
+    """An engine that sends more than one response's worth (in the same read, or later on the
+    idle connection): the extra bytes are nobody's answer, so the connection is not reused and
+    the next request gets its own response on a fresh one."""
+    requests = []
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            if len(requests) == 1:  # an answer and a stray second one in the same write
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            elif len(requests) == 2:  # an answer, then stray bytes while the connection is idle
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree")
+            await writer.drain()
+
+    server, url = await scripted_server(script)
+    pool = EnginePool(url)
+    try:
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        resp.close()
+        assert not pool._idle  # the stray response came with it: not reused
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"two"
+        resp.close()
+        assert len(pool._idle) == 1
+        await asyncio.sleep(0.3)  # the stray bytes arrive on the idle connection
+        assert not pool._idle
+        resp = await pool.post("/x", b"{}", {})
+        assert await resp.read() == b"three"
+        resp.close()
+        assert len(requests) == 3
     finally:
         await pool.close()
         server.close()

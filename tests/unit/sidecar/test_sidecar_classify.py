@@ -32,10 +32,33 @@ def test_explicit_deadline_header():
     assert c.sla_class.name == "batch" and c.deadline_s == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "99999999999"])
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "99999999999", "1e-300", "0.5", "inf", "-inf"])
 def test_bad_deadline_header(value):
     with pytest.raises(RequestError, match="x-saber-deadline-ms"):
         classify(CONFIG, {"x-saber-deadline-ms": value}, None)
+
+
+@pytest.mark.parametrize(("headers", "ttft", "tpot"), [
+    ({"x-llm-d-slo-ttft-ms": "200", "x-llm-d-slo-tpot-ms": "50"}, 0.2, 0.05),   # llm-d
+    ({"x-slo-ttft-ms": "300", "x-slo-tpot-ms": "40"}, 0.3, 0.04),               # inference-perf
+    ({"x-saber-ttft-ms": "100", "x-saber-tpot-ms": "20"}, 0.1, 0.02),           # saber's own
+    # Several for one target: saber's, then llm-d's, then inference-perf's.
+    ({"x-slo-ttft-ms": "300", "x-llm-d-slo-ttft-ms": "200", "x-saber-ttft-ms": "100"}, 0.1, None),
+    ({"x-slo-tpot-ms": "40", "x-llm-d-slo-tpot-ms": "50"}, None, 0.05),
+    ({}, None, None),
+])
+def test_slo_headers_of_the_ecosystem(headers, ttft, tpot):
+    c = classify(CONFIG, headers, None)
+    assert c.ttft_s == (pytest.approx(ttft) if ttft is not None else None)
+    assert c.tpot_s == (pytest.approx(tpot) if tpot is not None else None)
+
+
+@pytest.mark.parametrize("name", ["x-llm-d-slo-ttft-ms", "x-slo-tpot-ms", "x-saber-ttft-ms"])
+@pytest.mark.parametrize("value", ["0", "1e-300", "nan", "fast", "1e309"])
+def test_bad_slo_header_names_itself(name, value):
+    with pytest.raises(RequestError, match=name) as err:
+        classify(CONFIG, {name: value}, None)
+    assert err.value.code == "invalid_slo"
 
 
 def test_unknown_class_lists_valid_ones():
