@@ -180,7 +180,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
 async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: bool = True,
                  progress: str | None = None) -> tuple[list[RequestRecord], dict]:
     """Send every request at its scheduled time; returns one record per request (times from t0)."""
-    records = [RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s) for s in specs]
+    records = [RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s, ttft_slo_s=s.ttft_s, tpot_slo_s=s.tpot_s) for s in specs]
     lags: list[float] = []
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -402,6 +402,7 @@ async def run_live_cli(args, out: Path) -> int:
     from .cli import _machine
 
     t0 = time.perf_counter()
+    args.rates = args.rates or [15.0]
     cells = await run_cells(args.workload, args.rates, args.policies, args.seeds, args.requests, out,
                             engine=args.engine, engine_url=args.engine_url)
     sim = simulate_cells(args.workload, args.rates, args.policies, args.seeds, args.requests) if args.compare_sim else None
