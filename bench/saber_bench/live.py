@@ -97,9 +97,9 @@ async def wait_ready(proc: Proc, path: str, timeout: float = 60.0) -> None:
     raise LiveError(f"{proc.name} did not answer {proc.url}{path} within {timeout:.0f} s:\n{proc.tail()}")
 
 
-async def start_emulator(log_dir: Path) -> Proc:
+async def start_emulator(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Proc:
     """The emulator with its defaults: the paper-calibrated profile and the engine limits the simulator uses."""
-    proc = await _spawn("emulator", ["emulator"], log_dir)
+    proc = await _spawn("emulator", ["emulator", *extra_args], log_dir)
     await wait_ready(proc, "/health")
     return proc
 
@@ -129,7 +129,7 @@ async def engine_model(engine_url: str) -> str:
     return data["data"][0]["id"]
 
 
-async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, ignore_eos: bool,
+async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, ignore_eos: bool | None,
                t0: float, rec: RequestRecord, lags: list[float]) -> None:
     delay = t0 + spec.arrival - time.perf_counter()
     if delay > 0:
@@ -137,7 +137,12 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
     lags.append(time.perf_counter() - (t0 + spec.arrival))
     body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
-    if ignore_eos:
+    if ignore_eos is None:
+        # Hidden length (trace replay): the engine stops at it; the gate sees only max_tokens.
+        from .trace_bench import HIDDEN_LENGTH_XARG
+
+        body["vllm_xargs"] = {HIDDEN_LENGTH_XARG: spec.output_tokens}
+    elif ignore_eos:
         body["ignore_eos"] = True
     else:
         # The true length must come from the engine itself; min_tokens asks for at least it.
@@ -177,7 +182,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
         rec.finished_at = None
 
 
-async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: bool = True,
+async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: bool | None = True,
                  progress: str | None = None) -> tuple[list[RequestRecord], dict]:
     """Send every request at its scheduled time; returns one record per request (times from t0)."""
     records = [RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s, ttft_slo_s=s.ttft_s, tpot_slo_s=s.tpot_s) for s in specs]
@@ -205,8 +210,9 @@ async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: boo
 
 
 async def run_cells(workload: str, rates: list[float], policies: list[str], seeds: int, n: int,
-                    out: Path, engine: str = "emulator", engine_url: str | None = None) -> list[dict]:
-    """Run every (rate, policy, seed) live; returns cells like the simulator's (mean over seeds)."""
+                    out: Path, engine: str = "emulator", engine_url: str | None = None, trace=None) -> list[dict]:
+    """Run every (rate, policy, seed) live; returns cells like the simulator's (mean over seeds).
+    `trace` (a `trace_live.LiveTrace`) replaces the workload's requests, configs and engine flags."""
     from .policies import check_policy
 
     for p in policies:
@@ -226,22 +232,23 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
         if engine_url is None:
             if engine == "emulator":
                 print("starting the emulator (paper-calibrated profile) ...", flush=True)
-                engine_proc = await start_emulator(logs)
+                engine_proc = await start_emulator(logs, trace.emulator_args if trace else ())
                 engine_url = engine_proc.url
             else:
-                vllm, engine_url = await _start_vllm(out)
+                vllm, engine_url = await (trace.start_vllm(out) if trace else _start_vllm(out))
         model = await engine_model(engine_url)
         cells = []
         for rate in rates:
             for policy in policies:
                 runs, infos, ratios = [], [], []
                 for seed in range(seeds):
-                    specs = make_workload(workload, rate, seed, n)
-                    cfg = write_config(policy, workload, out / "configs" / f"{policy}.yaml")
+                    specs = await trace.specs(rate, engine_url) if trace else make_workload(workload, rate, seed, n)
+                    cfg = (trace.write_config(policy, out / "configs" / f"{policy}.yaml") if trace
+                           else write_config(policy, workload, out / "configs" / f"{policy}.yaml"))
                     sidecar = await start_sidecar(engine_url, cfg, logs, f"sidecar-{policy}")
                     try:
                         records, info = await replay(
-                            sidecar.url, model, specs, ignore_eos=workload != "humaneval",
+                            sidecar.url, model, specs, ignore_eos=None if trace else workload != "humaneval",
                             progress=f"{workload} {rate:g} req/s {policy} seed {seed}",
                         )
                     finally:

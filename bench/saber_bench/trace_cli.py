@@ -116,3 +116,38 @@ def oracle_share(summary: dict) -> dict[str, float | None]:
             o = idx[(rate, "saber-oracle")]
             out[str(rate)] = g / o if o else None
     return out
+
+
+async def run_live(args: argparse.Namespace, out: Path) -> int:
+    """`saber bench live --trace ...`: the window at each rate, every policy, one fresh sidecar each."""
+    from .cli import _machine
+    from .live import comparison_table, run_cells, write_live
+    from .trace_bench import rates_for, trace_meta
+    from .trace_live import LiveTrace
+
+    source = source_from(args)
+    if args.engine == "vllm" and not args.engine_url:
+        from dataclasses import replace
+
+        source = replace(source, max_model_len=4096)  # the tiny model's context
+    source.check()
+    rates, info = rates_for(source, args.rates, args.speedup, args.load)
+    t0 = time.perf_counter()
+    trace = LiveTrace(source, engine="vllm" if args.engine == "vllm" else "emulator")
+    cells = await run_cells(source.label, rates, args.policies, 1, 0, out, engine=args.engine,
+                            engine_url=args.engine_url, trace=trace)
+    sim = None
+    if args.compare_sim:
+        from .grid import RunKey
+        from .trace_bench import run_trace_one
+
+        sim = {(r, p): run_trace_one(source, RunKey(source.label, r, p, 0)).stats.goodput
+               for r in rates for p in args.policies}
+    meta = {"mode": "live", "evidence": evidence("live", engine=args.engine), "command": "saber " + " ".join(sys.argv[1:]),
+            "machine": _machine(), "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine,
+            **info, **trace_meta(source)}
+    paths = write_live(out, cells, sim, meta, f"saber bench live: {source.label} ({meta['evidence']})")
+    print(f"evidence: {meta['evidence']}")
+    print(comparison_table(cells, sim))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

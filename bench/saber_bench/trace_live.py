@@ -1,0 +1,114 @@
+"""Live trace replay: the trace's requests sent to a sidecar in front of the emulator or real vLLM.
+
+The client sends `max_tokens` (the cap) and `vllm_xargs.saber_output_tokens` (the trace's length);
+the emulator stops there itself, and real vLLM does through the `StopAtLength` logits processor
+(vllm_stop.py) that `start_vllm` loads. Against real vLLM each prompt is fitted with the engine's
+own `/tokenize` and `/detokenize`, so it has exactly the trace's prompt tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+
+from .trace_bench import TraceSource
+from .traces import synth_prompt
+from .workloads import RequestSpec
+
+LOGITS_PROCESSOR = "saber_bench.vllm_stop:StopAtLength"
+
+
+@dataclass
+class LiveTrace:
+    source: TraceSource
+    engine: str = "emulator"
+
+    @property
+    def emulator_args(self) -> tuple[str, ...]:
+        return ("--max-model-len", str(self.source.max_model_len))
+
+    def write_config(self, policy: str, path: Path) -> Path:
+        import yaml
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.source.config(policy).model_dump(mode="json"), sort_keys=False))
+        return path
+
+    async def specs(self, rate: float, engine_url: str) -> list[RequestSpec]:
+        specs = self.source.specs(rate=rate)
+        if self.engine == "vllm":
+            specs = await fit_prompts(engine_url, specs)
+        return specs
+
+    async def start_vllm(self, out: Path):
+        from . import vllm_cpu
+        from .live import LiveError
+
+        print("building/starting the vLLM CPU server (tiny model, StopAtLength logits processor) ...", flush=True)
+        try:
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            model_dir = await asyncio.to_thread(vllm_cpu.build_tiny_model, out / "vllm-model")
+            server = StopAtLengthVLLM(model_dir, max_num_seqs=256, max_model_len=self.source.max_model_len,
+                                      log_path=out / "logs" / "vllm.log")
+            await asyncio.to_thread(server.start)
+        except (RuntimeError, OSError) as exc:
+            raise LiveError(f"could not start vLLM: {exc}") from exc
+        return server, server.base_url
+
+
+def _vllm_server_class():
+    from .vllm_server import VLLMServer
+
+    class _Server(VLLMServer):
+        """vLLM with the StopAtLength logits processor; its package is put on the engine's path."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["extra_args"] = [*kwargs.get("extra_args", ()), "--logits-processors", LOGITS_PROCESSOR]
+            super().__init__(*args, **kwargs)
+
+        def environment(self):
+            env = super().environment()
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+            return env
+
+    return _Server
+
+
+def StopAtLengthVLLM(*args, **kwargs):  # noqa: N802 - a factory standing in for the class
+    return _vllm_server_class()(*args, **kwargs)
+
+
+async def fit_prompts(engine_url: str, specs: list[RequestSpec]) -> list[RequestSpec]:
+    """Each prompt re-made with exactly `prompt_tokens` tokens of the engine's tokenizer."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        model = (await (await session.get(engine_url + "/v1/models")).json())["data"][0]["id"]
+        out = []
+        for i, s in enumerate(specs):
+            out.append(replace(s, prompt=await fit_prompt(session, engine_url, model, s.prompt_tokens, i)))
+        return out
+
+
+async def fit_prompt(session: aiohttp.ClientSession, url: str, model: str, n: int, salt: int) -> str:
+    async def tok(text: str) -> list[int]:
+        async with session.post(url + "/tokenize", json={"model": model, "prompt": text,
+                                                          "add_special_tokens": False}) as r:
+            r.raise_for_status()
+            return (await r.json())["tokens"]
+
+    async def detok(ids: list[int]) -> str:
+        async with session.post(url + "/detokenize", json={"model": model, "tokens": ids}) as r:
+            r.raise_for_status()
+            return (await r.json())["prompt"]
+
+    ids = await tok(synth_prompt(2 * n + 16, salt))
+    k = n
+    for _ in range(6):  # detokenize/retokenize can merge or split a token at the cut; adjust
+        text = await detok(ids[:k])
+        m = len(await tok(text))
+        if m == n:
+            return text
+        k += n - m
+    raise RuntimeError(f"could not fit a prompt of exactly {n} tokens (got {m})")
