@@ -93,6 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         c.set_defaults(func=_component(module))
 
 
+def _evidence(mode: str, profile: str | None = None, engine: str = "emulator") -> str:
+    from .trace_cli import evidence
+
+    return evidence(mode, profile, engine)
+
+
 def _trace_args(p: argparse.ArgumentParser) -> None:
     from .trace_cli import add_trace_args
 
@@ -177,6 +183,7 @@ def _sim(args: argparse.Namespace) -> int:
         "machine": _machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
         f"saber bench sim --suite {suite.name} --seeds {args.seeds} --out {args.out}",
         "cdf_rate": cdf_rate, "profile": args.profile or "paper-qwen2.5-coder-3b (default)",
+        "evidence": _evidence("sim", args.profile),
     }
     summary["elapsed_s"] = elapsed
     out = Path(args.out)

@@ -400,7 +400,7 @@ def write_live(out: Path, cells: list[dict], sim: dict | None, meta: dict, title
     png = plot_live(out, cells, sim, title)
     table = comparison_table(cells, sim)
     md = out / "report.md"
-    md.write_text(f"# {title}\n\n- command: `{meta.get('command')}`\n- machine: {meta.get('machine')}\n"
+    md.write_text(f"# {title}\n\n- evidence: **{meta.get('evidence', '?')}**\n- command: `{meta.get('command')}`\n- machine: {meta.get('machine')}\n"
                   f"- elapsed: {meta.get('elapsed_s', 0):.0f} s\n\n{table}\n\n![live]({png.name})\n")
     return {"summary": path, "plot": png, "report": md}
 
@@ -413,7 +413,10 @@ async def run_live_cli(args, out: Path) -> int:
     cells = await run_cells(args.workload, args.rates, args.policies, args.seeds, args.requests, out,
                             engine=args.engine, engine_url=args.engine_url)
     sim = simulate_cells(args.workload, args.rates, args.policies, args.seeds, args.requests) if args.compare_sim else None
-    meta = {"mode": "live", "command": "saber " + " ".join(sys.argv[1:]), "machine": _machine(),
+    from .trace_cli import evidence
+
+    meta = {"mode": "live", "evidence": evidence("live", engine="vllm" if args.engine == "vllm" else "emulator"),
+            "command": "saber " + " ".join(sys.argv[1:]), "machine": _machine(),
             "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {args.workload}")
     print(comparison_table(cells, sim))
@@ -446,7 +449,7 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path) ->
           flush=True)
     cells = await run_cells(workload, [rate], policies, 1, PAPER_REQUESTS, out)
     sim = simulate_cells(workload, [rate], policies, 1, PAPER_REQUESTS)
-    meta = {"mode": "demo", "command": f"saber bench demo --workload {workload} --rate {rate:g} "
+    meta = {"mode": "demo", "evidence": "live on the emulator (paper profile)", "command": f"saber bench demo --workload {workload} --rate {rate:g} "
             f"--static {','.join(statics)}", "machine": _machine(), "elapsed_s": time.perf_counter() - t0}
     paths = write_live(out, cells, sim, meta, f"saber demo: {workload} at {rate:g} req/s")
     print()

@@ -195,3 +195,29 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     if len(vals) == 0 or vals.mean() == 0:
         return math.nan
     return float(vals.std() / vals.mean())
+
+
+def best_static_key(cell: dict) -> tuple[float, float, int]:
+    """Order of static cells for "best static": goodput, then the lower mean e2e/SLA, then the
+    smaller cap. Breaking goodput ties toward the worse latency (as an earlier version did by
+    preferring the smaller cap) inflates best static's CV and so saber's claimed CV reduction."""
+    lat = cell.get("mean_e2e_over_sla")
+    lat = math.inf if lat is None or (isinstance(lat, float) and math.isnan(lat)) else lat
+    return (cell["goodput"], -lat, -int(cell["policy"].split("-")[1]))
+
+
+def cv_comparison(cv: dict[str, float], policy: str = "saber") -> dict:
+    """`policy`'s CV against every single static cap and against the per-rate best static, as
+    reductions (1 - cv_policy / cv_other; negative: the policy is less steady)."""
+    mine = cv.get(policy, math.nan)
+
+    def red(other: float) -> float:
+        return 1 - mine / other if other and not math.isnan(other) and not math.isnan(mine) else math.nan
+
+    caps = {p: v for p, v in cv.items() if p.startswith("static-")}
+    steadiest = min(caps, key=lambda p: caps[p]) if caps else None
+    return {
+        "cv_reduction_vs_cap": {p: red(v) for p, v in caps.items()},
+        "cv_steadiest_cap": steadiest,
+        "cv_reduction_vs_steadiest_cap": red(caps[steadiest]) if steadiest else math.nan,
+    }
