@@ -248,7 +248,7 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
                     sidecar = await start_sidecar(engine_url, cfg, logs, f"sidecar-{policy}")
                     try:
                         records, info = await replay(
-                            sidecar.url, model, specs, ignore_eos=None if trace else workload != "humaneval",
+                            sidecar.url, model, specs, ignore_eos=trace.ignore_eos if trace else workload != "humaneval",
                             progress=f"{workload} {rate:g} req/s {policy} seed {seed}",
                         )
                     finally:

@@ -63,6 +63,9 @@ class TraceSource:
     sla_path: str | None = None
     class_rule: str | None = None
     max_model_len: int = TRACE_MAX_MODEL_LEN
+    # True: each request sends its true length as max_tokens with ignore_eos (what `vllm bench serve`
+    # does with a timed trace), so the gate sees it; False (default): the cap is sent, lengths hidden.
+    visible_lengths: bool = False
 
     @property
     def label(self) -> str:
@@ -101,7 +104,8 @@ class TraceSource:
         slos = {c.name: (c.ttft_seconds, c.tpot_seconds) for c in cfg.classes}
         from dataclasses import replace
 
-        return [replace(s, ttft_s=slos[s.sla_class][0], tpot_s=slos[s.sla_class][1]) for s in specs]
+        return [replace(s, ttft_s=slos[s.sla_class][0], tpot_s=slos[s.sla_class][1],
+                        max_tokens=s.output_tokens if self.visible_lengths else s.max_tokens) for s in specs]
 
     def check(self) -> None:
         """Fail early, in the parent process, with the trace's own error message."""

@@ -27,6 +27,11 @@ class LiveTrace:
     engine: str = "emulator"
 
     @property
+    def ignore_eos(self) -> bool | None:
+        """What live.replay sends: None = the hidden length in vllm_xargs; True = the true length as max_tokens."""
+        return True if self.source.visible_lengths else None
+
+    @property
     def emulator_args(self) -> tuple[str, ...]:
         return ("--max-model-len", str(self.source.max_model_len))
 
