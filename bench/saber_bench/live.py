@@ -165,7 +165,8 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                # A chunk with text, or the finish of a request whose last token was EOS (no text).
+                if any(c.get("text") or c.get("finish_reason") for c in chunk.get("choices", [])):
                     now = time.perf_counter() - t0
                     tokens += 1
                     if rec.first_token_at is None:
