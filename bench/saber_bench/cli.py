@@ -35,6 +35,8 @@ def _add_demo_parser(parent: argparse._SubParsersAction) -> None:
                    "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
                    "and the best tuned one)")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--no-trace-panel", action="store_true",
+                   help="skip the second panel (a code-trace window replayed with hidden output lengths)")
     d.set_defaults(func=_demo)
 
 
@@ -228,7 +230,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .live import LiveError, run_demo
 
     try:
-        return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out)))
+        return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out),
+                                    trace_panel=not args.no_trace_panel))
     except (LiveError, ValueError) as exc:
         print(f"saber bench demo: {exc}", file=sys.stderr)
         return 1

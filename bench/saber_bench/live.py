@@ -433,7 +433,7 @@ def best_static_in_sim(workload: str, rate: float, seed: int = 0) -> str:
     return max(scores, key=lambda k: (scores[k], -int(k[1].split("-")[1])))[1]
 
 
-async def run_demo(workload: str, rate: float, statics: list[str], out: Path) -> int:
+async def run_demo(workload: str, rate: float, statics: list[str], out: Path, trace_panel: bool = True) -> int:
     """One heavy cell live, static caps vs saber on the same arrivals; a table, a plot, a summary.
 
     `statics` may name `best`: the best static cap for this very cell, picked in simulation after
@@ -461,5 +461,13 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path) ->
         if c["policy"] != "saber":
             print(f"saber vs {c['policy']}: {100 * (saber['goodput'] - c['goodput']):+.0f} points of goodput "
                   "on the same arrivals")
+    if trace_panel:
+        from .trace_live import demo_trace_panel, plot_demo
+
+        tcells, tsim, ttitle = await demo_trace_panel(out / "trace", statics)
+        write_live(out / "trace", tcells, tsim, dict(meta, elapsed_s=time.perf_counter() - t0), f"saber demo: {ttitle}")
+        print()
+        print(comparison_table(tcells, tsim))
+        paths["plot"] = plot_demo(out, [(cells, sim, f"{workload} at {rate:g} req/s (paper mix)"), (tcells, tsim, ttitle)])
     print(f"({time.perf_counter() - t0:.0f} s) Plot: {paths['plot']}  Summary: {paths['summary']}")
     return 0
