@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0, help="target mean rate of the cell, req/s (default 4)")
     p.add_argument("--policy", default="saber", help="policy of the sidecar (default saber)")
     p.add_argument("--engine-url", default=None, help="an engine already running (default: start the emulator)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's context (prompts are clipped to fit it with the output); default 8192")
     p.add_argument("--out", type=Path, default=Path("out/peer-vllm-bench"))
     add_trace_args(p)
     args = p.parse_args(argv)
@@ -156,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         args.trace = "code"
     if args.count is None and args.duration is None:
         args.count = 200
-    res = asyncio.run(run_cell(source_from(args), args.rate, args.policy, args.out, args.engine_url))
+    source = source_from(args)
+    if args.max_model_len:
+        source = replace(source, max_model_len=args.max_model_len)
+    res = asyncio.run(run_cell(source, args.rate, args.policy, args.out, args.engine_url))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"{res['requests']} requests at {res['rate']:g} req/s, policy {res['policy']}, --goodput {res['goodput_slos']}")
