@@ -56,7 +56,7 @@ class LiveTrace:
         try:
             (out / "logs").mkdir(parents=True, exist_ok=True)
             model_dir = await asyncio.to_thread(vllm_cpu.build_tiny_model, out / "vllm-model")
-            server = StopAtLengthVLLM(model_dir, max_num_seqs=256, max_model_len=self.source.max_model_len,
+            server = stop_at_length_vllm(model_dir, max_num_seqs=256, max_model_len=self.source.max_model_len,
                                       log_path=out / "logs" / "vllm.log")
             await asyncio.to_thread(server.start)
         except (RuntimeError, OSError) as exc:
@@ -82,7 +82,8 @@ def _vllm_server_class():
     return _Server
 
 
-def StopAtLengthVLLM(*args, **kwargs):  # noqa: N802 - a factory standing in for the class
+def stop_at_length_vllm(*args, **kwargs):
+    """A `VLLMServer` (same arguments) that loads the StopAtLength logits processor."""
     return _vllm_server_class()(*args, **kwargs)
 
 

@@ -95,7 +95,7 @@ def _int(value, what: str, line: int, path: Path) -> int:
         raise TraceError(f"{path}:{line}: {what} must be a number, got {str(value)[:40]!r}") from None
     if not math.isfinite(f) or f < 0:
         raise TraceError(f"{path}:{line}: {what} must be a finite number >= 0, got {value!r}")
-    return int(round(f))
+    return round(f)
 
 
 def read_trace(path: str | Path, fmt: str | None = None) -> list[TraceRow]:

@@ -19,8 +19,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-from saber_bench.traces import SYNTHETIC_CODE_TRACE, synthetic_code_rows, write_azure_csv
+from saber_bench.traces import (
+    SYNTHETIC_CODE_TRACE,
+    synthetic_code_rows,
+    write_azure_csv,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

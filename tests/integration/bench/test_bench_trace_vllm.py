@@ -8,8 +8,7 @@ import json
 
 import aiohttp
 import pytest
-
-from saber_bench.trace_live import StopAtLengthVLLM, fit_prompt
+from saber_bench.trace_live import stop_at_length_vllm, fit_prompt
 from saber_bench.vllm_cpu import build_tiny_model, find_vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -22,7 +21,7 @@ def server(tmp_path_factory):
     if find_vllm_python() is None:
         pytest.fail("the vLLM CPU venv (.venv-vllm) is missing: run `make test`", pytrace=False)
     d = tmp_path_factory.mktemp("vllm-stop")
-    srv = StopAtLengthVLLM(build_tiny_model(d / "model"), max_num_seqs=16, max_model_len=2048,
+    srv = stop_at_length_vllm(build_tiny_model(d / "model"), max_num_seqs=16, max_model_len=2048,
                            log_path=d / "vllm.log")
     srv.start()
     try:
@@ -32,10 +31,9 @@ def server(tmp_path_factory):
 
 
 async def _complete(server, **body) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(server.base_url + "/v1/completions",
-                          json={"model": server.served_model_name, "prompt": PROMPT, "temperature": 0.0, **body}) as r:
-            return r.status, await r.json()
+    body = {"model": server.served_model_name, "prompt": PROMPT, "temperature": 0.0, **body}
+    async with aiohttp.ClientSession() as s, s.post(server.base_url + "/v1/completions", json=body) as r:
+        return r.status, await r.json()
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])

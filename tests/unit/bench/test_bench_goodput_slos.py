@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from saber_bench.metrics import RequestRecord, best_static_key, cv_comparison, run_stats
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest
 from saber_emulator.profile import load_profile
-from saber_emulator.protocol import ProtocolContext, ProtocolError, TokenCounter, parse_completion
+from saber_emulator.protocol import (
+    ProtocolContext,
+    ProtocolError,
+    TokenCounter,
+    parse_completion,
+)
 
 
 def _rec(e2e=1.0, ttft=0.2, n=11, **kw) -> RequestRecord:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from saber_bench.grid import RunKey, run_one
 from saber_bench.policies import STATIC_CAPS
 from saber_bench.trace_bench import TraceSource, rates_for, run_trace_one
