@@ -190,6 +190,7 @@ def _sim(args: argparse.Namespace) -> int:
     summary["elapsed_s"] = elapsed
     out = Path(args.out)
     paths = write_all(out, summary, cdf, cdf_rate)
+    print(f"evidence: {summary['meta']['evidence']}")
     _print_targets(summary)
     print(f"{len(outputs)} runs in {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return 0

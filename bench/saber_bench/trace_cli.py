@@ -137,7 +137,10 @@ async def run_live(args: argparse.Namespace, out: Path) -> int:
     cells = await run_cells(source.label, rates, args.policies, 1, 0, out, engine=args.engine,
                             engine_url=args.engine_url, trace=trace)
     sim = None
-    if args.compare_sim:
+    if args.compare_sim and args.engine == "vllm":
+        print("note: --compare-sim skipped: the simulator models the paper profile, not this vLLM CPU engine; "
+              "calibrate a profile from it first", file=sys.stderr)
+    elif args.compare_sim:
         from .grid import RunKey
         from .trace_bench import run_trace_one
 
