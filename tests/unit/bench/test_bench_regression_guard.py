@@ -53,7 +53,7 @@ def test_slower_engine_than_the_prior_w3_at_3(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="saber keeps the paper profile's speed as its prior and lags an engine 30% "
-                   "faster (85% vs static-70's 99% on main at 73a74bd); the online engine learning being built "
+                   "faster (85% vs static-70's 99% on main at 0ec310f); the online engine learning being built "
                    "should lift it: flip this mark when it does")
 def test_faster_engine_than_the_prior_w1_at_10(tmp_path):
     prof = _engine(tmp_path, "fast", 0.7, 2.5e-5)
