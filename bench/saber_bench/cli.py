@@ -35,6 +35,8 @@ def _add_demo_parser(parent: argparse._SubParsersAction) -> None:
                    "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
                    "and the best tuned one)")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--no-trace-panel", action="store_true",
+                   help="skip the second panel (a code-trace window replayed with hidden output lengths)")
     d.set_defaults(func=_demo)
 
 
@@ -62,11 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="engine latency profile: built-in name or JSON file (default: the paper-calibrated one); "
                    "make one with `saber emulator calibrate`, e.g. with another --prefill-s-per-token")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _trace_args(s)
     s.set_defaults(func=_sim)
 
     lv = sub.add_parser("live", help="run chosen cells live: load generator -> sidecar -> emulator (or vLLM)")
     lv.add_argument("--workload", default="W1", help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1)")
-    lv.add_argument("--rates", type=_rates, default=[15.0], help="comma-separated rates (default 15)")
+    lv.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (default 15)")
     lv.add_argument("--policies", type=_names, default=["static-50", "saber-paper", "saber"],
                     help="comma-separated policies (default static-50,saber-paper,saber)")
     lv.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
@@ -76,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv.add_argument("--engine-url", default=None, help="use an engine already running at this URL")
     lv.add_argument("--compare-sim", action="store_true", help="also simulate the same cells and compare goodput")
     lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
+    _trace_args(lv)
     lv.set_defaults(func=_live)
 
     # `saber demo` (the README's first command) and `saber bench demo` are the same command.
@@ -89,6 +93,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            description=f"Delegates to {module}.main(argv); arguments after `{name}` go to it.")
         c.add_argument("rest", nargs="*")
         c.set_defaults(func=_component(module))
+
+
+def _evidence(mode: str, profile: str | None = None, engine: str = "emulator") -> str:
+    from .trace_cli import evidence
+
+    return evidence(mode, profile, engine)
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    from .trace_cli import add_trace_args
+
+    add_trace_args(p)
 
 
 def _component(module: str):
@@ -132,6 +148,10 @@ def _sim(args: argparse.Namespace) -> int:
     from .grid import SUITES, expand, run_grid, summarize
     from .report import write_all
 
+    if args.trace:
+        from .trace_cli import run_sim
+
+        return run_sim(args)
     suite = SUITES.get(args.suite)
     if suite is None:
         print(f"saber bench sim: unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}", file=sys.stderr)
@@ -165,10 +185,12 @@ def _sim(args: argparse.Namespace) -> int:
         "machine": _machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
         f"saber bench sim --suite {suite.name} --seeds {args.seeds} --out {args.out}",
         "cdf_rate": cdf_rate, "profile": args.profile or "paper-qwen2.5-coder-3b (default)",
+        "evidence": _evidence("sim", args.profile),
     }
     summary["elapsed_s"] = elapsed
     out = Path(args.out)
     paths = write_all(out, summary, cdf, cdf_rate)
+    print(f"evidence: {summary['meta']['evidence']}")
     _print_targets(summary)
     print(f"{len(outputs)} runs in {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -193,6 +215,8 @@ def _live(args: argparse.Namespace) -> int:
 
     from .live import LiveError, run_live_cli
 
+    if args.trace:
+        from .trace_cli import run_live as run_live_cli  # noqa: F811
     try:
         return asyncio.run(run_live_cli(args, Path(args.out)))
     except (LiveError, ValueError) as exc:
@@ -207,7 +231,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .live import LiveError, run_demo
 
     try:
-        return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out)))
+        return asyncio.run(run_demo(args.workload, args.rate, args.static, Path(args.out),
+                                    trace_panel=not args.no_trace_panel))
     except (LiveError, ValueError) as exc:
         print(f"saber bench demo: {exc}", file=sys.stderr)
         return 1

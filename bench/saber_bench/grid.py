@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from .metrics import RunStats, coefficient_of_variation, combine_seeds, run_stats
+from .metrics import RunStats, best_static_key, coefficient_of_variation, combine_seeds, cv_comparison, run_stats
 from .policies import BOUND, PAPER_POLICIES, REFERENCES, check_policy
 from .workloads import PAPER_RATES, WORKLOADS
 
@@ -225,8 +225,9 @@ def summarize(outputs: Sequence[RunOutput], bounds: dict[tuple[str, float, int],
             statics = [c for c in cells if c["workload"] == w and c["rate"] == r and c["policy"].startswith("static-")]
             if not statics:
                 continue
-            # Ties go to the smaller cap (listed first); the choice is after the fact, as in the paper.
-            best = max(statics, key=lambda c: (c["goodput"], -int(c["policy"].split("-")[1])))
+            # Chosen after the fact, as in the paper; ties go to the lower mean e2e/SLA (then the
+            # smaller cap), so the per-rate best is never a needlessly slow cap (metrics.best_static_key).
+            best = max(statics, key=best_static_key)
             entry = {"workload": w, "rate": r, "policy": best["policy"], "goodput": best["goodput"],
                      "mean_e2e_over_sla": best["mean_e2e_over_sla"]}
             for p in ("saber", "saber-paper", "saber-oracle", BOUND):
@@ -276,6 +277,7 @@ def targets(cells: list[dict], best_static: list[dict], cv: dict) -> dict:
         cv_saber, cv_best = cv[w].get("saber", math.nan), cv[w].get("best-static", math.nan)
         reduction = 1 - cv_saber / cv_best if cv_best and not math.isnan(cv_best) else math.nan
         entry = {
+            **cv_comparison(cv[w]),
             "saber_ge_best_static_every_cell": not below_static,
             "cells_below_best_static": below_static,
             "saber_ge_saber_paper_every_cell": not below_paper,

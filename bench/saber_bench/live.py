@@ -97,9 +97,9 @@ async def wait_ready(proc: Proc, path: str, timeout: float = 60.0) -> None:
     raise LiveError(f"{proc.name} did not answer {proc.url}{path} within {timeout:.0f} s:\n{proc.tail()}")
 
 
-async def start_emulator(log_dir: Path) -> Proc:
+async def start_emulator(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Proc:
     """The emulator with its defaults: the paper-calibrated profile and the engine limits the simulator uses."""
-    proc = await _spawn("emulator", ["emulator"], log_dir)
+    proc = await _spawn("emulator", ["emulator", *extra_args], log_dir)
     await wait_ready(proc, "/health")
     return proc
 
@@ -129,7 +129,7 @@ async def engine_model(engine_url: str) -> str:
     return data["data"][0]["id"]
 
 
-async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, ignore_eos: bool,
+async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, ignore_eos: bool | None,
                t0: float, rec: RequestRecord, lags: list[float]) -> None:
     delay = t0 + spec.arrival - time.perf_counter()
     if delay > 0:
@@ -137,7 +137,12 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
     lags.append(time.perf_counter() - (t0 + spec.arrival))
     body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
-    if ignore_eos:
+    if ignore_eos is None:
+        # Hidden length (trace replay): the engine stops at it; the gate sees only max_tokens.
+        from .trace_bench import HIDDEN_LENGTH_XARG
+
+        body["vllm_xargs"] = {HIDDEN_LENGTH_XARG: spec.output_tokens}
+    elif ignore_eos:
         body["ignore_eos"] = True
     else:
         # The true length must come from the engine itself; min_tokens asks for at least it.
@@ -160,7 +165,8 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                # A chunk with text, or the finish of a request whose last token was EOS (no text).
+                if any(c.get("text") or c.get("finish_reason") for c in chunk.get("choices", [])):
                     now = time.perf_counter() - t0
                     tokens += 1
                     if rec.first_token_at is None:
@@ -177,10 +183,10 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
         rec.finished_at = None
 
 
-async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: bool = True,
+async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: bool | None = True,
                  progress: str | None = None) -> tuple[list[RequestRecord], dict]:
     """Send every request at its scheduled time; returns one record per request (times from t0)."""
-    records = [RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s) for s in specs]
+    records = [RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s, ttft_slo_s=s.ttft_s, tpot_slo_s=s.tpot_s) for s in specs]
     lags: list[float] = []
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -205,8 +211,9 @@ async def replay(url: str, model: str, specs: list[RequestSpec], ignore_eos: boo
 
 
 async def run_cells(workload: str, rates: list[float], policies: list[str], seeds: int, n: int,
-                    out: Path, engine: str = "emulator", engine_url: str | None = None) -> list[dict]:
-    """Run every (rate, policy, seed) live; returns cells like the simulator's (mean over seeds)."""
+                    out: Path, engine: str = "emulator", engine_url: str | None = None, trace=None) -> list[dict]:
+    """Run every (rate, policy, seed) live; returns cells like the simulator's (mean over seeds).
+    `trace` (a `trace_live.LiveTrace`) replaces the workload's requests, configs and engine flags."""
     from .policies import check_policy
 
     for p in policies:
@@ -226,22 +233,23 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
         if engine_url is None:
             if engine == "emulator":
                 print("starting the emulator (paper-calibrated profile) ...", flush=True)
-                engine_proc = await start_emulator(logs)
+                engine_proc = await start_emulator(logs, trace.emulator_args if trace else ())
                 engine_url = engine_proc.url
             else:
-                vllm, engine_url = await _start_vllm(out)
+                vllm, engine_url = await (trace.start_vllm(out) if trace else _start_vllm(out))
         model = await engine_model(engine_url)
         cells = []
         for rate in rates:
             for policy in policies:
                 runs, infos, ratios = [], [], []
                 for seed in range(seeds):
-                    specs = make_workload(workload, rate, seed, n)
-                    cfg = write_config(policy, workload, out / "configs" / f"{policy}.yaml")
+                    specs = await trace.specs(rate, engine_url) if trace else make_workload(workload, rate, seed, n)
+                    cfg = (trace.write_config(policy, out / "configs" / f"{policy}.yaml") if trace
+                           else write_config(policy, workload, out / "configs" / f"{policy}.yaml"))
                     sidecar = await start_sidecar(engine_url, cfg, logs, f"sidecar-{policy}")
                     try:
                         records, info = await replay(
-                            sidecar.url, model, specs, ignore_eos=workload != "humaneval",
+                            sidecar.url, model, specs, ignore_eos=trace.ignore_eos if trace else workload != "humaneval",
                             progress=f"{workload} {rate:g} req/s {policy} seed {seed}",
                         )
                     finally:
@@ -393,7 +401,7 @@ def write_live(out: Path, cells: list[dict], sim: dict | None, meta: dict, title
     png = plot_live(out, cells, sim, title)
     table = comparison_table(cells, sim)
     md = out / "report.md"
-    md.write_text(f"# {title}\n\n- command: `{meta.get('command')}`\n- machine: {meta.get('machine')}\n"
+    md.write_text(f"# {title}\n\n- evidence: **{meta.get('evidence', '?')}**\n- command: `{meta.get('command')}`\n- machine: {meta.get('machine')}\n"
                   f"- elapsed: {meta.get('elapsed_s', 0):.0f} s\n\n{table}\n\n![live]({png.name})\n")
     return {"summary": path, "plot": png, "report": md}
 
@@ -402,10 +410,14 @@ async def run_live_cli(args, out: Path) -> int:
     from .cli import _machine
 
     t0 = time.perf_counter()
+    args.rates = args.rates or [15.0]
     cells = await run_cells(args.workload, args.rates, args.policies, args.seeds, args.requests, out,
                             engine=args.engine, engine_url=args.engine_url)
     sim = simulate_cells(args.workload, args.rates, args.policies, args.seeds, args.requests) if args.compare_sim else None
-    meta = {"mode": "live", "command": "saber " + " ".join(sys.argv[1:]), "machine": _machine(),
+    from .trace_cli import evidence
+
+    meta = {"mode": "live", "evidence": evidence("live", engine="vllm" if args.engine == "vllm" else "emulator"),
+            "command": "saber " + " ".join(sys.argv[1:]), "machine": _machine(),
             "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {args.workload}")
     print(comparison_table(cells, sim))
@@ -421,7 +433,7 @@ def best_static_in_sim(workload: str, rate: float, seed: int = 0) -> str:
     return max(scores, key=lambda k: (scores[k], -int(k[1].split("-")[1])))[1]
 
 
-async def run_demo(workload: str, rate: float, statics: list[str], out: Path) -> int:
+async def run_demo(workload: str, rate: float, statics: list[str], out: Path, trace_panel: bool = True) -> int:
     """One heavy cell live, static caps vs saber on the same arrivals; a table, a plot, a summary.
 
     `statics` may name `best`: the best static cap for this very cell, picked in simulation after
@@ -438,7 +450,7 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path) ->
           flush=True)
     cells = await run_cells(workload, [rate], policies, 1, PAPER_REQUESTS, out)
     sim = simulate_cells(workload, [rate], policies, 1, PAPER_REQUESTS)
-    meta = {"mode": "demo", "command": f"saber bench demo --workload {workload} --rate {rate:g} "
+    meta = {"mode": "demo", "evidence": "live on the emulator (paper profile)", "command": f"saber bench demo --workload {workload} --rate {rate:g} "
             f"--static {','.join(statics)}", "machine": _machine(), "elapsed_s": time.perf_counter() - t0}
     paths = write_live(out, cells, sim, meta, f"saber demo: {workload} at {rate:g} req/s")
     print()
@@ -449,5 +461,13 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path) ->
         if c["policy"] != "saber":
             print(f"saber vs {c['policy']}: {100 * (saber['goodput'] - c['goodput']):+.0f} points of goodput "
                   "on the same arrivals")
+    if trace_panel:
+        from .trace_live import demo_trace_panel, plot_demo
+
+        tcells, tsim, ttitle = await demo_trace_panel(out / "trace", statics)
+        write_live(out / "trace", tcells, tsim, dict(meta, elapsed_s=time.perf_counter() - t0), f"saber demo: {ttitle}")
+        print()
+        print(comparison_table(tcells, tsim))
+        paths["plot"] = plot_demo(out, [(cells, sim, f"{workload} at {rate:g} req/s (paper mix)"), (tcells, tsim, ttitle)])
     print(f"({time.perf_counter() - t0:.0f} s) Plot: {paths['plot']}  Summary: {paths['summary']}")
     return 0

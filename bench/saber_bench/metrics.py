@@ -2,7 +2,9 @@
 
 Rules (the same for every policy, so all are compared on the same population of requests):
 - A request meets its SLA iff it was not rejected and `finish - arrival <= sla` (arrival is the
-  scheduled arrival time). Goodput is the share of all requests of the run that meet their SLA:
+  scheduled arrival time) and, where its class sets them, its TTFT (`first token - arrival`) and its
+  TPOT (`(e2e - TTFT) / (output tokens - 1)`, 0 for one token) are within their SLOs: the
+  definitions of `vllm bench serve --goodput ttft:.. tpot:.. e2el:..` and of aiperf's goodput. Goodput is the share of all requests of the run that meet their SLA:
   a rejected request, or one that never finished, is a miss.
 - The variability metric uses every request of the run. A served request (demoted ones included,
   with their real end-to-end time) enters with `e2e / sla`. A rejected or unfinished request has no
@@ -36,6 +38,8 @@ class RequestRecord:
     finished_at: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    ttft_slo_s: float | None = None  # the class's TTFT SLO, if any
+    tpot_slo_s: float | None = None  # the class's TPOT SLO (s per output token after the first), if any
 
     @property
     def served(self) -> bool:
@@ -50,9 +54,32 @@ class RequestRecord:
         return self.first_token_at - self.arrival if self.served and self.first_token_at is not None else None
 
     @property
-    def met(self) -> bool:
+    def tpot(self) -> float | None:
+        """vLLM bench serve's TPOT: (e2e - TTFT) / (output tokens - 1); 0 for a one-token output."""
+        e2e, ttft = self.e2e, self.ttft
+        if e2e is None or ttft is None:
+            return None
+        return (e2e - ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+    def misses(self) -> tuple[str, ...]:
+        """Why the request missed: any of rejected, unfinished, e2e, ttft, tpot (empty: it met its SLA)."""
+        if self.rejected:
+            return ("rejected",)
         e2e = self.e2e
-        return e2e is not None and e2e <= self.sla_s + 1e-9
+        if e2e is None:
+            return ("unfinished",)
+        out = []
+        if e2e > self.sla_s + 1e-9:
+            out.append("e2e")
+        if self.ttft_slo_s is not None and (self.ttft is None or self.ttft > self.ttft_slo_s + 1e-9):
+            out.append("ttft")
+        if self.tpot_slo_s is not None and (self.tpot is None or self.tpot > self.tpot_slo_s + 1e-9):
+            out.append("tpot")
+        return tuple(out)
+
+    @property
+    def met(self) -> bool:
+        return not self.misses()
 
 
 @dataclass(slots=True)
@@ -119,7 +146,20 @@ def run_stats(records: Sequence[RequestRecord]) -> RunStats:
         throughput_rps=len(served) / makespan,
         throughput_tok_s=sum(r.output_tokens for r in served) / makespan,
         makespan_s=makespan,
+        extra=miss_counts(records),
     )
+
+
+MISS_KINDS = ("rejected", "unfinished", "e2e", "ttft", "tpot")
+
+
+def miss_counts(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """Requests missing each SLO (`miss_e2e`, ...); one request can miss several."""
+    out = {f"miss_{k}": 0.0 for k in MISS_KINDS}
+    for r in records:
+        for k in r.misses():
+            out[f"miss_{k}"] += 1
+    return out
 
 
 # Fields averaged over seeds to give a cell's numbers; counts are averaged too (per run).
@@ -155,3 +195,29 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     if len(vals) == 0 or vals.mean() == 0:
         return math.nan
     return float(vals.std() / vals.mean())
+
+
+def best_static_key(cell: dict) -> tuple[float, float, int]:
+    """Order of static cells for "best static": goodput, then the lower mean e2e/SLA, then the
+    smaller cap. Breaking goodput ties toward the worse latency (as an earlier version did by
+    preferring the smaller cap) inflates best static's CV and so saber's claimed CV reduction."""
+    lat = cell.get("mean_e2e_over_sla")
+    lat = math.inf if lat is None or (isinstance(lat, float) and math.isnan(lat)) else lat
+    return (cell["goodput"], -lat, -int(cell["policy"].split("-")[1]))
+
+
+def cv_comparison(cv: dict[str, float], policy: str = "saber") -> dict:
+    """`policy`'s CV against every single static cap and against the per-rate best static, as
+    reductions (1 - cv_policy / cv_other; negative: the policy is less steady)."""
+    mine = cv.get(policy, math.nan)
+
+    def red(other: float) -> float:
+        return 1 - mine / other if other and not math.isnan(other) and not math.isnan(mine) else math.nan
+
+    caps = {p: v for p, v in cv.items() if p.startswith("static-")}
+    steadiest = min(caps, key=lambda p: caps[p]) if caps else None
+    return {
+        "cv_reduction_vs_cap": {p: red(v) for p, v in caps.items()},
+        "cv_steadiest_cap": steadiest,
+        "cv_reduction_vs_steadiest_cap": red(caps[steadiest]) if steadiest else math.nan,
+    }

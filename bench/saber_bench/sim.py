@@ -65,7 +65,7 @@ def simulate(
     by_id = {s.id: s for s in specs}
     if len(by_id) != len(specs):
         raise ValueError("request ids must be unique")
-    records = {s.id: RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s) for s in specs}
+    records = {s.id: RequestRecord(s.id, s.sla_class, s.arrival, s.sla_s, ttft_slo_s=s.ttft_s, tpot_slo_s=s.tpot_s) for s in specs}
     heap: list[tuple[float, int, int, str]] = []
     for i, s in enumerate(specs):
         heap.append((s.arrival, _ARRIVAL, i, s.id))

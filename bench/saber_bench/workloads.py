@@ -75,7 +75,9 @@ class RequestSpec:
     prompt: str
     prompt_tokens: int
     max_tokens: int
-    output_tokens: int  # what the engine will really generate (<= max_tokens)
+    output_tokens: int  # what the engine will really generate (<= max_tokens); never shown to the gate
+    ttft_s: float | None = None  # the class's TTFT SLO, counted in goodput when set
+    tpot_s: float | None = None  # the class's TPOT SLO, counted in goodput when set
 
     @property
     def deadline(self) -> float:

@@ -91,6 +91,9 @@ class ParsedRequest:
     min_tokens: int = 0
     priority: int = 0
     stop: list[str] = field(default_factory=list)
+    # Benchmark-only: `vllm_xargs.saber_output_tokens`, the length to stop at (capped by max_tokens);
+    # the same argument the benchmark's vLLM logits processor reads. An admission gate never sees it.
+    stop_at_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +219,7 @@ def _common(body: dict[str, Any], ctx: ProtocolContext, kind: str, prompt_tokens
 
     # Accepted and ignored under fcfs, as vLLM 0.32 does (measured in docs/VLLM_CPU.md).
     priority = _opt_int(body, "priority") or 0
+    stop_at = _stop_at(body)
 
     return ParsedRequest(
         kind=kind,  # type: ignore[arg-type]
@@ -228,7 +232,26 @@ def _common(body: dict[str, Any], ctx: ProtocolContext, kind: str, prompt_tokens
         min_tokens=min_tokens,
         priority=priority,
         stop=stop_list,
+        stop_at_tokens=min(stop_at, max_tokens) if stop_at is not None else None,
     )
+
+
+STOP_AT_XARG = "saber_output_tokens"
+
+
+def _stop_at(body: dict[str, Any]) -> int | None:
+    """`vllm_xargs` is vLLM's per-request extra-arguments object; only our key is read from it."""
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        return None
+    if not isinstance(xargs, dict):
+        raise ProtocolError("'vllm_xargs' must be an object", param="vllm_xargs")
+    v = xargs.get(STOP_AT_XARG)
+    if v is None:
+        return None
+    if not _is_int(v) or v < 1:
+        raise ProtocolError(f"vllm_xargs.{STOP_AT_XARG} must be an integer >= 1, got {v!r}", param="vllm_xargs")
+    return v
 
 
 def parse_completion(body: dict[str, Any], ctx: ProtocolContext) -> ParsedRequest:

@@ -198,6 +198,7 @@ class EmulatorServer:
         self.engine.add_request(EngineRequest(
             id=rid, prompt_tokens=parsed.prompt_tokens, max_tokens=parsed.max_tokens, priority=parsed.priority,
             arrival_time=self.clock(), min_tokens=parsed.min_tokens, ignore_eos=parsed.ignore_eos,
+            output_tokens=parsed.stop_at_tokens,
         ))
         log.debug("request %s: prompt %d tokens, max_tokens %d, priority %d",
                   rid, parsed.prompt_tokens, parsed.max_tokens, parsed.priority)

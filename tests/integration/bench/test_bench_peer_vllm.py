@@ -1,0 +1,29 @@
+"""A peer's load tool against saber: `vllm bench serve --goodput` through the sidecar in front of
+the emulator, and saber's own client on the same cell, agree on goodput."""
+
+import json
+
+import pytest
+from saber_bench.peer import run_cell, write_timed_trace
+from saber_bench.trace_bench import TraceSource
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_timed_trace_file_has_vllms_fields_and_unique_blocks(tmp_path):
+    specs = TraceSource(count=5, visible_lengths=True).specs(rate=2.0)
+    rows = [json.loads(line) for line in write_timed_trace(specs, tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [r["input_length"] for r in rows] == [s.prompt_tokens for s in specs]
+    assert [r["output_length"] for r in rows] == [s.output_tokens for s in specs]
+    ids = [h for r in rows for h in r["hash_ids"]]
+    assert len(ids) == len(set(ids)) and all(len(r["hash_ids"]) * 16 >= r["input_length"] for r in rows)
+
+
+async def test_vllm_bench_serve_and_saber_bench_agree_on_one_cell(tmp_path):
+    res = await run_cell(TraceSource(count=100), rate=5.0, policy="saber", out=tmp_path, timeout_s=240)
+    peer, own = res["vllm_bench_serve"], res["saber_bench"]
+    assert res["goodput_slos"] == "e2el:2000 ttft:1000"
+    assert peer["completed"] + peer["failed"] == 100 and own["unfinished"] == 0
+    # Same requests at the same times through fresh sidecars: within 5 points (5 requests).
+    assert abs(res["difference_points"]) <= 5.0, res
+    assert 0.2 < own["goodput"] <= 1.0  # the cell is neither trivial nor hopeless
