@@ -13,9 +13,10 @@ Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that
 - **prefill cost against prompt length.** Single requests (nothing else running) with prompts of
   several lengths and `max_tokens` 1; TTFT against prompt tokens, a least-squares line; the slope is
   `prefill_s_per_token`, the intercept (HTTP, tokenisation, one step) `prefill_only_step_s`.
-  Prompts are token-id lists, so their length is exact; ids come from the engine's `/tokenize` when
-  it has one (vLLM), so they are real tokens of its vocabulary. Every prompt is different: vLLM's
-  prefix cache would otherwise skip the prefill being measured.
+  With the engine's `/tokenize` (vLLM) the prompts are code text sized to the wanted token count
+  with it (so the server's tokenizer costs what it costs real requests) and the count it reports is
+  the one fitted; without it (the emulator) they are token-id lists of the exact length. Every
+  prompt starts differently: vLLM's prefix cache would otherwise skip the prefill being measured.
 
 The result is one YAML file in the `LatencyProfile` schema (kept under 4 KB: an operator Job writes
 it to /dev/termination-log), the raw samples in a CSV beside it, and a PNG plot.
@@ -70,6 +71,7 @@ class Sample:
     round: int
     value: float
     tokens: int = 0
+    target: int = 0  # prefill: the prompt length asked for (prompt_tokens is what the engine counted)
 
 
 @dataclass
@@ -87,7 +89,7 @@ class _Stream:
     first: float | None = None
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int) -> _Stream:
+async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int] | str, max_tokens: int) -> _Stream:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "temperature": 0.0,
             # vLLM reports usage in every chunk with this, so tokens coalesced into one chunk still count.
@@ -103,9 +105,10 @@ async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: 
                 continue
             now = time.perf_counter()
             chunk = json.loads(line[6:])
-            texts = [c for c in chunk.get("choices", []) if c.get("text")]
+            # A chunk with choices carries tokens, even when their text is empty (a partial UTF-8
+            # byte of a random model's output); the usage-only chunk at the end has no choices.
             usage = chunk.get("usage") or {}
-            if not texts:
+            if not chunk.get("choices"):
                 continue
             count = int(usage["completion_tokens"]) if usage.get("completion_tokens") else count + 1
             if out.first is None:
@@ -140,6 +143,33 @@ async def engine_model_name(session: aiohttp.ClientSession, url: str) -> str:
     if not models:
         raise CalibrationError(f"{url}/v1/models lists no model")
     return models[0]["id"]
+
+
+async def count_tokens(session: aiohttp.ClientSession, url: str, model: str, text: str) -> int | None:
+    """Prompt tokens of `text` by the engine's own /tokenize, or None when it has none."""
+    try:
+        async with session.post(url + "/tokenize", json={"model": model, "prompt": text}) as resp:
+            if resp.status != 200:
+                return None
+            data = await resp.json()
+    except (aiohttp.ClientError, ValueError):
+        return None
+    count = data.get("count", len(data.get("tokens") or []))
+    return int(count) if count else None
+
+
+async def text_prompt(session: aiohttp.ClientSession, url: str, model: str, tokens: int, key: int) -> tuple[str, int]:
+    """A code prompt of about `tokens` tokens (exact where the tokenizer allows), starting with `key`."""
+    head = f"# request {key}\n"
+    chars = tokens * 4
+    text, count = head, 0
+    for _ in range(6):
+        text = head + (_TOKENIZE_TEXT * (chars // len(_TOKENIZE_TEXT) + 1))[: max(0, chars - len(head))]
+        count = await count_tokens(session, url, model, text) or 0
+        if count == tokens or count == 0:
+            break
+        chars = max(len(head), round(chars * tokens / count))
+    return text, count
 
 
 async def token_pool(session: aiohttp.ClientSession, url: str, model: str) -> tuple[list[int], bool]:
@@ -232,9 +262,11 @@ async def calibrate(
                                                                    if s.kind == "prefill"}) >= 2:
                     skipped = True
                     break
+                prompt, count = (await text_prompt(session, url, model, p, rep * 100_000 + p)) if exact \
+                    else (prompts.make(p), p)
                 t_send = time.perf_counter()
-                s = await _stream(session, url, model, prompts.make(p), 1)
-                samples.append(Sample("prefill", 1, p, rep, s.first - t_send, 1))
+                s = await _stream(session, url, model, prompt, 1)
+                samples.append(Sample("prefill", 1, count, rep, s.first - t_send, 1, p))
                 if bar:
                     bar.update()
     except aiohttp.ClientError as exc:
@@ -255,12 +287,13 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
         raise CalibrationError("no decode samples: every wave ended before all its streams were decoding "
                                "(raise decode_tokens)")
     means = {n: float(np.mean(v)) for n, v in by_n.items()}
-    pre = [(s.prompt_tokens, s.value) for s in samples if s.kind == "prefill"]
-    if len({p for p, _ in pre}) < 2:
+    pre = [s for s in samples if s.kind == "prefill"]
+    targets = sorted({s.target for s in pre})
+    if len(targets) < 2:
         raise CalibrationError("prefill needs TTFTs at two prompt lengths or more")
-    # Median TTFT per length, then a line: robust to one request that met a busy moment.
-    lengths = sorted({p for p, _ in pre})
-    med = [float(np.median([v for p, v in pre if p == x])) for x in lengths]
+    # Medians per asked length, then a line: robust to one request that met a busy moment.
+    lengths = [float(np.median([s.prompt_tokens for s in pre if s.target == x])) for x in targets]
+    med = [float(np.median([s.value for s in pre if s.target == x])) for x in targets]
     slope, intercept = np.polyfit(np.asarray(lengths, float), np.asarray(med), 1)
     slope = float(min(max(slope, 0.0), 1.0))
     intercept = float(intercept)
@@ -269,7 +302,7 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "
         f"Decode: waves of N concurrent ignore_eos streams, N={sorted(means)}, step time = 1/mean per-request "
         f"tokens/s while all N decode. Prefill: TTFT of single requests with prompts of {lengths} tokens "
-        f"({'ids from /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
+        f"({'text, counted by /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
         f"intercept {intercept * 1000:.1f} ms."
         + (" Cut short by the duration limit." if skipped else "")
     )
@@ -303,9 +336,9 @@ def write_outputs(cal: Calibration, out: str | Path, plot: bool = True) -> dict[
     csv_path = out.with_suffix(".samples.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["kind", "concurrency", "prompt_tokens", "round", "value", "unit", "tokens"])
+        w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens"])
         for s in cal.samples:
-            w.writerow([s.kind, s.concurrency, s.prompt_tokens, s.round, f"{s.value:.6g}",
+            w.writerow([s.kind, s.concurrency, s.prompt_tokens, s.target or "", s.round, f"{s.value:.6g}",
                         "tokens_per_s" if s.kind == "decode" else "ttft_s", s.tokens])
     paths["samples"] = csv_path
     if plot:

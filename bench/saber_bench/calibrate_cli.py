@@ -54,7 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .calibrate import DEFAULT_PROMPT_LENGTHS, CalibrationError, calibrate, summary_line, write_outputs
+    from .calibrate import (
+        DEFAULT_PROMPT_LENGTHS,
+        CalibrationError,
+        calibrate,
+        summary_line,
+        write_outputs,
+    )
 
     if args.max_concurrency < 1 or args.rounds < 1 or args.prefill_repeats < 1 or args.duration <= 0:
         print("saber calibrate: --max-concurrency, --rounds, --prefill-repeats must be >= 1 and --duration > 0",

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
 
     s = sub.add_parser("sim", help="run a suite in virtual time (the paper grid in about a minute)")
-    s.add_argument("--suite", default="paper", help="paper, humaneval, shapes, all or smoke (default paper)")
+    s.add_argument("--suite", default="paper",
+                   help="paper, humaneval, shapes, all, smoke or robustness (default paper)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     s.add_argument("--out", default="out/bench-sim", help="output folder (default out/bench-sim)")
     s.add_argument("--workloads", type=_names, default=None, help="comma-separated subset of the suite's workloads")
@@ -59,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated policies: static-N, saber-paper, saber, saber-oracle")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     s.add_argument("--profile", default=None,
-                   help="engine latency profile: built-in name or JSON file (default: the paper-calibrated one); "
-                   "make one with `saber emulator calibrate`, e.g. with another --prefill-s-per-token")
+                   help="engine latency profile: built-in name, JSON or YAML file (default: the paper-calibrated one); "
+                   "measure one with `saber calibrate`, or build one with `saber emulator calibrate`")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_sim)
 
@@ -132,6 +133,10 @@ def _sim(args: argparse.Namespace) -> int:
     from .grid import SUITES, expand, run_grid, summarize
     from .report import write_all
 
+    if args.suite == "robustness":  # its own grid: engine profiles that differ from the gate's prior
+        from .robustness import run_cli
+
+        return run_cli(args)
     suite = SUITES.get(args.suite)
     if suite is None:
         print(f"saber bench sim: unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}", file=sys.stderr)
