@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "1, 2, 4, ... and this (default 64)")
     p.add_argument("--concurrency", type=_ints, default=None,
                    help="comma-separated wave sizes instead of the powers of two")
-    p.add_argument("--decode-tokens", type=int, default=128, help="tokens per request in a decode wave (default 128)")
+    p.add_argument("--decode-tokens", type=int, default=192, help="tokens per request in a decode wave (default 192)")
     p.add_argument("--rounds", type=int, default=2, help="waves per concurrency level (default 2)")
     p.add_argument("--prompt-lengths", type=_ints, default=None,
                    help="comma-separated prompt lengths in tokens for the prefill measurement "

@@ -68,12 +68,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv = sub.add_parser("live", help="run chosen cells live: load generator -> sidecar -> emulator (or vLLM)")
     lv.add_argument("--workload", default="W1", help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1)")
     lv.add_argument("--rates", type=_rates, default=[15.0], help="comma-separated rates (default 15)")
-    lv.add_argument("--policies", type=_names, default=["static-50", "saber-paper", "saber"],
-                    help="comma-separated policies (default static-50,saber-paper,saber)")
-    lv.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
-    lv.add_argument("--requests", type=int, default=100, help="requests per run (paper mixes, humaneval; default 100)")
+    lv.add_argument("--policies", type=_names, default=None,
+                    help="comma-separated policies (default static-50,saber-paper,saber; with --engine vllm: "
+                    "static-8,16,32,64, saber-paper, saber, saber-warm, saber-calibrated)")
+    lv.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 1; --engine vllm: 3)")
+    lv.add_argument("--requests", type=int, default=None,
+                    help="requests per run (paper mixes, humaneval; default 100; --engine vllm: 200)")
     lv.add_argument("--engine", choices=["emulator", "vllm"], default="emulator",
-                    help="emulator (paper-calibrated, default) or a real vLLM CPU server")
+                    help="emulator (paper-calibrated, default) or a real vLLM CPU server: then the proof of "
+                    "issue 10 (calibrate it, scale the workload to it, loads 0.5x..2x its capacity)")
+    lv.add_argument("--loads", type=_rates, default=None,
+                    help="--engine vllm: comma-separated loads in multiples of the calibrated capacity "
+                    "(default 0.5,1,1.5,2)")
+    lv.add_argument("--warmup", type=int, default=None,
+                    help="--engine vllm: requests through saber-warm's sidecar before it is measured (default 100)")
+    lv.add_argument("--max-num-seqs", type=int, default=64, help="--engine vllm: vLLM's own cap (default 64)")
+    lv.add_argument("--quick", action="store_true",
+                    help="--engine vllm: a tiny end-to-end run (2 loads, 4 policies, 1 seed, 40 requests)")
     lv.add_argument("--engine-url", default=None, help="use an engine already running at this URL")
     lv.add_argument("--compare-sim", action="store_true", help="also simulate the same cells and compare goodput")
     lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
@@ -198,8 +209,17 @@ def _live(args: argparse.Namespace) -> int:
 
     from .live import LiveError, run_live_cli
 
+    if args.engine == "vllm":  # the real-engine proof, workload scaled to the engine
+        from .live_vllm import run_cli
+
+        runner = run_cli(args)
+    else:
+        for name, default in (("policies", ["static-50", "saber-paper", "saber"]), ("seeds", 1), ("requests", 100)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        runner = run_live_cli(args, Path(args.out))
     try:
-        return asyncio.run(run_live_cli(args, Path(args.out)))
+        return asyncio.run(runner)
     except (LiveError, ValueError) as exc:
         print(f"saber bench live: {exc}", file=sys.stderr)
         return 1
