@@ -66,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sim)
 
     lv = sub.add_parser("live", help="run chosen cells live: load generator -> sidecar -> emulator (or vLLM)")
-    lv.add_argument("--workload", default="W1", help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1)")
-    lv.add_argument("--rates", type=_rates, default=[15.0], help="comma-separated rates (default 15)")
+    lv.add_argument("--workload", default=None,
+                    help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1); with --engine vllm it selects "
+                    "the old functional run on that workload instead of the scaled proof")
+    lv.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (default 15)")
     lv.add_argument("--policies", type=_names, default=None,
                     help="comma-separated policies (default static-50,saber-paper,saber; with --engine vllm: "
                     "static-8,16,32,64, saber-paper, saber, saber-warm, saber-calibrated)")
@@ -75,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv.add_argument("--requests", type=int, default=None,
                     help="requests per run (paper mixes, humaneval; default 100; --engine vllm: 200)")
     lv.add_argument("--engine", choices=["emulator", "vllm"], default="emulator",
-                    help="emulator (paper-calibrated, default) or a real vLLM CPU server: then the proof of "
-                    "issue 10 (calibrate it, scale the workload to it, loads 0.5x..2x its capacity)")
+                    help="emulator (paper-calibrated, default) or a real vLLM CPU server: then, without --workload, "
+                    "the real-engine proof (calibrate it, scale the workload to it, loads 0.5x..2x its capacity; "
+                    "docs/BENCHMARKS.md)")
     lv.add_argument("--loads", type=_rates, default=None,
                     help="--engine vllm: comma-separated loads in multiples of the calibrated capacity "
                     "(default 0.5,1,1.5,2)")
@@ -209,12 +212,13 @@ def _live(args: argparse.Namespace) -> int:
 
     from .live import LiveError, run_live_cli
 
-    if args.engine == "vllm":  # the real-engine proof, workload scaled to the engine
+    if args.engine == "vllm" and args.workload is None:  # the real-engine proof, workload scaled to the engine
         from .live_vllm import run_cli
 
         runner = run_cli(args)
     else:
-        for name, default in (("policies", ["static-50", "saber-paper", "saber"]), ("seeds", 1), ("requests", 100)):
+        for name, default in (("workload", "W1"), ("rates", [15.0]), ("policies", ["static-50", "saber-paper", "saber"]),
+                              ("seeds", 1), ("requests", 100)):
             if getattr(args, name) is None:
                 setattr(args, name, default)
         runner = run_live_cli(args, Path(args.out))
