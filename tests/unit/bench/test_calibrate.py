@@ -151,3 +151,15 @@ def test_robustness_cells_are_deterministic_and_summarised():
         assert r["best_static"] == "static-10"
         assert r["met"] == (r["goodput"]["saber"] >= r["goodput"]["static-10"] - 0.01)
     assert np.isfinite(a["target"]["worst_gap_points"])
+
+
+def test_calibrate_command_is_registered_and_checks_its_arguments(capsys):
+    from saber_cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--engine-url" in out and "--max-concurrency" in out and "--no-plot" in out
+    assert main(["calibrate", "--engine-url", "http://127.0.0.1:9", "--out", "x.yaml", "--rounds", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
