@@ -41,6 +41,7 @@ MAX_PROFILE_BYTES = 4096
 DEFAULT_PROMPT_LENGTHS = (16, 256, 512, 1024, 1536)
 REQUEST_TIMEOUT_S = 300.0
 MIN_WINDOW_TOKENS = 8
+DECODE_PROMPT_TOKENS = 16
 _TOKENIZE_TEXT = (
     "def merge_intervals(intervals):\n    out = []\n    for start, end in sorted(intervals):\n"
     "        if out and start <= out[-1][1]:\n            out[-1][1] = max(out[-1][1], end)\n"
@@ -209,13 +210,15 @@ async def calibrate(
     rounds: int = 2,
     prompt_lengths: tuple[int, ...] | list[int] = DEFAULT_PROMPT_LENGTHS,
     prefill_repeats: int = 3,
+    context_tokens: int = 1024,
     duration_s: float = 300.0,
     name: str | None = None,
     progress: bool = True,
 ) -> Calibration:
     """Measure the engine at `url`; returns its profile and the raw samples.
 
-    `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
+    `context_tokens` > 0 also measures the cost of KV context (decode waves with prompts that long;
+    0 skips it and leaves `context_s_per_token` 0). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
     what was measured; at least one decode level and two prompt lengths are needed).
     """
     url = url.rstrip("/")
@@ -227,13 +230,15 @@ async def calibrate(
     lengths = sorted({int(x) for x in prompt_lengths})
     if len(lengths) < 2 or lengths[0] < 1:
         raise ValueError("need at least two distinct prompt lengths >= 1")
+    # Context cost: the same waves with long prompts at the smallest, a middle and the largest N.
+    ctx_levels = sorted({levels[0], levels[len(levels) // 2], levels[-1]}) if context_tokens else []
     t0 = time.perf_counter()
     samples: list[Sample] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(levels) * rounds + len(lengths) * prefill_repeats + 1, unit="wave",
+        bar = tqdm(total=(len(levels) + len(ctx_levels)) * rounds + len(lengths) * prefill_repeats + 1, unit="wave",
                    desc="saber calibrate")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)
@@ -246,7 +251,8 @@ async def calibrate(
             await _stream(session, url, model, prompts.make(16), 8)  # warm-up: first-request costs
             if bar:
                 bar.update()
-            for n in levels:
+            async def waves(n: int, prompt_len: int, kind: str) -> None:
+                nonlocal skipped
                 good = 0
                 # A wave counts when at least half its streams decoded together for a while; on a busy
                 # machine a stream can start late, so a wave is retried (twice at most per level).
@@ -257,14 +263,19 @@ async def calibrate(
                         skipped = True
                         break
                     streams = await asyncio.gather(
-                        *(_stream(session, url, model, prompts.make(16), decode_tokens) for _ in range(n)))
+                        *(_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)))
                     speeds = window_speeds(streams)
                     if len(speeds) * 2 < n:
                         continue
                     good += 1
-                    samples.extend(Sample("decode", n, 16, r, v, decode_tokens) for v in speeds)
+                    samples.extend(Sample(kind, n, prompt_len, r, v, decode_tokens) for v in speeds)
                     if bar:
                         bar.update()
+
+            for n in levels:
+                await waves(n, DECODE_PROMPT_TOKENS, "decode")
+            for n in ctx_levels:
+                await waves(n, context_tokens, "decode-context")
             # Longest first, then interleaved, so a drift in machine load does not tilt the slope.
             order = [(rep, p) for rep in range(prefill_repeats) for p in (lengths[::-1] if rep % 2 == 0 else lengths)]
             for rep, p in order:
@@ -284,19 +295,36 @@ async def calibrate(
     finally:
         if bar:
             bar.close()
-    return _build(samples, url, model, name, exact, skipped, time.perf_counter() - t0)
+    return _build(samples, url, model, name, exact, skipped, time.perf_counter() - t0, decode_tokens)
 
 
 def _build(samples: list[Sample], url: str, model: str, name: str | None, exact: bool, skipped: bool,
-           elapsed: float) -> Calibration:
-    by_n: dict[int, list[float]] = {}
-    for s in samples:
-        if s.kind == "decode":
-            by_n.setdefault(s.concurrency, []).append(s.value)
-    if not by_n:
+           elapsed: float, decode_tokens: int = 192) -> Calibration:
+    def step_means(kind: str) -> dict[int, float]:
+        by_n: dict[int, list[float]] = {}
+        for s in samples:
+            if s.kind == kind:
+                by_n.setdefault(s.concurrency, []).append(s.value)
+        return {n: 1.0 / float(np.mean(v)) for n, v in by_n.items()}
+
+    short = step_means("decode")
+    if not short:
         raise CalibrationError("no decode samples: every wave ended before all its streams were decoding "
                                "(raise decode_tokens)")
-    means = {n: float(np.mean(v)) for n, v in by_n.items()}
+    # Context cost c: step(N) grows by N x (extra context per sequence) x c with long prompts. Each
+    # sequence's mean context inside the window is about its prompt + half its output.
+    long_ = step_means("decode-context")
+    ctx_prompt = next((s.prompt_tokens for s in samples if s.kind == "decode-context"), 0)
+    short_ctx = DECODE_PROMPT_TOKENS + decode_tokens / 2
+    both = [n for n in long_ if n in short]
+    ctx_cost = 0.0
+    if both and ctx_prompt > DECODE_PROMPT_TOKENS:
+        extra = ctx_prompt - DECODE_PROMPT_TOKENS
+        ctx_cost = sum(long_[n] - short[n] for n in both) / sum(n * extra for n in both)
+        ctx_cost = float(min(max(ctx_cost, 0.0), 1e-3))
+    # The decode table holds the context-free part; the engine model adds context x c back.
+    steps = {n: max(t - n * short_ctx * ctx_cost, 0.1 * t) for n, t in short.items()}
+    means = {n: 1.0 / t for n, t in steps.items()}
     pre = [s for s in samples if s.kind == "prefill"]
     targets = sorted({s.target for s in pre})
     if len(targets) < 2:
@@ -311,13 +339,16 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
     text = (
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "
         f"Decode: waves of N concurrent ignore_eos streams, N={sorted(means)}, step time = 1/mean per-request "
-        f"tokens/s while all N decode. Prefill: TTFT of single requests with prompts of {lengths} tokens "
+        f"tokens/s while all N decode, less the context term"
+        + (f" (context from waves with {ctx_prompt}-token prompts at N={both})" if both else "")
+        + f". Prefill: TTFT of single requests with prompts of {[round(x) for x in lengths]} tokens "
         f"({'text, counted by /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
         f"intercept {intercept * 1000:.1f} ms."
         + (" Cut short by the duration limit." if skipped else "")
     )
     profile = profile_from_speeds(
         means, name or f"calibrated-{model}"[:200], prefill_s_per_token=slope, description=text,
+        context_s_per_token=_sig(ctx_cost),
         prefill_only_step_s=intercept if 0.0 < intercept <= 10.0 else None,
     )
     # Six significant digits: far finer than the measurement, and a short readable file.
@@ -349,7 +380,7 @@ def write_outputs(cal: Calibration, out: str | Path, plot: bool = True) -> dict[
         w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens"])
         for s in cal.samples:
             w.writerow([s.kind, s.concurrency, s.prompt_tokens, s.target or "", s.round, f"{s.value:.6g}",
-                        "tokens_per_s" if s.kind == "decode" else "ttft_s", s.tokens])
+                        "ttft_s" if s.kind == "prefill" else "tokens_per_s", s.tokens])
     paths["samples"] = csv_path
     if plot:
         paths["plot"] = plot_calibration(cal, out.with_suffix(".png"))

@@ -9,9 +9,10 @@ once. The harness then
 2. derives from that profile two SLA classes, both `on_miss: reject`: `interactive` (short prompt,
    fewer tokens) and `generation` (longer prompt, more tokens), each with a deadline the engine meets
    with `KNEE_BATCH` requests decoding (latency there x `DEADLINE_MARGIN`, at least a human-scale
-   floor), and the engine's
-   capacity: the most requests/s it serves within those deadlines (the best batch size B, from the
-   profile: B requests decoding at speed v(B) plus the prefill work of each request);
+   floor), and the engine's capacity: the most requests/s it serves within those deadlines (the
+   best batch size B, from the profile: B requests decoding at speed v(B) plus the prefill work
+   of each request), then checked live through the pass-through sidecar (vLLM's own cap must meet
+   90% of the deadlines at that rate, else the rate is lowered and probed again, 4 probes at most);
 3. runs, for each load (0.5x .. 2x capacity) and seed, every policy on the same arrivals, each
    behind a fresh sidecar process in front of that one vLLM:
    - `static-N`: the gate caps running requests at N (`static-64` = vLLM's own cap, no gate cap);
@@ -53,10 +54,16 @@ POLICIES = (*(f"static-{n}" for n in STATIC_CAPS), "saber-paper", "saber", "sabe
 EXTRA_POLICIES = ("saber-warm", "saber-calibrated")
 REQUESTS = 200
 WARMUP = 100
+# Capacity probe: the profile's capacity misses per-request costs (HTTP, tokenising, contention of
+# client, sidecar and engine for the cores), so it is checked live: vLLM's own cap alone must meet
+# PROBE_TARGET of the deadlines at 1x, else the capacity is lowered and probed again.
+PROBE_REQUESTS = 100
+PROBE_TARGET = 0.9
+PROBE_ATTEMPTS = 4
 SEEDS = 3
 # --quick: an end-to-end check in about a minute and a half, not a measurement.
 QUICK = {"loads": (1.0, 2.0), "policies": ("static-16", "static-64", "saber", "saber-calibrated"), "seeds": 1,
-         "requests": 40, "warmup": 20}
+         "requests": 40, "warmup": 20, "probe_requests": 40}
 
 # (name, prompt tokens, max_tokens, share of requests, deadline floor s): the floors keep deadlines
 # human-scale (an IDE user waits ~1 s for a short answer) on an engine as fast as the tiny model.
@@ -81,16 +88,29 @@ class Scaled:
     prompt_tokens: dict[str, int]
     capacity_rps: float
     best_batch: int
+    model_capacity_rps: float | None = None  # the profile's figure, before the live probe
+    probes: tuple = ()
 
     def to_json(self) -> dict:
         return {"classes": {k: {"max_tokens": t.max_tokens, "deadline_s": t.sla_s, "prompt_tokens":
                                 self.prompt_tokens[k], "share": self.shares[k]} for k, t in self.classes.items()},
-                "capacity_rps": self.capacity_rps, "best_batch": self.best_batch}
+                "capacity_rps": self.capacity_rps, "best_batch": self.best_batch,
+                "model_capacity_rps": self.model_capacity_rps, "probes": list(self.probes)}
+
+
+def mean_context() -> float:
+    """KV context of a sequence of the mix, averaged over its decoding: prompt + half its output."""
+    return sum(share * (prompt + out / 2) for _, prompt, out, share, _ in CLASS_SHAPES)
+
+
+def decode_step(p: LatencyProfile, batch: int) -> float:
+    """One decode step with `batch` sequences of the mix's mean context."""
+    return p.step_time(batch, 0, round(batch * mean_context()))
 
 
 def latency_at(p: LatencyProfile, batch: int, prompt: int, out: int) -> float:
     """A request's end-to-end time while `batch` requests decode: its prefill step, then `out` decode steps."""
-    return p.step_time(batch, prompt) + (out - 1) * p.decode_time(batch)
+    return decode_step(p, batch) + prompt * p.prefill_s_per_token + (out - 1) * decode_step(p, batch)
 
 
 def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Scaled:
@@ -104,11 +124,38 @@ def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -
         if any(latency_at(p, b, prompts[k], t.max_tokens) > t.sla_s for k, t in classes.items()):
             break
         # Engine seconds per request at batch b: its share of b-wide decode steps plus its prefill.
-        per_req = sum(shares[k] * (t.max_tokens * p.decode_time(b) / b + prompts[k] * p.prefill_s_per_token)
+        per_req = sum(shares[k] * (t.max_tokens * decode_step(p, b) / b + prompts[k] * p.prefill_s_per_token)
                       for k, t in classes.items())
         if 1.0 / per_req > best:
             best, best_b = 1.0 / per_req, b
     return Scaled(classes, shares, prompts, round(best, 2), best_b)
+
+
+async def probe_capacity(relay_url: str, engine_url: str, model: str, scaled: Scaled,
+                         n: int) -> Scaled:
+    """The highest probed rate at which the pass-through gate (vLLM's own cap) meets PROBE_TARGET."""
+    import aiohttp
+
+    from .calibrate import count_tokens
+    from .live import replay
+
+    probes = []
+    rate = scaled.capacity_rps
+    async with aiohttp.ClientSession() as session:
+        async def counter(text):
+            return await count_tokens(session, engine_url, model, text)
+
+        for attempt in range(PROBE_ATTEMPTS):
+            specs = await make_specs(scaled, rate, 900 + attempt, n, counter, tag="p")
+            records, _ = await replay(relay_url, model, specs)
+            goodput = run_stats(records).goodput
+            probes.append({"rate": rate, "goodput": goodput})
+            print(f"capacity probe {attempt + 1}: {rate:g} req/s, vLLM's own cap meets {100 * goodput:.0f}%",
+                  flush=True)
+            if goodput >= PROBE_TARGET or attempt == PROBE_ATTEMPTS - 1:
+                break
+            rate = round(rate * min(0.85, max(0.4, goodput / PROBE_TARGET)), 2)
+    return replace(scaled, capacity_rps=rate, model_capacity_rps=scaled.capacity_rps, probes=tuple(probes))
 
 
 async def make_specs(scaled: Scaled, rate: float, seed: int, n: int, counter, tag: str = "r") -> list[RequestSpec]:
@@ -173,6 +220,7 @@ def check_policies(policies: list[str]) -> None:
 
 async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = SEEDS, requests: int = REQUESTS,
                     warmup: int = WARMUP, max_num_seqs: int = ENGINE_MAX_NUM_SEQS, compare_sim: bool = False,
+                    probe_requests: int = PROBE_REQUESTS,
                     engine_url: str | None = None, calibration_args: dict | None = None) -> dict:
     """The whole proof; returns the summary written to out/summary.json."""
     import aiohttp
@@ -201,15 +249,18 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
         relay = await start_sidecar(engine_url, passthru, logs, "sidecar-calibrate")
         try:
             cal = await calibrate(relay.url, max_concurrency=max_num_seqs, **(calibration_args or {}))
+            write_outputs(cal, out / "engine-profile.yaml")
+            timings["calibrate_s"] = time.perf_counter() - t
+            print("calibrated: " + summary_line(cal), flush=True)
+            profile, model = cal.profile, cal.model
+            scaled = scale_workload(profile, max_num_seqs)
+            if not scaled.capacity_rps > 0 or not math.isfinite(scaled.capacity_rps):
+                raise LiveError(f"no capacity could be derived from the calibration: {scaled}")
+            t = time.perf_counter()
+            scaled = await probe_capacity(relay.url, engine_url, model, scaled, probe_requests)
+            timings["capacity_probe_s"] = time.perf_counter() - t
         finally:
             relay.stop()
-        write_outputs(cal, out / "engine-profile.yaml")
-        timings["calibrate_s"] = time.perf_counter() - t
-        print("calibrated: " + summary_line(cal), flush=True)
-        profile, model = cal.profile, cal.model
-        scaled = scale_workload(profile, max_num_seqs)
-        if not scaled.capacity_rps > 0 or not math.isfinite(scaled.capacity_rps):
-            raise LiveError(f"no capacity could be derived from the calibration: {scaled}")
         print(f"workload: {json.dumps(scaled.to_json())}", flush=True)
         async with aiohttp.ClientSession() as session:
             async def counter(text):

@@ -83,7 +83,7 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
 
     policies = ("static-4", f"static-{MAX_NUM_SEQS}", "saber", "saber-warm", "saber-calibrated")
     summary = await run_proof(
-        tmp_path, loads=(1.0,), policies=policies, seeds=1, requests=16, warmup=8, max_num_seqs=MAX_NUM_SEQS,
+        tmp_path, loads=(1.0,), policies=policies, seeds=1, requests=16, warmup=8, max_num_seqs=MAX_NUM_SEQS, probe_requests=16,
         compare_sim=True, engine_url=vllm_url,
         calibration_args={"concurrencies": [1, 4, 16], "decode_tokens": 128, "rounds": 1,
                           "prompt_lengths": (16, 1024), "prefill_repeats": 2, "progress": False})
@@ -96,6 +96,9 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
     meta = summary["meta"]
     assert meta["engine"] == "real vLLM (CPU build)"
     assert meta["workload"]["capacity_rps"] > 0
+    probes = meta["workload"]["probes"]  # the capacity was checked live, and lowered only on a miss
+    assert 1 <= len(probes) <= 4 and probes[-1]["rate"] == meta["workload"]["capacity_rps"]
+    assert all(p["goodput"] < 0.9 for p in probes[:-1])
     assert load_profile(str(tmp_path / "engine-profile.yaml")).name == meta["profile"]["name"]
     # saber-warm saw its warm-up requests through its own sidecar before the measured run.
     warm = (tmp_path / "logs" / "sidecar-saber-warm.log")
