@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Measure an OpenAI-compatible engine (vLLM, or `saber emulator`): per-request decode speed "
         "against the number of requests decoding together (waves of N concurrent streamed ignore_eos "
         "completions, counted only while all N decode), and prefill cost per prompt token (TTFT of single "
-        "requests at several prompt lengths, least-squares slope). Writes one YAML profile (LatencyProfile "
+        "requests at several prompt lengths, least-squares slope), and the cost of KV context (the same waves with "
+        "long prompts). Writes one YAML profile (LatencyProfile "
         "schema, under 4 KB) that `scheduling.engine_profile` of the sidecar config, `saber bench sim "
         "--profile` and `saber emulator --profile` accept; the raw samples go to FILE.samples.csv and a plot "
         "to FILE.png. Send nothing else to the engine meanwhile. Takes about a minute on a small engine.",
@@ -43,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated prompt lengths in tokens for the prefill measurement "
                    "(default 16,256,512,1024,1536; keep them under the engine's max-model-len)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="requests per prompt length (default 3)")
+    p.add_argument("--context-tokens", type=int, default=1024,
+                   help="prompt length of the extra decode waves that measure the cost of KV context "
+                   "(context_s_per_token); 0 skips them (default 1024)")
     p.add_argument("--duration", type=float, default=300.0,
                    help="time budget in seconds: once spent, remaining waves are skipped and the profile is "
                    "fit on what was measured (default 300)")
@@ -62,8 +66,10 @@ def _run(args: argparse.Namespace) -> int:
         write_outputs,
     )
 
-    if args.max_concurrency < 1 or args.rounds < 1 or args.prefill_repeats < 1 or args.duration <= 0:
-        print("saber calibrate: --max-concurrency, --rounds, --prefill-repeats must be >= 1 and --duration > 0",
+    if (args.max_concurrency < 1 or args.rounds < 1 or args.prefill_repeats < 1 or args.duration <= 0
+            or args.context_tokens < 0):
+        print("saber calibrate: --max-concurrency, --rounds, --prefill-repeats must be >= 1, --duration > 0 "
+              "and --context-tokens >= 0",
               file=sys.stderr)
         return 2
     try:
@@ -71,7 +77,8 @@ def _run(args: argparse.Namespace) -> int:
             args.engine_url, args.model, max_concurrency=args.max_concurrency, concurrencies=args.concurrency,
             decode_tokens=args.decode_tokens, rounds=args.rounds,
             prompt_lengths=args.prompt_lengths or DEFAULT_PROMPT_LENGTHS, prefill_repeats=args.prefill_repeats,
-            duration_s=args.duration, name=args.name, progress=not args.no_progress,
+            context_tokens=args.context_tokens, duration_s=args.duration, name=args.name,
+            progress=not args.no_progress,
         ))
         paths = write_outputs(cal, args.out, plot=not args.no_plot)
     except (CalibrationError, ValueError, OSError) as exc:
