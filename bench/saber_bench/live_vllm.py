@@ -275,16 +275,23 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                                                                       warmup, counter, tag="w")
         cells = []
         t = time.perf_counter()
+        for policy in policies:
+            cfg = policy_config(policy, scaled, profile, max_num_seqs)
+            path = out / "configs" / f"{policy}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
         for load in loads:
             rate = round(load * scaled.capacity_rps, 3)
-            for policy in policies:
-                cfg = policy_config(policy, scaled, profile, max_num_seqs)
-                path = out / "configs" / f"{policy}.yaml"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
-                runs, ratios, lags = [], [], []
-                for seed in range(seeds):
-                    sidecar = await start_sidecar(engine_url, path, logs, f"sidecar-{policy}")
+            runs: dict[str, list] = {p: [] for p in policies}
+            ratios: dict[str, list] = {p: [] for p in policies}
+            lags: dict[str, list] = {p: [] for p in policies}
+            for seed in range(seeds):
+                # Policies in a rotated order per seed: a slow minute of a shared machine then falls
+                # on different policies in different seeds instead of always on the same one.
+                order = list(policies[seed % len(policies):]) + list(policies[:seed % len(policies)])
+                for policy in order:
+                    sidecar = await start_sidecar(engine_url, out / "configs" / f"{policy}.yaml", logs,
+                                                  f"sidecar-{policy}")
                     try:
                         if policy == "saber-warm":
                             await replay(sidecar.url, model, arrivals[("warm", load, seed)])
@@ -293,15 +300,16 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                     finally:
                         sidecar.stop()
                     _dump_records(out / "requests" / f"{load:g}x-{policy}-{seed}.jsonl", records)
-                    runs.append(run_stats(records))
-                    lags.append(info["send_lag_max_s"])
-                    ratios += [r.e2e / r.sla_s if r.served else math.inf for r in records]
+                    runs[policy].append(run_stats(records))
+                    lags[policy].append(info["send_lag_max_s"])
+                    ratios[policy] += [r.e2e / r.sla_s if r.served else math.inf for r in records]
+            for policy in policies:
                 cell = {"workload": "vllm-scaled", "load": load, "rate": rate, "policy": policy, "seeds": seeds,
                         "mode": "live"}
-                cell.update(combine_seeds(runs))
-                cell["errors"] = sum(r.unfinished for r in runs)
-                cell["send_lag_max_s"] = max(lags)
-                cell["ratios"] = ratios
+                cell.update(combine_seeds(runs[policy]))
+                cell["errors"] = sum(r.unfinished for r in runs[policy])
+                cell["send_lag_max_s"] = max(lags[policy])
+                cell["ratios"] = ratios[policy]
                 cells.append(cell)
                 print(f"  {load:g}x {policy:>16}: goodput {100 * cell['goodput']:.1f}%  rejected "
                       f"{cell['rejected']:.0f}  errors {cell['errors']}", flush=True)
