@@ -121,17 +121,22 @@ async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: 
     return out
 
 
-def window_speeds(streams: list[_Stream]) -> list[float]:
-    """Per-request tokens/s inside the window where every stream of the wave was decoding."""
+def window_spans(streams: list[_Stream]) -> list[tuple[int, float]]:
+    """Per request, (tokens, seconds) inside the window where every stream of the wave was decoding."""
     start = max(s.chunks[0][0] for s in streams)
     end = min(s.chunks[-1][0] for s in streams)
-    speeds = []
+    spans = []
     for s in streams:
         inside = [(t, n) for t, n in s.chunks if start <= t <= end]
         # At least MIN_WINDOW_TOKENS inside: a shorter window is mostly the jitter of its two ends.
         if len(inside) >= 2 and inside[-1][0] > inside[0][0] and inside[-1][1] - inside[0][1] >= MIN_WINDOW_TOKENS:
-            speeds.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
-    return speeds
+            spans.append((inside[-1][1] - inside[0][1], inside[-1][0] - inside[0][0]))
+    return spans
+
+
+def window_speeds(streams: list[_Stream]) -> list[float]:
+    """Per-request tokens/s inside the window where every stream of the wave was decoding."""
+    return [n / t for n, t in window_spans(streams)]
 
 
 async def engine_model_name(session: aiohttp.ClientSession, url: str) -> str:
@@ -264,11 +269,12 @@ async def calibrate(
                         break
                     streams = await asyncio.gather(
                         *(_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)))
-                    speeds = window_speeds(streams)
-                    if len(speeds) * 2 < n:
+                    spans = window_spans(streams)
+                    if len(spans) * 2 < n:
                         continue
                     good += 1
-                    samples.extend(Sample(kind, n, prompt_len, r, v, decode_tokens) for v in speeds)
+                    # tokens = the tokens counted in the window (the level's speed weighs by them).
+                    samples.extend(Sample(kind, n, prompt_len, r, k / dt, k) for k, dt in spans)
                     if bar:
                         bar.update()
 
@@ -301,11 +307,16 @@ async def calibrate(
 def _build(samples: list[Sample], url: str, model: str, name: str | None, exact: bool, skipped: bool,
            elapsed: float, decode_tokens: int = 192) -> Calibration:
     def step_means(kind: str) -> dict[int, float]:
-        by_n: dict[int, list[float]] = {}
+        # Step time at N = all tokens counted in the windows / all their seconds (a ratio of sums):
+        # when the client reads a stream late, its chunks bunch up and its own speed looks high over
+        # a short span; weighing by span keeps such a stream from pulling the level's mean.
+        toks: dict[int, float] = {}
+        secs: dict[int, float] = {}
         for s in samples:
             if s.kind == kind:
-                by_n.setdefault(s.concurrency, []).append(s.value)
-        return {n: 1.0 / float(np.mean(v)) for n, v in by_n.items()}
+                toks[s.concurrency] = toks.get(s.concurrency, 0.0) + s.tokens
+                secs[s.concurrency] = secs.get(s.concurrency, 0.0) + s.tokens / s.value
+        return {n: secs[n] / toks[n] for n in toks}
 
     short = step_means("decode")
     if not short:
@@ -338,8 +349,8 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
     text = (
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "
-        f"Decode: waves of N concurrent ignore_eos streams, N={sorted(means)}, step time = 1/mean per-request "
-        f"tokens/s while all N decode, less the context term"
+        f"Decode: waves of N concurrent ignore_eos streams, N={sorted(means)}, step time = seconds/token of "
+        f"each request while all N decode (ratio of sums), less the context term"
         + (f" (context from waves with {ctx_prompt}-token prompts at N={both})" if both else "")
         + f". Prefill: TTFT of single requests with prompts of {[round(x) for x in lengths]} tokens "
         f"({'text, counted by /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
@@ -395,9 +406,13 @@ def plot_calibration(cal: Calibration, path: Path) -> Path:
 
     p = cal.profile
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    dec = [s for s in cal.samples if s.kind == "decode"]
-    a1.scatter([s.concurrency for s in dec], [s.value for s in dec], s=8, alpha=0.4, label="requests")
-    a1.plot(p.decode_batch_sizes, [p.speed(n) for n in p.decode_batch_sizes], "o-", color="tab:red", label="profile")
+    for kind, color, label in (("decode", "tab:blue", "requests, short prompts"),
+                               ("decode-context", "tab:green", "requests, long prompts")):
+        dec = [s for s in cal.samples if s.kind == kind]
+        if dec:
+            a1.scatter([s.concurrency for s in dec], [s.value for s in dec], s=8, alpha=0.4, color=color, label=label)
+    a1.plot(p.decode_batch_sizes, [p.speed(n) for n in p.decode_batch_sizes], "o-", color="tab:red",
+            label="profile (no context)")
     a1.set_xscale("log", base=2)
     a1.set_xlabel("requests decoding together (N)")
     a1.set_ylabel("tokens/s per request")

@@ -57,8 +57,31 @@ def test_window_speeds_count_only_while_every_stream_decodes():
     assert window_speeds([_steady(0.0, 20, 0.01), _steady(1.0, 20, 0.01)]) == []
 
 
+def test_level_speed_weighs_streams_by_their_window():
+    # Two streams at 100 tokens/s over 1 s and one read late, bunched: 10 tokens in 0.01 s. A plain
+    # mean of speeds would say 400 tokens/s; the ratio of sums stays near 100.
+    samples = [Sample("decode", 3, 16, 0, 100.0, 100), Sample("decode", 3, 16, 0, 100.0, 100),
+               Sample("decode", 3, 16, 0, 1000.0, 10)]
+    samples += [Sample("prefill", 1, p, 0, 0.01 + 1e-5 * p, 1, p) for p in (16, 1024)]
+    cal = _build(samples, "u", "m", None, False, False, 1.0)
+    assert cal.profile.speed(3) == pytest.approx(210 / 2.01, rel=1e-4)
+
+
+def test_context_cost_is_separated_from_the_decode_table():
+    # True model: step(N) = d(N) + N x context x c, c = 1e-7; short waves at 16 + 48 context, long at 1024 + 48.
+    c, d = 1e-7, {1: 0.004, 8: 0.005, 64: 0.012}
+    samples = []
+    for n, dn in d.items():
+        samples.append(Sample("decode", n, 16, 0, 1.0 / (dn + n * (16 + 48) * c), 96))
+        samples.append(Sample("decode-context", n, 1024, 0, 1.0 / (dn + n * (1024 + 48) * c), 96))
+    samples += [Sample("prefill", 1, p, 0, 0.01 + 1e-5 * p, 1, p) for p in (16, 1024)]
+    p = _build(samples, "u", "m", None, False, False, 1.0, decode_tokens=96).profile
+    assert p.context_s_per_token == pytest.approx(c, rel=1e-3)
+    assert p.decode_step_s == pytest.approx(list(d.values()), rel=1e-3)
+
+
 def _samples(step_at: dict[int, float], intercept: float, slope: float) -> list[Sample]:
-    out = [Sample("decode", n, 16, r, 1.0 / step, 128) for n, step in step_at.items() for r in range(2)]
+    out = [Sample("decode", n, 16, r, 1.0 / step, 96) for n, step in step_at.items() for r in range(2)]
     for p in (16, 512, 1536):
         out += [Sample("prefill", 1, p, r, intercept + slope * p, 1, p) for r in range(3)]
     return out
