@@ -282,8 +282,11 @@ async def calibrate(
                 await waves(n, DECODE_PROMPT_TOKENS, "decode")
             for n in ctx_levels:
                 await waves(n, context_tokens, "decode-context")
-            # Longest first, then interleaved, so a drift in machine load does not tilt the slope.
-            order = [(rep, p) for rep in range(prefill_repeats) for p in (lengths[::-1] if rep % 2 == 0 else lengths)]
+            # An untimed pass first (rep -1): the first request at a new prompt length costs 2-4x the
+            # next ones on vLLM's CPU build (kernels set up per shape), which steady traffic never pays.
+            # Then longest first, then interleaved, so a drift in machine load does not tilt the slope.
+            order = [(-1, p) for p in lengths] + [
+                (rep, p) for rep in range(prefill_repeats) for p in (lengths[::-1] if rep % 2 == 0 else lengths)]
             for rep, p in order:
                 if time.perf_counter() - t0 > duration_s and len({s.prompt_tokens for s in samples
                                                                    if s.kind == "prefill"}) >= 2:
@@ -293,6 +296,8 @@ async def calibrate(
                     else (prompts.make(p), p)
                 t_send = time.perf_counter()
                 s = await _stream(session, url, model, prompt, 1)
+                if rep < 0:
+                    continue
                 samples.append(Sample("prefill", 1, count, rep, s.first - t_send, 1, p))
                 if bar:
                     bar.update()

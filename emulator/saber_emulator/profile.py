@@ -55,7 +55,7 @@ class LatencyProfile(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_table(self) -> "LatencyProfile":
+    def _check_table(self) -> LatencyProfile:
         if len(self.decode_batch_sizes) != len(self.decode_step_s):
             raise ValueError("decode_batch_sizes and decode_step_s must have the same length")
         if self.decode_batch_sizes[0] < 1:
@@ -98,7 +98,7 @@ class LatencyProfile(BaseModel):
         return 1.0 / self.decode_time(max(1, num_seqs))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyProfile":
+    def load(cls, path: str | Path) -> LatencyProfile:
         """From a `.yaml`/`.yml` file (the mapping `saber calibrate` writes) or a JSON file (any other suffix)."""
         path = Path(path)
         text = path.read_text()

@@ -17,8 +17,13 @@ import time
 
 import aiohttp
 import pytest
-
-from saber_bench.calibrate import _Prompts, _stream, text_prompt, token_pool, window_speeds
+from saber_bench.calibrate import (
+    _Prompts,
+    _stream,
+    text_prompt,
+    token_pool,
+    window_speeds,
+)
 from saber_bench.vllm_cpu import VLLMServer, build_tiny_model, find_vllm_python
 from saber_emulator.profile import load_profile
 
@@ -49,11 +54,18 @@ async def _wave_speed(url: str, model: str, n: int, tokens: int) -> float:
 
 
 async def _ttft(url: str, model: str, tokens: int) -> tuple[float, int]:
+    """Median TTFT of 3 single requests (distinct prompts) after an untimed one, and their token count.
+
+    The first request at a new prompt length costs 2-4x the next ones on vLLM's CPU build (per-shape
+    kernel set-up); calibrate skips it too."""
+    times = []
     async with aiohttp.ClientSession() as s:
-        text, count = await text_prompt(s, url, model, tokens, key=424242)
-        t0 = time.perf_counter()
-        st = await _stream(s, url, model, text, 1)
-    return st.first - t0, count
+        for key in (424241, 424242, 424243, 424244):
+            text, count = await text_prompt(s, url, model, tokens, key=key)
+            t0 = time.perf_counter()
+            st = await _stream(s, url, model, text, 1)
+            times.append(st.first - t0)
+    return sorted(times[1:])[1], count
 
 
 async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):

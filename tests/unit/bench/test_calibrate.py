@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import yaml
-
 from saber_bench.calibrate import (
     MAX_PROFILE_BYTES,
     Sample,
@@ -149,7 +148,13 @@ def test_proof_policies_become_the_sidecar_configs_they_name():
 
 
 def test_robustness_variants_change_the_engine_as_named():
-    from saber_bench.robustness import VARIANTS, keys, latency_factor, slowdown, variant_profile
+    from saber_bench.robustness import (
+        VARIANTS,
+        keys,
+        latency_factor,
+        slowdown,
+        variant_profile,
+    )
 
     base = load_profile(None)
     assert variant_profile("prefill-x30").prefill_s_per_token == pytest.approx(30 * base.prefill_s_per_token)
