@@ -7,6 +7,7 @@ The prefill signal is 5e-5 s x 1,500 tokens = 75 ms of TTFT difference against a
 per request, median of 3: 25%.
 """
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -33,11 +34,12 @@ async def test_calibrate_recovers_the_emulators_profile_and_its_file_is_accepted
     emu = await _emulator(tmp_path)
     try:
         # Through the command, as a user runs it (in a subprocess: its own event loop and clock).
-        done = subprocess.run(
+        done = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-m", "saber_cli", "calibrate", "--engine-url", emu.url, "--out", str(out),
              "--max-concurrency", "32", "--concurrency", "1,4,16,32", "--decode-tokens", "64",
              "--prompt-lengths", "16,512,1536", "--no-progress"],
-            capture_output=True, text=True, timeout=240)
+            check=False, capture_output=True, text=True, timeout=240)
     finally:
         emu.stop()
     assert done.returncode == 0, done.stderr
@@ -68,9 +70,11 @@ async def test_calibrate_recovers_the_emulators_profile_and_its_file_is_accepted
 
     # `saber bench sim --profile FILE.yaml` runs on it ...
     sim_out = tmp_path / "sim"
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "saber_cli", "bench", "sim", "--suite", "smoke", "--seeds", "1", "--jobs", "1",
-         "--no-progress", "--profile", str(out), "--out", str(sim_out)], capture_output=True, text=True, timeout=120)
+         "--no-progress", "--profile", str(out), "--out", str(sim_out)],
+        check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads((sim_out / "summary.json").read_text())["meta"]["profile"] == str(out)
 
@@ -85,7 +89,7 @@ async def test_calibrate_recovers_the_emulators_profile_and_its_file_is_accepted
 def test_calibrate_reports_an_unreachable_engine_clearly(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "saber_cli", "calibrate", "--engine-url", "http://127.0.0.1:9", "--out",
-         str(tmp_path / "x.yaml"), "--no-progress"], capture_output=True, text=True, timeout=60)
+         str(tmp_path / "x.yaml"), "--no-progress"], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "cannot reach the engine" in done.stderr
     assert not (tmp_path / "x.yaml").exists()
