@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
 
     s = sub.add_parser("sim", help="run a suite in virtual time (the paper grid in about a minute)")
-    s.add_argument("--suite", default="paper", help="paper, humaneval, shapes, all or smoke (default paper)")
+    s.add_argument("--suite", default="paper",
+                   help="paper, humaneval, shapes, all, smoke or robustness (default paper)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     s.add_argument("--out", default="out/bench-sim", help="output folder (default out/bench-sim)")
     s.add_argument("--workloads", type=_names, default=None, help="comma-separated subset of the suite's workloads")
@@ -61,21 +62,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated policies: static-N, saber-paper, saber, saber-oracle")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     s.add_argument("--profile", default=None,
-                   help="engine latency profile: built-in name or JSON file (default: the paper-calibrated one); "
-                   "make one with `saber emulator calibrate`, e.g. with another --prefill-s-per-token")
+                   help="engine latency profile: built-in name, JSON or YAML file (default: the paper-calibrated one); "
+                   "measure one with `saber calibrate`, or build one with `saber emulator calibrate`")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _trace_args(s)
     s.set_defaults(func=_sim)
 
     lv = sub.add_parser("live", help="run chosen cells live: load generator -> sidecar -> emulator (or vLLM)")
-    lv.add_argument("--workload", default="W1", help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1)")
+    lv.add_argument("--workload", default=None,
+                    help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1); with --engine vllm it selects "
+                    "the old functional run on that workload instead of the scaled proof")
     lv.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (default 15)")
-    lv.add_argument("--policies", type=_names, default=["static-50", "saber-paper", "saber"],
-                    help="comma-separated policies (default static-50,saber-paper,saber)")
-    lv.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
-    lv.add_argument("--requests", type=int, default=100, help="requests per run (paper mixes, humaneval; default 100)")
+    lv.add_argument("--policies", type=_names, default=None,
+                    help="comma-separated policies (default static-50,saber-paper,saber; with --engine vllm: "
+                    "static-8,16,32,64, saber-paper, saber, saber-warm, saber-calibrated)")
+    lv.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 1; --engine vllm: 3)")
+    lv.add_argument("--requests", type=int, default=None,
+                    help="requests per run (paper mixes, humaneval; default 100; --engine vllm: 200)")
     lv.add_argument("--engine", choices=["emulator", "vllm"], default="emulator",
-                    help="emulator (paper-calibrated, default) or a real vLLM CPU server")
+                    help="emulator (paper-calibrated, default) or a real vLLM CPU server: then, without --workload, "
+                    "the real-engine proof (calibrate it, scale the workload to it, loads 0.5x..2x its capacity; "
+                    "docs/BENCHMARKS.md)")
+    lv.add_argument("--loads", type=_rates, default=None,
+                    help="--engine vllm: comma-separated loads in multiples of the calibrated capacity "
+                    "(default 0.5,1,1.5,2)")
+    lv.add_argument("--warmup", type=int, default=None,
+                    help="--engine vllm: requests through saber-warm's sidecar before it is measured (default 100)")
+    lv.add_argument("--max-num-seqs", type=int, default=64, help="--engine vllm: vLLM's own cap (default 64)")
+    lv.add_argument("--quick", action="store_true",
+                    help="--engine vllm: a tiny end-to-end run (2 loads, 4 policies, 1 seed, 40 requests)")
     lv.add_argument("--engine-url", default=None, help="use an engine already running at this URL")
     lv.add_argument("--compare-sim", action="store_true", help="also simulate the same cells and compare goodput")
     lv.add_argument("--out", default="out/bench-live", help="output folder (default out/bench-live)")
@@ -152,6 +167,10 @@ def _sim(args: argparse.Namespace) -> int:
         from .trace_cli import run_sim
 
         return run_sim(args)
+    if args.suite == "robustness":  # its own grid: engine profiles that differ from the gate's prior
+        from .robustness import run_cli
+
+        return run_cli(args)
     suite = SUITES.get(args.suite)
     if suite is None:
         print(f"saber bench sim: unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}", file=sys.stderr)
@@ -216,9 +235,21 @@ def _live(args: argparse.Namespace) -> int:
     from .live import LiveError, run_live_cli
 
     if args.trace:
-        from .trace_cli import run_live as run_live_cli  # noqa: F811
+        from .trace_cli import run_live
+
+        runner = run_live(args, Path(args.out))
+    elif args.engine == "vllm" and args.workload is None:  # the real-engine proof, workload scaled to the engine
+        from .live_vllm import run_cli
+
+        runner = run_cli(args)
+    else:
+        for name, default in (("workload", "W1"), ("rates", [15.0]), ("policies", ["static-50", "saber-paper", "saber"]),
+                              ("seeds", 1), ("requests", 100)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        runner = run_live_cli(args, Path(args.out))
     try:
-        return asyncio.run(run_live_cli(args, Path(args.out)))
+        return asyncio.run(runner)
     except (LiveError, ValueError) as exc:
         print(f"saber bench live: {exc}", file=sys.stderr)
         return 1

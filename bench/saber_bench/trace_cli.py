@@ -132,6 +132,8 @@ async def run_live(args: argparse.Namespace, out: Path) -> int:
         source = replace(source, max_model_len=4096)  # the tiny model's context
     source.check()
     rates, info = rates_for(source, args.rates, args.speedup, args.load)
+    if args.policies is None:
+        args.policies = ["static-50", "saber-paper", "saber"]
     t0 = time.perf_counter()
     trace = LiveTrace(source, engine="vllm" if args.engine == "vllm" else "emulator")
     cells = await run_cells(source.label, rates, args.policies, 1, 0, out, engine=args.engine,

@@ -15,6 +15,7 @@ COMPONENT_CLIS = (
     "saber_emulator.cli",
     "saber_sidecar.cli",
     "saber_bench.cli",
+    "saber_bench.calibrate_cli",
     "saber_operator.cli",
 )
 

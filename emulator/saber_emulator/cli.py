@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KV cache size in blocks (default 8192)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    p.add_argument("--latency-profile", default=None,
-                   help="built-in profile name or JSON file (default paper-qwen2.5-coder-3b)")
+    p.add_argument("--profile", "--latency-profile", dest="latency_profile", default=None,
+                   help="built-in profile name, or a JSON or YAML file such as `saber calibrate --out` writes "
+                   "(default paper-qwen2.5-coder-3b)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawn output lengths (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or folder) for exact prompt token counts")
     p.add_argument("--chars-per-token", type=float, default=4.0, help="prompt estimate without a tokenizer (default 4)")
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="emulator_command", metavar="SUBCOMMAND")
     c = sub.add_parser("calibrate", help="build a latency profile from a measured speed CSV (batch size, tokens/s)")
     c.add_argument("csv", help="CSV with columns: batch size, per-request generation speed (tokens/s)")
-    c.add_argument("-o", "--output", required=True, help="profile JSON to write")
+    c.add_argument("-o", "--output", required=True, help="profile to write (JSON; YAML if it ends in .yaml/.yml)")
     c.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     c.add_argument("--prefill-s-per-token", type=float, default=None, help="prefill cost per prompt token (default 5e-5)")
     c.add_argument("--context-s-per-token", type=float, default=0.0, help="cost per context token (default 0)")

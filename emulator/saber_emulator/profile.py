@@ -1,6 +1,7 @@
 """Latency profile: how long one engine step takes for a given batch.
 
-A profile is data (a JSON file), so a user can calibrate it to their own GPU and model.
+A profile is data (a JSON or YAML file, by suffix), so a user can calibrate it to their own GPU and
+model (`saber calibrate` writes YAML).
 
 Step time = decode_time(num_decode_seqs) + prefill_tokens * prefill_s_per_token
             + context_tokens * context_s_per_token
@@ -54,7 +55,7 @@ class LatencyProfile(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_table(self) -> "LatencyProfile":
+    def _check_table(self) -> LatencyProfile:
         if len(self.decode_batch_sizes) != len(self.decode_step_s):
             raise ValueError("decode_batch_sizes and decode_step_s must have the same length")
         if self.decode_batch_sizes[0] < 1:
@@ -97,11 +98,38 @@ class LatencyProfile(BaseModel):
         return 1.0 / self.decode_time(max(1, num_seqs))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyProfile":
-        return cls.model_validate_json(Path(path).read_text())
+    def load(cls, path: str | Path) -> LatencyProfile:
+        """From a `.yaml`/`.yml` file (the mapping `saber calibrate` writes) or a JSON file (any other suffix)."""
+        path = Path(path)
+        text = path.read_text()
+        if is_yaml(path):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping of profile fields, got {type(data).__name__}")
+            return cls.model_validate(data)
+        return cls.model_validate_json(text)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        path = Path(path)
+        if is_yaml(path):
+            path.write_text(self.to_yaml())
+        else:
+            path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    def to_yaml(self) -> str:
+        """Block-style YAML, fields in declaration order, unset optional fields left out."""
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, width=100)
+
+
+def is_yaml(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
 
 
 def read_speed_csv(path: str | Path) -> dict[int, float]:
@@ -142,24 +170,41 @@ def calibrate(
     A measured mean that is faster than the one at a smaller batch (noise) is clamped to keep the
     table monotone; the clamp is reported in the description.
     """
-    means = read_speed_csv(csv_path)
-    sizes = list(means)
+    text = description or f"Calibrated from {Path(csv_path).name}: step time at L = 1 / mean speed at L."
+    return profile_from_speeds(read_speed_csv(csv_path), name, prefill_s_per_token, context_s_per_token, text)
+
+
+def profile_from_speeds(
+    means: dict[int, float],
+    name: str,
+    prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
+    context_s_per_token: float = 0.0,
+    description: str = "",
+    prefill_only_step_s: float | None = None,
+) -> LatencyProfile:
+    """A profile whose step time at each batch size L is 1 / mean speed at L (tokens/s per request).
+
+    A step time shorter than the one at a smaller batch (noise) is clamped to keep the table
+    monotone; the clamp is reported in the description.
+    """
+    sizes = sorted(means)
     steps = [1.0 / means[s] for s in sizes]
     clamped = []
     for i in range(1, len(steps)):
         if steps[i] < steps[i - 1]:
             clamped.append(sizes[i])
             steps[i] = steps[i - 1]
-    text = description or f"Calibrated from {Path(csv_path).name}: step time at L = 1 / mean speed at L."
+    text = description
     if clamped:
         text += f" Clamped for monotonicity at L={clamped}."
     return LatencyProfile(
         name=name,
-        description=text,
+        description=text.strip(),
         decode_batch_sizes=sizes,
         decode_step_s=steps,
         prefill_s_per_token=prefill_s_per_token,
         context_s_per_token=context_s_per_token,
+        prefill_only_step_s=prefill_only_step_s,
     )
 
 
@@ -171,7 +216,7 @@ def builtin_profile_path(name: str = DEFAULT_PROFILE_NAME) -> Path:
 
 
 def load_profile(spec: str | None) -> LatencyProfile:
-    """A profile by built-in name or by file path; None means the default (the paper's curve)."""
+    """A profile by built-in name or by file path (JSON, or YAML by suffix); None means the default (the paper's curve)."""
     if spec is None:
         spec = DEFAULT_PROFILE_NAME
     path = Path(spec)
