@@ -424,6 +424,7 @@ def calibration_args(spec: SaberServiceSpec, pod_ip: str) -> list[str]:
         "--model", spec.model.name,
         "--out", TERMINATION_LOG,  # the kubelet hands it to the operator as the pod's termination message
         "--no-plot",
+        "--no-progress",  # a Job's log is read by people after the fact; a bar only clutters it
     ]
     if cal.max_concurrency is not None:
         args += ["--max-concurrency", str(cal.max_concurrency)]

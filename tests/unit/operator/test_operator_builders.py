@@ -272,7 +272,7 @@ def test_calibration_job():
     assert c["command"] == ["saber", "calibrate"]
     assert c["args"] == [
         "--engine-url", "http://10.1.2.3:8000", "--model", "qwen2.5-coder-3b", "--out", "/dev/termination-log",
-        "--no-plot", "--max-concurrency", "32", "--duration", "120",
+        "--no-plot", "--no-progress", "--max-concurrency", "32", "--duration", "120",
     ]
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
