@@ -22,7 +22,7 @@ import yaml
 
 from saber_emulator.engine import EngineConfig, OutputLengthConfig
 from saber_emulator.server import EmulatorServer, EmulatorSettings
-from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, SABER, SERVICES, SaberAPIEmulator
+from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, EVENTS, SABER, SERVICES, SaberAPIEmulator
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings
@@ -86,7 +86,7 @@ class API:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [
             obj.raw for (res, ns, _), obj in self.emu.objects.items()
-            if res == kmock.resource(EVENTS) and not obj.deleted and obj.raw["involvedObject"]["name"] == name
+            if res == kmock.resource(EVENTS) and not obj.deleted and obj.raw["regarding"]["name"] == name
         ]
 
 
