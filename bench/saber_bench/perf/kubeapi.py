@@ -12,6 +12,9 @@ that kmock leaves out:
   kmock answers 500 there; kopf removes its finalizer with such a patch (a `test` on the
   resourceVersion), retries a 500 with the same stale version for about a minute and then
   waits for an event that never comes: the stuck deletions of issue 12;
+- lists carry a resourceVersion, and a watch from it replays only what changed since (kmock
+  replays every object as ADDED: kopf saw stale copies after its own writes, retried them and
+  got stuck on the 422 a stale write must get);
 - an outage switch that answers 503 to everything (but the test's own client);
 - a record of every call (verb, group, resource, subresource, namespace, HTTP status), which
   the tests compare with the shipped RBAC.
@@ -72,6 +75,14 @@ class Call:
     name: str | None
     status: int
     test_client: bool  # made by the test itself (carries the `outage_unless` headers)
+    content_type: str | None = None
+    field_manager: str | None = None
+    created: bool = False  # a server-side apply that created the object (RBAC: needs `create` too)
+
+    @property
+    def rbac_verbs(self) -> set[str]:
+        """The verbs RBAC checks for this call: an apply that creates needs create and patch."""
+        return {self.verb, "create"} if self.created else {self.verb}
 
 
 def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -93,7 +104,9 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
     before_write: Callable[[kmock.Request], Awaitable[None]] | None = None
     calls: list[Call] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _last_version: int = attrs.field(default=0, init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    _created_by_apply: set[int] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -158,10 +171,48 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
                     verb=_ACTION_VERBS[request.action], group=request.resource.group or "",
                     resource=request.resource.plural, subresource=request.subresource,
                     namespace=request.namespace, name=request.name, status=status, test_client=exempt,
+                    content_type=request.headers.get("Content-Type"), field_manager=request.params.get("fieldManager"),
+                    created=_pop(self._created_by_apply, id(request)),
                 ))
 
     def _next_version(self) -> str:
-        return str(next(self._versions))
+        self._last_version = next(self._versions)
+        return str(self._last_version)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        async with self._write_lock:  # a version no write is half-way through
+            payload = await super()._serve_list(request)
+            payload["metadata"] = {"resourceVersion": str(self._last_version)}
+        return payload
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        """kmock's watch, but from the requested resourceVersion: objects unchanged since are
+        not replayed, and the bus is marked before the snapshot so no write falls in between."""
+        yield b""
+        since = _version(request.params.get("resourceVersion"))
+        check = self._KubernetesEmulator__check  # kmock's own matching (name-mangled, private)
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            objs = [o for o in self._KubernetesEmulator__get_objs(request, strict=False) if not o.deleted]
+            replay = [o.raw for o in objs if _version(o.raw.get("metadata", {}).get("resourceVersion")) > since]
+        sent: dict[tuple[Any, Any], int] = {}
+        try:
+            for raw in replay:
+                meta = raw.get("metadata", {})
+                sent[(meta.get("namespace"), meta.get("name"))] = _version(meta.get("resourceVersion"))
+                yield {"type": "ADDED", "object": raw}
+            async for event in bus.stream(since=marker):
+                meta = event.get("object", {}).get("metadata", {})
+                key = (meta.get("namespace"), meta.get("name"))
+                if not check(request, request.resource, key[0], key[1], strict=False):
+                    continue
+                version = _version(meta.get("resourceVersion"))
+                if event.get("type") != "DELETED" and version and version <= sent.get(key, 0):
+                    continue  # already replayed in the snapshot
+                yield event
+        finally:
+            await bus.unmark(marker)
 
     async def _emulate_api_server(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
         """Adjust a write before kmock applies it; a response here refuses it instead."""
@@ -203,6 +254,7 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
             obj = copy.deepcopy(data)
             obj["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=_now(),
                                    resourceVersion=self._next_version())
+            self._created_by_apply.add(id(request))
             async with self._lock:
                 if key in self.objects:
                     self.objects[key].create(obj)
@@ -219,6 +271,20 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
                 meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
         meta["resourceVersion"] = self._next_version()
         return None
+
+
+def _version(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _pop(items: set[int], item: int) -> bool:
+    if item in items:
+        items.discard(item)
+        return True
+    return False
 
 
 def _merge(base: Any, patch: Any) -> Any:
