@@ -100,8 +100,9 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
     # kmock matches every request against its whole request history (quadratic over a long run);
     # keep only the recent ones so a benchmark measures the operator, not the emulator.
     keep_requests: int | None = 1000
-    # Called (and awaited) before a write is applied: tests inject a concurrent write there.
-    before_write: Callable[[kmock.Request], Awaitable[None]] | None = None
+    # Called (and awaited) before each request but the test's own is served: tests inject a
+    # concurrent write or a slow answer there.
+    before_request: Callable[[kmock.Request], Awaitable[None]] | None = None
     calls: list[Call] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_version: int = attrs.field(default=0, init=False)
@@ -151,11 +152,11 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
                 return aiohttp.web.json_response(
                     status_body(503, "ServiceUnavailable", "API emulator outage (injected by the test)"), status=503
                 )
+            if self.before_request is not None and not exempt:
+                await self.before_request(request)
             if request.resource is None or request.action not in _WRITES:
                 response = await super()._handle(request)
             else:
-                if self.before_write is not None and not exempt:
-                    await self.before_write(request)
                 # Writes one at a time: each gets the next resourceVersion in the order applied.
                 async with self._write_lock:
                     refused = await self._emulate_api_server(request)

@@ -244,12 +244,32 @@ async def test_delete_completes_when_a_write_races_the_finalizer_release(api: AP
             if len(raced) == 1:
                 await api.patch(SABER, "svc", {"metadata": {"labels": {"raced": "yes"}}})
 
-    api.emu.before_write = race
+    api.emu.before_request = race
     await api.delete(SABER, "svc")
     await eventually(lambda: gone(api), timeout=15, what="finalizer released despite the race")
     assert len(raced) >= 2, "kopf's first finalizer patch lost the race and was retried"
     refused = [c for c in api.emu.operator_calls() if c.resource == "saberservices" and c.status == 422]
     assert refused, "the stale JSON patch was answered 422"
+
+
+async def test_delete_completes_while_a_timer_tick_is_under_way(api: API, operator):
+    """The stuck deletions of issue 12 as they happened in CI: the drift timer's tick was under
+    way when deletion started. kopf keeps the finalizer until the timer exits and, for a timer
+    still running, looked again only after 60 s (`settings.background.cancellation_polling`);
+    nothing else wrote to the object meanwhile. Here one tick is held for 1.5 s."""
+    await created(api)
+    held = asyncio.Event()
+
+    async def slow_tick(request: kmock.Request) -> None:
+        # The tick's reconcile reads the ConfigMap first; hold that one read.
+        if request.action.name == "FETCH" and request.resource == kmock.resource(CONFIGMAPS) and not held.is_set():
+            held.set()
+            await asyncio.sleep(1.5)
+
+    api.emu.before_request = slow_tick
+    await eventually(held.is_set, what="a timer tick under way")
+    await api.delete(SABER, "svc")
+    await eventually(lambda: gone(api), timeout=10, what="finalizer released after the tick")
 
 
 async def test_delete_completes_when_children_are_already_gone(api: API):
@@ -282,13 +302,13 @@ async def test_delete_completes_when_the_operator_restarts_mid_deletion(api: API
             if request.action.name == "DELETE" and request.resource == kmock.resource(CONFIGMAPS):
                 api.emu.outage = True
 
-        api.emu.before_write = fail_after_first_child
+        api.emu.before_request = fail_after_first_child
         await api.delete(SABER, "svc")
         await eventually(lambda: api.get(CONFIGMAPS, "svc-sidecar") is None, what="first child deleted")
         await asyncio.sleep(0.5)  # the cleanup retries against the outage
     assert api.get(DEPLOYMENTS, "svc") and api.get(SERVICES, "svc"), "stopped mid-deletion"
     assert "saber.dev/finalizer" in api.get(SABER, "svc")["metadata"]["finalizers"]
-    api.emu.before_write, api.emu.outage = None, False
+    api.emu.before_request, api.emu.outage = None, False
     async with running_operator(api):
         await eventually(lambda: gone(api), timeout=20, what="deletion finished by the restarted operator")
 
