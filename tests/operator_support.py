@@ -19,7 +19,7 @@ import aiohttp
 import kmock
 
 from operator_rbac import ungranted
-from saber_bench.perf.kubeapi import EVENTS, PEERINGS, SaberAPIEmulator
+from saber_bench.perf.kubeapi import EVENTS, NAMESPACED_PEERINGS, PEERINGS, SaberAPIEmulator
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings
 
@@ -103,18 +103,21 @@ async def eventually(check, timeout: float = 10.0, what: str = "condition") -> A
 
 
 @contextlib.asynccontextmanager
-async def emulated_api(**options: Any) -> AsyncIterator[API]:
+async def emulated_api(install: str = "manifests/base", **options: Any) -> AsyncIterator[API]:
     """The API emulator on loopback; afterwards, every call the operator made must be granted
-    by the shipped cluster-scope RBAC (manifests/base), as a real API server would demand."""
+    by the RBAC of that shipped install, as a real API server would demand."""
     emu = SaberAPIEmulator(outage_unless=TEST_CLIENT, **options)
     async with emu, kmock.Server(emu) as server, aiohttp.ClientSession() as session:
         api = API(emu, str(server.url).rstrip("/"), session)
-        # The peering object manifests/base ships, for operators started with peering on.
+        # The peering objects the installs ship, for operators started with peering on:
+        # cluster scope (manifests/base) and per served namespace (manifests/overlays/namespaced).
         await api.create({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
                           "metadata": {"name": "saber-operator"}}, PEERINGS, None)
+        await api.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                          "metadata": {"name": "saber-operator", "namespace": NS}}, NAMESPACED_PEERINGS)
         yield api
-    refused = ungranted(emu.operator_calls(), "manifests/base")
-    assert not refused, f"calls the shipped ClusterRole does not grant (403 in a cluster): {refused}"
+    refused = ungranted(emu.operator_calls(), install)
+    assert not refused, f"calls {install} does not grant (403 in a cluster): {refused}"
 
 
 @contextlib.asynccontextmanager

@@ -58,9 +58,9 @@ def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
     settings.background.cancellation_polling = DAEMON_EXIT_POLL_SECONDS
     settings.networking.request_timeout = op.api_timeout_seconds * 3
     settings.peering.name = op.peering_name
-    # Always the ClusterKopfPeering that crds/ ships (and RBAC allows), also when watching only some
-    # namespaces: a namespaced KopfPeering would need a CRD and a Role nobody installed.
-    settings.peering.clusterwide = True
+    # kopf peers through the ClusterKopfPeering when it serves every namespace and through a
+    # KopfPeering in each served namespace otherwise (kopf.operator() sets this from
+    # `clusterwide`): manifests/base ships the first, manifests/overlays/namespaced the second.
     settings.peering.mandatory = op.peering
     settings.peering.standalone = not op.peering
     # Equal priorities make every peer pause; a random one elects the highest as the active replica.

@@ -50,6 +50,7 @@ JOBS = "batch/v1/jobs"
 NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
 SERVICEMONITORS = "monitoring.coreos.com/v1/servicemonitors"
 PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
+NAMESPACED_PEERINGS = "kopf.dev/v1/kopfpeerings"
 VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
 
 _ACTION_VERBS = {
@@ -125,6 +126,7 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
         self.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources=["status"])
         self.resources[NETWORKPOLICIES] = info(kind="NetworkPolicy", namespaced=True, verbs=VERBS)
         self.resources[PEERINGS] = info(kind="ClusterKopfPeering", namespaced=False, verbs=VERBS)
+        self.resources[NAMESPACED_PEERINGS] = info(kind="KopfPeering", namespaced=True, verbs=VERBS)
         if self.servicemonitors:
             self.resources[SERVICEMONITORS] = info(kind="ServiceMonitor", namespaced=True, verbs=VERBS)
         # The client's discovery asks for `/apis/` (with the slash), which kmock does not route.
