@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import kmock
-
 from operator_rbac import ungranted
 from saber_bench.perf.kubeapi import EVENTS, NAMESPACED_PEERINGS, PEERINGS, SaberAPIEmulator
 from saber_operator.handlers import run_operator

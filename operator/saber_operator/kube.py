@@ -158,7 +158,7 @@ class KubeClient:
                     status, text = rsp.status, await rsp.text()
                 finally:
                     rsp.release()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise KubeError(0, f"Kubernetes API unreachable: {exc!r}") from None
             if status == 401 and attempt == 1:  # an expired token: load the credentials afresh, once
                 log.info("the Kubernetes API answered 401; reloading credentials")
@@ -261,7 +261,7 @@ class KubeClient:
         """An events.k8s.io/v1 Event about `involved` (`now`: RFC 3339, UTC)."""
         meta = involved["metadata"]
         namespace = meta["namespace"]
-        event = {
+        event: dict[str, Any] = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
             # A unique name rather than generateName: API emulators in tests need a concrete one.
@@ -321,5 +321,5 @@ async def scrape(session: aiohttp.ClientSession, url: str, timeout_seconds: floa
             if rsp.status != 200:
                 return None
             return await rsp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return None

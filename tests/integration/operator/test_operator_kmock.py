@@ -19,12 +19,11 @@ import aiohttp
 import kmock
 import pytest
 import yaml
-from operator_support import NS, TEST_CLIENT, API, condition, cr, emulated_api, eventually, running_operator
-
+from operator_support import API, NS, TEST_CLIENT, condition, cr, emulated_api, eventually, running_operator
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, SABER, SERVICES
 from saber_emulator.engine import EngineConfig, OutputLengthConfig
 from saber_emulator.server import EmulatorServer, EmulatorSettings
-from saber_operator.builders import ENGINE_HASH_ANNOTATION, FIELD_MANAGER
+from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.spec import parse_spec
 from saber_sidecar.config import parse_config
 from saber_sidecar.server import SidecarServer

@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from operator_rbac import grants, ungranted, unused
-from operator_support import NS, API, cr, emulated_api, eventually, running_operator
-
+from operator_support import API, NS, cr, emulated_api, eventually, running_operator
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, PODS, SABER, SERVICEMONITORS, SERVICES
 from saber_operator.builders import FIELD_MANAGER
 
