@@ -125,20 +125,25 @@ class KubeClient:
         self._configure = configure
         self._timeout = timeout_seconds
         self._api: client.ApiClient | None = None
+        self._retired: list[client.ApiClient] = []  # replaced after a 401; closed with us
         self._lock = asyncio.Lock()
         self._discovery: dict[str, tuple[float, bool]] = {}
         self._discovery_ttl = discovery_ttl_seconds
 
     async def close(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        for api in [*self._retired, *([self._api] if self._api is not None else [])]:
+            await api.close()
+        self._retired.clear()
+        self._api = None
 
     async def _client(self, renew: bool = False) -> client.ApiClient:
         async with self._lock:
             if renew and self._api is not None:
-                await self._api.close()
+                # Other calls may still be using it: retire it rather than close it under them.
+                self._retired.append(self._api)
                 self._api = None
+                while len(self._retired) > 2:  # calls on the oldest have long finished
+                    await self._retired.pop(0).close()
             if self._api is None:
                 try:
                     cfg = await self._configure()
