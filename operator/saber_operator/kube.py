@@ -175,6 +175,28 @@ class KubeClient:
             return json.loads(text) if text else {}
         raise AssertionError("unreachable")
 
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Any API path, JSON in and out, through the client's generic `call_api` (the old
+        client's method, kept for callers of it); the typed methods below are preferred."""
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            return api.call_api(
+                path, method.upper(), query_params=list((params or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
+                auth_settings=["BearerToken"], response_types_map={}, _preload_content=False,
+                _request_timeout=self._timeout,
+            )
+
+        return await self._call(make)
+
     def _method(self, api: client.ApiClient, verb: str, api_version: str, plural: str, *, status: bool = False):
         """The client's method for `verb` on a kind, and the leading arguments it takes."""
         typed = TYPED.get((api_version, plural))

@@ -154,3 +154,17 @@ async def test_kubeconfig_credentials_reloaded_after_401(tmp_path, monkeypatch):
     finally:
         await kube.close()
         await runner.cleanup()
+
+
+async def test_plain_api_server_url_and_the_generic_request():
+    api = FakeAPI()
+    runner, port = await api.start(None)
+    kube = KubeClient(lambda: load_configuration(f"http://127.0.0.1:{port}"))
+    try:
+        assert await kube.request("GET", "/api/v1/namespaces/ns/configmaps/x") == CONFIGMAP
+        assert await kube.get("v1", "configmaps", "ns", "x") == CONFIGMAP
+        assert await kube.get("v1", "configmaps", "ns", "missing") is None
+        assert api.seen == [None, None]  # no credentials against an emulator URL
+    finally:
+        await kube.close()
+        await runner.cleanup()
