@@ -8,7 +8,7 @@ import sys
 COMPONENT_PERF = {
     "emulator": "saber_emulator.perf",
     "sidecar": "saber_sidecar.perf",
-    "operator": "saber_operator.perf",
+    "operator": "saber_bench.perf.operator",
 }
 
 

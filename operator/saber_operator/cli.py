@@ -14,9 +14,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Reconcile SaberService resources into Deployments, Services and sidecar ConfigMaps. "
         "Settings also come from SABER_OPERATOR_* environment variables.",
     )
-    op.add_argument("-n", "--namespace", action="append", default=None, help="serve only this namespace (repeatable)")
+    op.add_argument("-n", "--namespace", action="append", default=None,
+                    help="serve only this namespace (repeatable); default: every namespace. The operator then "
+                    "needs a Role in each (manifests/overlays/namespaced) instead of a ClusterRole")
     op.add_argument("--peering", action="store_true", default=None,
-                    help="one active replica at a time through kopf peering (needs the ClusterKopfPeering CRD)")
+                    help="one active replica at a time through kopf peering: the ClusterKopfPeering "
+                    "`saber-operator` when serving every namespace, a KopfPeering of that name in each "
+                    "namespace given with -n")
     op.add_argument("--liveness", default=None, metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--api-server", default=None, metavar="URL",
                     help="plain-HTTP API URL without credentials (for API emulators); default: in-cluster or kubeconfig")

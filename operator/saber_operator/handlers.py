@@ -14,22 +14,29 @@ from typing import Any
 import kopf
 
 from saber_operator.builders import FIELD_MANAGER
-from saber_operator.kube import Connection, KubeClient
+from saber_operator.kube import KubeClient, load_configuration
 from saber_operator.reconcile import Context, InvalidSpec, delete_children, reconcile, refresh_owner
 from saber_operator.settings import OperatorSettings
 from saber_operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("saber.operator")
 
+DAEMON_EXIT_POLL_SECONDS = 1.0
 
-class ConnectionHolder:
-    """The credentials kopf logged in with, shared with our own API client."""
+
+class PerObject:
+    """One reconcile or cleanup at a time per SaberService. kopf runs a timer tick beside the
+    object's handlers: without this, a tick under way when deletion starts could re-apply a
+    child the cleanup has just deleted."""
 
     def __init__(self) -> None:
-        self.connection: Connection | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
 
-    def __call__(self) -> Connection | None:
-        return self.connection
+    def lock(self, body: kopf.Body) -> asyncio.Lock:
+        return self._locks.setdefault(str(body.get("metadata", {}).get("uid")), asyncio.Lock())
+
+    def forget(self, body: kopf.Body) -> None:
+        self._locks.pop(str(body.get("metadata", {}).get("uid")), None)
 
 
 def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
@@ -44,21 +51,27 @@ def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
     # The CRDs are installed with the operator; no need to watch CRDs and namespaces (or RBAC for it).
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
+    # Deletion waits for the object's timer to exit. When a tick is under way as deletion starts,
+    # kopf re-checks only after `cancellation_polling` (60 s by default) or the object's next
+    # event, and nothing else writes to an object being deleted: `kubectl delete` hung for a
+    # minute or more (issue 12). Re-check every second instead (one small patch per check).
+    settings.background.cancellation_polling = DAEMON_EXIT_POLL_SECONDS
     settings.networking.request_timeout = op.api_timeout_seconds * 3
     settings.peering.name = op.peering_name
-    # Always the ClusterKopfPeering that crds/ ships (and RBAC allows), also when watching only some
-    # namespaces: a namespaced KopfPeering would need a CRD and a Role nobody installed.
-    settings.peering.clusterwide = True
+    # kopf peers through the ClusterKopfPeering when it serves every namespace and through a
+    # KopfPeering in each served namespace otherwise (kopf.operator() sets this from
+    # `clusterwide`): manifests/base ships the first, manifests/overlays/namespaced the second.
     settings.peering.mandatory = op.peering
     settings.peering.standalone = not op.peering
     # Equal priorities make every peer pause; a random one elects the highest as the active replica.
     settings.peering.priority = op.priority if op.priority is not None else random.randint(1, 2**31 - 1)
 
 
-def build_registry(op: OperatorSettings, holder: ConnectionHolder, ctx: Context) -> kopf.OperatorRegistry:
+def build_registry(op: OperatorSettings, ctx: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     backoff = op.retry_backoff_seconds
+    serial = PerObject()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -66,15 +79,16 @@ def build_registry(op: OperatorSettings, holder: ConnectionHolder, ctx: Context)
             info: kopf.ConnectionInfo | None = kopf.ConnectionInfo(server=op.api_server, insecure=True)
         else:
             info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-        if info is not None:
-            holder.connection = Connection.from_kopf(info)
         return info
 
     async def run(body: kopf.Body, **_: Any) -> None:
-        try:
-            await reconcile(ctx, _plain(body))
-        except InvalidSpec as exc:
-            raise kopf.PermanentError(str(exc)) from None
+        async with serial.lock(body):
+            if _deleting(body):
+                return  # the cleanup handler's turn
+            try:
+                await reconcile(ctx, _plain(body))
+            except InvalidSpec as exc:
+                raise kopf.PermanentError(str(exc)) from None
 
     kopf.on.create(**resource, registry=registry, backoff=backoff, id="reconcile")(run)
     kopf.on.update(**resource, registry=registry, backoff=backoff, id="reconcile", field="spec")(run)
@@ -82,14 +96,29 @@ def build_registry(op: OperatorSettings, holder: ConnectionHolder, ctx: Context)
 
     @kopf.timer(**resource, registry=registry, interval=op.timer_interval_seconds, initial_delay=op.timer_interval_seconds)
     async def drift(body: kopf.Body, **_: Any) -> None:
-        try:
-            await reconcile(ctx, _plain(body))
-        except InvalidSpec:
-            pass  # already reported as Degraded; the timer keeps checking
+        # kopf stops timers when deletion starts, but a tick may already be under way: it must not
+        # re-apply the children the cleanup deletes, nor write while kopf releases its finalizer.
+        async with serial.lock(body):
+            if _deleting(body):
+                return
+            try:
+                await reconcile(ctx, _plain(body))
+            except InvalidSpec:
+                pass  # already reported as Degraded; the timer keeps checking
 
     @kopf.on.delete(**resource, registry=registry, backoff=backoff, id="cleanup")
-    async def cleanup(body: kopf.Body, **_: Any) -> None:
-        await delete_children(ctx, _plain(body))
+    async def cleanup(body: kopf.Body, retry: int, **_: Any) -> None:
+        # Idempotent: children already gone are skipped, so a retry after an API error and a
+        # restarted operator (kopf calls this again for an object still being deleted) both finish.
+        # On any error kopf keeps the finalizer and retries after the backoff.
+        try:
+            async with serial.lock(body):  # waits for a reconcile under way to finish first
+                deleted = await delete_children(ctx, _plain(body))
+        except Exception as exc:
+            raise kopf.TemporaryError(f"deleting the children failed (try {retry + 1}), retrying: {exc}",
+                                      delay=backoff) from exc
+        serial.forget(body)
+        log.info("deleted %d children of %s/%s", deleted, body.metadata.namespace, body.metadata.name)
 
     @kopf.on.event("apps", "v1", "deployments", registry=registry, labels={"app.kubernetes.io/managed-by": FIELD_MANAGER})
     async def child_changed(event: dict[str, Any], **_: Any) -> None:
@@ -100,6 +129,10 @@ def build_registry(op: OperatorSettings, holder: ConnectionHolder, ctx: Context)
                 log.debug("status refresh after a Deployment event failed: %s", exc)
 
     return registry
+
+
+def _deleting(body: kopf.Body) -> bool:
+    return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
@@ -121,9 +154,9 @@ async def run_operator(
     ready_flag: asyncio.Event | None = None,
 ) -> None:
     """Run until `stop_flag` is set (or forever)."""
-    holder = ConnectionHolder()
-    ctx = Context(kube=KubeClient(holder, timeout_seconds=op.api_timeout_seconds), settings=op)
-    registry = build_registry(op, holder, ctx)
+    kube = KubeClient(lambda: load_configuration(op.api_server), timeout_seconds=op.api_timeout_seconds)
+    ctx = Context(kube=kube, settings=op)
+    registry = build_registry(op, ctx)
     settings = kopf.OperatorSettings()
     configure(settings, op)
     try:

@@ -1,32 +1,48 @@
-"""All of the operator's Kubernetes API I/O, in one place (aiohttp, JSON over HTTP).
+"""All of the operator's Kubernetes API I/O, in one place: a thin adapter over `kubernetes_asyncio`.
 
-Credentials come from kopf's login (the same `ConnectionInfo` kopf itself uses), so there is
-one source of truth for where the API is and how to authenticate. Writes are server-side apply
-with field manager `saber-operator`.
+`kubernetes_asyncio` (the official client's async twin) does the parts that are easy to get
+wrong alone: where the API is and how to authenticate (in-cluster service account or
+kubeconfig, with exec plugins and OIDC), TLS, token refresh, URL building and content types.
+This module keeps what the reconcile code calls (`get`, `list`, `apply`, `delete`,
+`patch_status`, `post_event`, `has_api`) and hands back plain dicts: the raw JSON the API
+server sent, not the client's typed models, so drift checks see every field the server keeps
+(also fields newer than the client's models) and tests compare dicts.
+
+Writes are server-side apply with field manager `saber-operator`; status through the status
+subresource; events are `events.k8s.io/v1`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import datetime
 import json
+import logging
 import os
-import ssl
-import tempfile
+import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 from saber_operator.builders import FIELD_MANAGER
 
+log = logging.getLogger("saber.operator")
+
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+# events.k8s.io/v1 wants a `<domain>/<name>` controller name.
+REPORTING_CONTROLLER = "saber.dev/saber-operator"
+
 
 class KubeError(Exception):
+    """An API call failed: `status` is the HTTP status (0 when no answer came back)."""
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
         self.message = message
 
@@ -35,134 +51,129 @@ class NotFound(KubeError):
     pass
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where the API is and how to authenticate (mirrors kopf.ConnectionInfo)."""
-
-    server: str
-    token: str | None = None
-    scheme: str | None = None
-    ca_path: str | None = None
-    ca_data: bytes | None = None
-    insecure: bool = False
-    certificate_path: str | None = None
-    certificate_data: bytes | None = None
-    private_key_path: str | None = None
-    private_key_data: bytes | None = None
-
-    @classmethod
-    def from_kopf(cls, info: Any) -> Connection:
-        def as_bytes(v: Any) -> bytes | None:
-            if v is None:
-                return None
-            return v.encode() if isinstance(v, str) else bytes(v)
-
-        return cls(
-            server=str(info.server).rstrip("/"),
-            token=info.token,
-            scheme=info.scheme,
-            ca_path=str(info.ca_path) if info.ca_path else None,
-            ca_data=as_bytes(info.ca_data),
-            insecure=bool(info.insecure),
-            certificate_path=str(info.certificate_path) if info.certificate_path else None,
-            certificate_data=as_bytes(info.certificate_data),
-            private_key_path=str(info.private_key_path) if info.private_key_path else None,
-            private_key_data=as_bytes(info.private_key_data),
-        )
-
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if not self.server.startswith("https"):
-            return False
-        if self.insecure:
-            return False
-        ctx = ssl.create_default_context()
-        if self.ca_path:
-            ctx.load_verify_locations(cafile=self.ca_path)
-        elif self.ca_data:
-            data = self.ca_data
-            try:  # kubeconfig carries base64; in-cluster files are PEM already
-                data = base64.b64decode(data, validate=True)
-            except ValueError:
-                pass
-            ctx.load_verify_locations(cadata=data.decode())
-        if self.certificate_data and self.private_key_data:
-            # ssl only loads a client key from a file: write it to a private temporary directory
-            # and remove it as soon as it is loaded, so no key stays on disk.
-            with tempfile.TemporaryDirectory() as tmp:
-                cert, key = os.path.join(tmp, "client.crt"), os.path.join(tmp, "client.key")
-                for path, data in ((cert, self.certificate_data), (key, self.private_key_data)):
-                    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                        f.write(data)
-                ctx.load_cert_chain(cert, key)
-        elif self.certificate_path:
-            ctx.load_cert_chain(self.certificate_path, self.private_key_path)
-        return ctx
-
-
-def resource_path(api_version: str, plural: str, namespace: str | None, name: str | None = None) -> str:
-    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = base + (f"/namespaces/{quote(namespace)}" if namespace else "") + f"/{plural}"
-    return path + (f"/{quote(name)}" if name else "")
-
+# The kinds with a typed API in the client: (apiVersion, plural) -> (API class, method suffix).
+# Everything else (SaberServices, ServiceMonitors, ...) goes through CustomObjectsApi.
+TYPED: dict[tuple[str, str], tuple[str, str]] = {
+    ("v1", "configmaps"): ("CoreV1Api", "namespaced_config_map"),
+    ("v1", "services"): ("CoreV1Api", "namespaced_service"),
+    ("v1", "pods"): ("CoreV1Api", "namespaced_pod"),
+    ("v1", "serviceaccounts"): ("CoreV1Api", "namespaced_service_account"),
+    ("apps/v1", "deployments"): ("AppsV1Api", "namespaced_deployment"),
+    ("batch/v1", "jobs"): ("BatchV1Api", "namespaced_job"),
+    ("networking.k8s.io/v1", "networkpolicies"): ("NetworkingV1Api", "namespaced_network_policy"),
+    ("policy/v1", "poddisruptionbudgets"): ("PolicyV1Api", "namespaced_pod_disruption_budget"),
+    ("events.k8s.io/v1", "events"): ("EventsV1Api", "namespaced_event"),
+}
 
 PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",
-    ("v1", "Event"): "events",
+    ("v1", "ServiceAccount"): "serviceaccounts",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("events.k8s.io/v1", "Event"): "events",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     ("saber.dev/v1alpha1", "SaberService"): "saberservices",
 }
 
 
-def object_path(obj: dict[str, Any]) -> str:
-    meta = obj["metadata"]
-    plural = PLURALS[(obj["apiVersion"], obj["kind"])]
-    return resource_path(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
+def plural_of(obj: dict[str, Any]) -> str:
+    return PLURALS[(obj["apiVersion"], obj["kind"])]
+
+
+async def load_configuration(
+    api_server: str | None = None,
+    *,
+    token_filename: str | None = None,
+    cert_filename: str | None = None,
+    kubeconfig: str | None = None,
+) -> client.Configuration:
+    """Where the API is and how to authenticate, in kopf's order: an explicit plain-HTTP URL
+    (API emulators), the in-cluster service account, kubeconfig ($KUBECONFIG or ~/.kube/config).
+
+    In a pod the client re-reads the projected service-account token (which the kubelet
+    rotates) once a minute; for kubeconfig, `KubeClient` reloads it when the API answers 401
+    (expired exec-plugin or OIDC tokens)."""
+    cfg = client.Configuration()
+    if api_server:
+        cfg.host = api_server.rstrip("/")
+        return cfg
+    kwargs = {k: v for k, v in (("token_filename", token_filename), ("cert_filename", cert_filename)) if v}
+    try:
+        config.load_incluster_config(client_configuration=cfg, try_refresh_token=True, **kwargs)
+        return cfg
+    except ConfigException:
+        pass
+    await config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG") or None,
+                                  client_configuration=cfg, persist_config=False)
+    return cfg
 
 
 class KubeClient:
-    """A small async client for the calls the operator makes, and nothing else."""
+    """The calls the operator makes, over `kubernetes_asyncio`, with plain dicts in and out."""
 
     def __init__(
         self,
-        connection: Callable[[], Connection | None],
+        configure: Callable[[], Awaitable[client.Configuration]],
         *,
         timeout_seconds: float = 10.0,
         discovery_ttl_seconds: float = 300.0,
     ) -> None:
-        self._connection = connection
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
-        self._session_for: Connection | None = None
+        self._configure = configure
+        self._timeout = timeout_seconds
+        self._api: client.ApiClient | None = None
+        self._retired: list[client.ApiClient] = []  # replaced after a 401; closed with us
+        self._lock = asyncio.Lock()
         self._discovery: dict[str, tuple[float, bool]] = {}
         self._discovery_ttl = discovery_ttl_seconds
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for api in [*self._retired, *([self._api] if self._api is not None else [])]:
+            await api.close()
+        self._retired.clear()
+        self._api = None
 
-    async def _get_session(self) -> tuple[aiohttp.ClientSession, Connection]:
-        conn = self._connection()
-        if conn is None:
-            raise KubeError(0, "not logged in to the Kubernetes API yet")
-        if self._session is None or self._session_for != conn:
-            if self._session is not None:
-                await self._session.close()
-            headers = {}
-            if conn.token:
-                headers["Authorization"] = f"{conn.scheme or 'Bearer'} {conn.token}"
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(ssl=conn.ssl_context(), limit=64),
-            )
-            self._session_for = conn
-        return self._session, conn
+    async def _client(self, renew: bool = False) -> client.ApiClient:
+        async with self._lock:
+            if renew and self._api is not None:
+                # Other calls may still be using it: retire it rather than close it under them.
+                self._retired.append(self._api)
+                self._api = None
+                while len(self._retired) > 2:  # calls on the oldest have long finished
+                    await self._retired.pop(0).close()
+            if self._api is None:
+                try:
+                    cfg = await self._configure()
+                except (ConfigException, OSError) as exc:
+                    raise KubeError(0, f"no Kubernetes API credentials: {exc}") from None
+                self._api = client.ApiClient(cfg)
+                self._api.user_agent = FIELD_MANAGER
+            return self._api
+
+    async def _call(self, make: Callable[[client.ApiClient], Awaitable[Any]]) -> dict[str, Any]:
+        """Run one client call (raw response) and return its JSON; errors become KubeError."""
+        for attempt in (1, 2):
+            api = await self._client(renew=attempt == 2)
+            try:
+                rsp = await make(api)
+                try:
+                    status, text = rsp.status, await rsp.text()
+                finally:
+                    rsp.release()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise KubeError(0, f"Kubernetes API unreachable: {exc!r}") from None
+            if status == 401 and attempt == 1:  # an expired token: load the credentials afresh, once
+                log.info("the Kubernetes API answered 401; reloading credentials")
+                continue
+            if status == 404:
+                raise NotFound(404, _message(text))
+            if status >= 400:
+                raise KubeError(status, _message(text))
+            return json.loads(text) if text else {}
+        raise AssertionError("unreachable")
 
     async def request(
         self,
@@ -173,31 +184,63 @@ class KubeClient:
         content_type: str = "application/json",
         params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        session, conn = await self._get_session()
-        data = json.dumps(body) if body is not None else None
-        headers = {"Content-Type": content_type} if data is not None else {}
-        async with session.request(method, conn.server + path, data=data, headers=headers, params=params) as rsp:
-            text = await rsp.text()
-            if rsp.status == 404:
-                raise NotFound(404, _message(text))
-            if rsp.status >= 400:
-                raise KubeError(rsp.status, _message(text))
-            return json.loads(text) if text else {}
+        """Any API path, JSON in and out, through the client's generic `call_api` (the old
+        client's method, kept for callers of it); the typed methods below are preferred."""
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            return api.call_api(
+                path, method.upper(), query_params=list((params or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
+                auth_settings=["BearerToken"], response_types_map={}, _preload_content=False,
+                _request_timeout=self._timeout,
+            )
+
+        return await self._call(make)
+
+    def _method(self, api: client.ApiClient, verb: str, api_version: str, plural: str, *, status: bool = False):
+        """The client's method for `verb` on a kind, and the leading arguments it takes."""
+        typed = TYPED.get((api_version, plural))
+        suffix = "_status" if status else ""
+        if typed is not None:
+            cls, name = typed
+            return getattr(getattr(client, cls)(api), f"{verb}_{name}{suffix}"), ()
+        group, version = api_version.split("/", 1)
+        custom_verb = {"read": "get"}.get(verb, verb)
+        return getattr(client.CustomObjectsApi(api), f"{custom_verb}_namespaced_custom_object{suffix}"), (
+            group, version
+        )
+
+    def _kw(self, **kw: Any) -> dict[str, Any]:
+        return {"_preload_content": False, "_request_timeout": self._timeout, **kw}
+
+    def _args(self, api_version: str, plural: str, namespace: str, name: str | None, lead: tuple) -> tuple:
+        if lead:  # CustomObjectsApi: (group, version, namespace, plural[, name])
+            return (*lead, namespace, plural) + ((name,) if name is not None else ())
+        return ((name,) if name is not None else ()) + (namespace,)
 
     async def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            fn, lead = self._method(api, "read", api_version, plural)
+            return fn(*self._args(api_version, plural, namespace or "", name, lead), **self._kw())
+
         try:
-            return await self.request("GET", resource_path(api_version, plural, namespace, name))
+            return await self._call(make)
         except NotFound:
             return None
 
     async def list(
         self, api_version: str, plural: str, namespace: str | None, label_selector: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
-        params = {}
-        if label_selector:
-            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in label_selector.items())
-        result = await self.request("GET", resource_path(api_version, plural, namespace), params=params)
-        items = result.get("items") or []
+        selector = ",".join(f"{k}={v}" for k, v in (label_selector or {}).items()) or None
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            fn, lead = self._method(api, "list", api_version, plural)
+            kw = self._kw(label_selector=selector) if selector else self._kw()
+            return fn(*self._args(api_version, plural, namespace or "", None, lead), **kw)
+
+        items = (await self._call(make)).get("items") or []
         if label_selector:  # belt and braces: not every API emulator filters by labels
             items = [
                 i for i in items
@@ -207,60 +250,69 @@ class KubeClient:
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply: the API server creates the object or updates the fields we own."""
-        return await self.request(
-            "PATCH",
-            object_path(obj),
-            body=obj,
-            content_type="application/apply-patch+yaml",
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
-        )
+        meta = obj["metadata"]
+        api_version, plural = obj["apiVersion"], plural_of(obj)
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            fn, lead = self._method(api, "patch", api_version, plural)
+            args = self._args(api_version, plural, meta["namespace"], meta["name"], lead)
+            return fn(*args, obj, **self._kw(field_manager=FIELD_MANAGER, force=True, _content_type=APPLY))
+
+        return await self._call(make)
 
     async def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> bool:
+        """Delete in the background (dependents go with the garbage collector); False when gone already."""
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            fn, lead = self._method(api, "delete", api_version, plural)
+            return fn(*self._args(api_version, plural, namespace or "", name, lead), **self._kw(body=options))
+
         try:
-            await self.request(
-                "DELETE",
-                resource_path(api_version, plural, namespace, name),
-                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-            )
+            await self._call(make)
             return True
         except NotFound:
             return False
 
     async def patch_status(self, api_version: str, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self.request(
-            "PATCH",
-            resource_path(api_version, plural, namespace, name) + "/status",
-            body={"status": status},
-            content_type="application/merge-patch+json",
-        )
+        """Merge-patch the status subresource (a null value removes a field)."""
 
-    async def post_event(
-        self, involved: dict[str, Any], type_: str, reason: str, message: str, now: str
-    ) -> None:
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            fn, lead = self._method(api, "patch", api_version, plural, status=True)
+            args = self._args(api_version, plural, namespace, name, lead)
+            return fn(*args, {"status": status}, **self._kw(_content_type=MERGE))
+
+        await self._call(make)
+
+    async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str, now: str) -> None:
+        """An events.k8s.io/v1 Event about `involved` (`now`: RFC 3339, UTC)."""
         meta = involved["metadata"]
         namespace = meta["namespace"]
-        event = {
-            "apiVersion": "v1",
+        event: dict[str, Any] = {
+            "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
             # A unique name rather than generateName: API emulators in tests need a concrete one.
             "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": namespace},
-            "involvedObject": {
+            "eventTime": micro_time(now),
+            "reportingController": REPORTING_CONTROLLER,
+            "reportingInstance": (os.environ.get("HOSTNAME") or socket.gethostname())[:128],
+            "action": "Reconcile",
+            "reason": reason[:128],
+            "regarding": {
                 "apiVersion": involved["apiVersion"],
                 "kind": involved["kind"],
                 "name": meta["name"],
                 "namespace": namespace,
                 "uid": meta.get("uid"),
             },
+            "note": message[:1024],
             "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": FIELD_MANAGER},
-            "reportingComponent": FIELD_MANAGER,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
         }
-        await self.request("POST", resource_path("v1", "events", namespace), body=event)
+
+        def make(api: client.ApiClient) -> Awaitable[Any]:
+            return client.EventsV1Api(api).create_namespaced_event(namespace, event, **self._kw())
+
+        await self._call(make)
 
     async def has_api(self, group_version: str) -> bool:
         """Whether the cluster serves an API group/version (cached): e.g. for ServiceMonitor."""
@@ -268,13 +320,18 @@ class KubeClient:
         now = time.monotonic()
         if cached and now - cached[0] < self._discovery_ttl:
             return cached[1]
-        try:
-            await self.request("GET", f"/apis/{group_version}")
-            found = True
-        except NotFound:
-            found = False
+        groups = (await self._call(lambda api: client.ApisApi(api).get_api_versions(**self._kw()))).get("groups")
+        found = any(
+            v.get("groupVersion") == group_version for g in groups or [] for v in g.get("versions") or []
+        )
         self._discovery[group_version] = (now, found)
         return found
+
+
+def micro_time(text: str) -> str:
+    """An RFC 3339 time as the API's MicroTime (events.k8s.io wants the microseconds)."""
+    t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _message(text: str) -> str:
@@ -291,6 +348,5 @@ async def scrape(session: aiohttp.ClientSession, url: str, timeout_seconds: floa
             if rsp.status != 200:
                 return None
             return await rsp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return None
-

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from saber_emulator.profile import LatencyProfile
-from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NETWORKPOLICIES, SABER, SaberAPIEmulator
+from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NETWORKPOLICIES, SABER, SaberAPIEmulator
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings
@@ -74,7 +74,7 @@ class API:
         return next((o for o in self.all(resource) if o["metadata"]["name"] == name), None)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.all(EVENTS) if e["involvedObject"]["name"] == name]
+        return [e for e in self.all(EVENTS) if e["regarding"]["name"] == name]
 
 
 def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any]:
@@ -221,7 +221,7 @@ async def test_calibration_job_result_reaches_the_sidecar_config_and_reruns_on_e
     assert "connection refused" in cond["message"]
     assert f"kubectl -n {NS} delete job {second['metadata']['name']}" in cond["message"]
     assert calibration(api)["profileEngineHash"] == engine_hash
-    await eventually(lambda: any(e["type"] == "Warning" and e["reason"] == "JobFailed" and "delete job" in e["message"]
+    await eventually(lambda: any(e["type"] == "Warning" and e["reason"] == "JobFailed" and "delete job" in e["note"]
                                  for e in api.events("svc")), what="Warning event")
     assert sidecar_config(api).scheduling.engine_profile == LatencyProfile(**PROFILE)
     assert api.get(CONFIGMAPS, "svc-calibration")["metadata"]["annotations"][ENGINE_HASH_ANNOTATION] == engine_hash

@@ -1,136 +1,47 @@
-"""The operator (real kopf, real HTTP) against kmock's Kubernetes API *emulator* on loopback.
+"""The operator (real kopf, real kubernetes_asyncio client, real HTTP) against kmock's Kubernetes
+API *emulator* on loopback.
 
 No kube-apiserver can run here, so `SaberAPIEmulator` (kmock's KubernetesEmulator plus
-server-side-apply creation, uid/generation and an outage switch) stands in for it. Nothing
-emulates the Deployment controller or the garbage collector: where a test needs a Deployment
-to report ready pods it writes that status itself, as the controller would.
+server-side-apply creation, uid/generation/resourceVersion, 422 for a failed JSON-patch test,
+an outage switch and a call record) stands in for it. Nothing emulates the Deployment
+controller or the garbage collector: where a test needs a Deployment to report ready pods it
+writes that status itself, as the controller would. Every test also checks that each call the
+operator made is granted by the shipped RBAC (`operator_support.emulated_api`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import socket
-import threading
-import time
 from typing import Any
 
 import aiohttp
 import kmock
 import pytest
 import yaml
-
+from operator_support import API, NS, TEST_CLIENT, condition, cr, emulated_api, eventually, running_operator
+from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, NETWORKPOLICIES, SABER, SERVICES
 from saber_emulator.engine import EngineConfig, OutputLengthConfig
 from saber_emulator.server import EmulatorServer, EmulatorSettings
-from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, SABER, SERVICES, SaberAPIEmulator
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
-from saber_operator.handlers import run_operator
-from saber_operator.settings import OperatorSettings
 from saber_operator.spec import parse_spec
 from saber_sidecar.config import parse_config
 from saber_sidecar.server import SidecarServer
 from saber_sidecar.settings import SidecarSettings
 
-NS = "team-a"
-TEST_CLIENT = {"X-Test-Client": "1"}
-
-
-def cr(name: str, **spec: Any) -> dict[str, Any]:
-    body = {
-        "model": {"name": "coder"},
-        "engine": {"kind": "emulator", "maxNumSeqs": 64},
-        "sla": {
-            "classes": [
-                {"name": "interactive", "deadlineSeconds": 1.0, "targetAttainment": 0.9},
-                {"name": "batch", "deadlineSeconds": 12.0},
-            ],
-            "defaultClass": "batch",
-        },
-        "scheduling": {"policy": "saber"},
-    }
-    body.update(spec)
-    return {"apiVersion": "saber.dev/v1alpha1", "kind": "SaberService", "metadata": {"name": name, "namespace": NS}, "spec": body}
-
-
-class API:
-    """The test's own client of the emulated API (exempt from injected outages)."""
-
-    def __init__(self, emu: SaberAPIEmulator, url: str, session: aiohttp.ClientSession) -> None:
-        self.emu, self.url, self.session = emu, url, session
-
-    async def create(self, body: dict[str, Any]) -> None:
-        path = f"/apis/saber.dev/v1alpha1/namespaces/{NS}/saberservices"
-        async with self.session.post(self.url + path, json=body, headers=TEST_CLIENT) as rsp:
-            assert rsp.status == 200, await rsp.text()
-
-    async def patch(self, resource: str, name: str, patch: dict[str, Any], sub: str = "") -> None:
-        group_version, plural = resource.rsplit("/", 1)
-        base = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
-        path = f"{base}/namespaces/{NS}/{plural}/{name}" + (f"/{sub}" if sub else "")
-        headers = {**TEST_CLIENT, "Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self.url + path, json=patch, headers=headers) as rsp:
-            assert rsp.status == 200, await rsp.text()
-
-    async def delete(self, resource: str, name: str) -> None:
-        group_version, plural = resource.rsplit("/", 1)
-        base = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
-        async with self.session.delete(f"{self.url}{base}/namespaces/{NS}/{plural}/{name}", headers=TEST_CLIENT) as rsp:
-            assert rsp.status == 200, await rsp.text()
-
-    def get(self, resource: str, name: str) -> dict[str, Any] | None:
-        key = (kmock.resource(resource), NS, name)
-        if key not in self.emu.objects or self.emu.objects[key].deleted:
-            return None
-        return copy.deepcopy(self.emu.objects[key].raw)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [
-            obj.raw for (res, ns, _), obj in self.emu.objects.items()
-            if res == kmock.resource(EVENTS) and not obj.deleted and obj.raw["involvedObject"]["name"] == name
-        ]
-
-
-def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    for cond in ((body or {}).get("status") or {}).get("conditions") or []:
-        if cond["type"] == type_:
-            return cond
-    return {}
-
-
-async def eventually(check, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+CHILDREN = ((DEPLOYMENTS, "svc"), (SERVICES, "svc"), (CONFIGMAPS, "svc-sidecar"), (NETWORKPOLICIES, "svc"))
 
 
 @pytest.fixture
 async def api():
-    emu = SaberAPIEmulator()
-    # Injected outages hit the operator only, so the test can keep changing things meanwhile.
-    async with emu, kmock.Server(emu) as server, aiohttp.ClientSession() as session:
-        yield API(emu, str(server.url).rstrip("/"), session)
+    async with emulated_api() as api:
+        yield api
 
 
 @pytest.fixture
 async def operator(api: API):
-    """The operator in its own thread and event loop, as in its own process: kopf treats every
-    task that appears in its loop as its own and stops them all when it exits."""
-    settings = OperatorSettings(
-        api_server=api.url, timer_interval_seconds=0.5, retry_backoff_seconds=0.2, scrape_timeout_seconds=1.0
-    )
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=asyncio.run, args=(run_operator(settings, stop_flag=stop, ready_flag=ready),))
-    thread.start()
-    assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
-    yield settings
-    stop.set()
-    await asyncio.to_thread(thread.join, 15)
-    assert not thread.is_alive(), "the operator did not stop"
+    async with running_operator(api) as settings:
+        yield settings
 
 
 def free_port() -> int:
@@ -296,19 +207,113 @@ async def test_invalid_spec_is_degraded_and_applies_nothing(api: API, operator):
     }
 
 
-async def test_delete_removes_children(api: API, operator):
+def gone(api: API, *extra: tuple[str, str]) -> bool:
+    return all(api.get(r, n) is None for r, n in (*CHILDREN, (SABER, "svc"), *extra))
+
+
+async def created(api: API) -> dict[str, Any]:
     await api.create(cr("svc"))
-    await eventually(lambda: api.get(SERVICES, "svc"), what="children")
+    await eventually(lambda: all(api.get(r, n) for r, n in CHILDREN), what="children")
+    return await eventually(lambda: (b := api.get(SABER, "svc")) and "saber.dev/finalizer" in
+                            (b["metadata"].get("finalizers") or []) and b, what="finalizer")
+
+
+async def test_delete_removes_children(api: API, operator):
+    await created(api)
     await api.delete(SABER, "svc")
-    await eventually(
-        lambda: all(api.get(r, n) is None for r, n in
-                    ((DEPLOYMENTS, "svc"), (SERVICES, "svc"), (CONFIGMAPS, "svc-sidecar"), (SABER, "svc"))),
-        what="children deleted and finalizer released",
-    )
+    await eventually(lambda: gone(api), what="children deleted and finalizer released")
+    deletes = {(c.resource, c.name) for c in api.emu.operator_calls() if c.verb == "delete" and c.status == 200}
+    assert deletes == {("deployments", "svc"), ("services", "svc"), ("configmaps", "svc-sidecar"),
+                       ("networkpolicies", "svc")}
+
+
+async def test_delete_completes_when_a_write_races_the_finalizer_release(api: API, operator):
+    """The stuck deletions of issue 12, made to happen every time: kopf removes its finalizer with
+    a JSON patch that first tests the resourceVersion it last saw. Another write in between (our
+    own status write, another controller) fails that test. A real API server answers 422 and kopf
+    retries on the next event; kmock answered 500, kopf retried the same stale patch for ~54 s,
+    gave up and waited for an event that never came. Here a write lands right before it."""
+    await created(api)
+    raced: list[int] = []
+
+    async def race(request: kmock.Request) -> None:
+        ops = request.data if isinstance(request.data, list) else []
+        if request.resource == kmock.resource(SABER) and any(
+                op.get("path", "").startswith("/metadata/finalizers") for op in ops):
+            raced.append(1)
+            if len(raced) == 1:
+                await api.patch(SABER, "svc", {"metadata": {"labels": {"raced": "yes"}}})
+
+    api.emu.before_request = race
+    await api.delete(SABER, "svc")
+    await eventually(lambda: gone(api), timeout=15, what="finalizer released despite the race")
+    assert len(raced) >= 2, "kopf's first finalizer patch lost the race and was retried"
+    refused = [c for c in api.emu.operator_calls() if c.resource == "saberservices" and c.status == 422]
+    assert refused, "the stale JSON patch was answered 422"
+
+
+async def test_delete_completes_while_a_timer_tick_is_under_way(api: API, operator):
+    """The stuck deletions of issue 12 as they happened in CI: the drift timer's tick was under
+    way when deletion started. kopf keeps the finalizer until the timer exits and, for a timer
+    still running, looked again only after 60 s (`settings.background.cancellation_polling`);
+    nothing else wrote to the object meanwhile. Here one tick is held for 1.5 s."""
+    await created(api)
+    held = asyncio.Event()
+
+    async def slow_tick(request: kmock.Request) -> None:
+        # The tick's reconcile reads the ConfigMap first; hold that one read.
+        if request.action.name == "FETCH" and request.resource == kmock.resource(CONFIGMAPS) and not held.is_set():
+            held.set()
+            await asyncio.sleep(1.5)
+
+    api.emu.before_request = slow_tick
+    await eventually(held.is_set, what="a timer tick under way")
+    await api.delete(SABER, "svc")
+    await eventually(lambda: gone(api), timeout=10, what="finalizer released after the tick")
+
+
+async def test_delete_completes_when_children_are_already_gone(api: API):
+    async with running_operator(api, timer_interval_seconds=60):  # no drift correction meanwhile
+        await created(api)
+        for resource, name in CHILDREN:
+            await api.delete(resource, name)
+        await api.delete(SABER, "svc")
+        await eventually(lambda: gone(api), what="finalizer released with no children left")
+    assert not [c for c in api.emu.operator_calls() if c.verb == "delete" and c.status == 200]
+
+
+async def test_delete_completes_after_api_errors(api: API, operator):
+    await created(api)
+    api.emu.outage = True  # every operator call answered 503 for a while
+    await api.delete(SABER, "svc")
+    await asyncio.sleep(1.5)
+    assert api.get(SABER, "svc")["metadata"]["deletionTimestamp"]
+    assert all(api.get(r, n) for r, n in CHILDREN), "nothing can be deleted during the outage"
+    api.emu.outage = False
+    await eventually(lambda: gone(api), timeout=20, what="deletion after the outage")
+
+
+async def test_delete_completes_when_the_operator_restarts_mid_deletion(api: API):
+    async with running_operator(api):
+        await created(api)
+
+        async def fail_after_first_child(request: kmock.Request) -> None:
+            # The ConfigMap is deleted first; from then on the API fails: deletion half done.
+            if request.action.name == "DELETE" and request.resource == kmock.resource(CONFIGMAPS):
+                api.emu.outage = True
+
+        api.emu.before_request = fail_after_first_child
+        await api.delete(SABER, "svc")
+        await eventually(lambda: api.get(CONFIGMAPS, "svc-sidecar") is None, what="first child deleted")
+        await asyncio.sleep(0.5)  # the cleanup retries against the outage
+    assert api.get(DEPLOYMENTS, "svc") and api.get(SERVICES, "svc"), "stopped mid-deletion"
+    assert "saber.dev/finalizer" in api.get(SABER, "svc")["metadata"]["finalizers"]
+    api.emu.before_request, api.emu.outage = None, False
+    async with running_operator(api):
+        await eventually(lambda: gone(api), timeout=20, what="deletion finished by the restarted operator")
 
 
 async def test_api_outage_then_converges(api: API, operator):
-    api.emu.outage_unless = TEST_CLIENT  # the operator's calls fail with 503; ours go through
     api.emu.outage = True
     await api.create(cr("svc"))
     await asyncio.sleep(1.5)

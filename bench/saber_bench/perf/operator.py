@@ -1,8 +1,8 @@
 """Operator benchmark: N SaberServices against the emulated Kubernetes API.
 
-    python -m saber_operator.perf --count 200 --out out/operator-perf
+    python -m saber_bench.perf.operator --count 200 --out out/operator-perf
 
-Starts kmock's API emulator on loopback (see `apiemulator`; no real API server can run here),
+Starts kmock's API emulator on loopback (see `saber_bench.perf.kubeapi`; no real API server can run here),
 runs `saber operator` as its own process against it, creates N SaberServices at once and
 measures the time until every one is reconciled (its ConfigMap, Deployment and Service exist
 and status.observedGeneration is set), then changes every SLA and measures the time until
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import kmock
 
-from saber_operator.apiemulator import CONFIGMAPS, DEPLOYMENTS, SABER, SERVICES, SaberAPIEmulator
+from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, SABER, SERVICES, SaberAPIEmulator
 
 NS = "perf"
 
@@ -153,7 +153,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
             rss_end, hwm = rss_kib(proc.pid)
             cpu_total = cpu_seconds(proc.pid) - cpu_start
             result = {
-                "command": f"python -m saber_operator.perf --count {count} --out {out}",
+                "command": f"python -m saber_bench.perf.operator --count {count} --out {out}",
                 "api": "kmock KubernetesEmulator (in-memory API on loopback), not a real kube-apiserver",
                 "count": count,
                 "timer_interval_seconds": interval,
@@ -187,7 +187,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saber_operator.perf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m saber_bench.perf.operator", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200, help="SaberServices to create (default 200)")
     parser.add_argument("--out", type=Path, default=Path("out/operator-perf"), help="output folder")
     parser.add_argument("--interval", type=float, default=30.0, help="operator timer interval, seconds (default 30)")
