@@ -78,6 +78,11 @@ class EngineSnapshot:
     waiting: int
     kv_cache_usage: float = 0.0
     healthy: bool = True
+    # The engine's cumulative counters, where it exports them (None: not exported): engine steps
+    # (vllm:iteration_tokens_total's count), prompt and generation tokens processed.
+    steps: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +96,12 @@ class PolicyStats:
     predicted_speed: float | None = None
     speed_model_r2: float | None = None
     speed_model_error_ratio: float | None = None
+    # The learned engine model (policies that learn one): per-request decode speed by batch size,
+    # prefill seconds per prompt token, confidence 0..1, observations it learned from.
+    engine_speeds: dict[int, float] | None = None
+    engine_prefill_seconds_per_token: float | None = None
+    engine_model_confidence: float | None = None
+    engine_model_observations: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -86,6 +86,7 @@ class EngineModel:
         *,
         online: bool = True,
         chunk_tokens: int = CHUNK_TOKENS,
+        table: Sequence[float] | None = None,
     ) -> None:
         t0, t1, t2 = (float(x) for x in step)
         if not all(math.isfinite(x) for x in (t0, t1, t2, prefill_s_per_token)):
@@ -114,12 +115,19 @@ class EngineModel:
         self.prefill_confidence = 0.0
         self._conf_at = 1.0
         self._set_table()
+        if table is not None:
+            # The configured curve itself, exactly, until the first solve: with learning off (or
+            # before any observation) the gate plans with the curve it was given, to the bit.
+            if len(table) != TABLE_SIZE:
+                raise ValueError(f"a speed table has {TABLE_SIZE} entries, got {len(table)}")
+            self._table = list(table)
+            self._table_array = np.asarray(self._table)
 
     @classmethod
     def from_speed_table(cls, table: Sequence[float], prefill_s_per_token: float, **kw) -> EngineModel:
         """From a per-request speed curve (e.g. `SpeedModel.table`), fitted at the design's batch sizes."""
         Ls = [L for L in _DESIGN_L if L < len(table)]
-        return cls(prior_from_speeds(Ls, [table[L] for L in Ls]), prefill_s_per_token, **kw)
+        return cls(prior_from_speeds(Ls, [table[L] for L in Ls]), prefill_s_per_token, table=table, **kw)
 
     # -- what the policy reads ---------------------------------------------------------------
 
@@ -177,8 +185,18 @@ class EngineModel:
         others = max(0, L - 1)  # the requests decoding while its prompt is prefilled
         steps = max(1, math.ceil(burst_tokens / self.chunk))
         k = steps + (0.5 if others else 0.0)  # plus, on a busy engine, half the step in progress
-        row = (k, k * others, k * others * others, float(burst_tokens), 1.0)
-        return self._row(row, ttft, weight)
+        # The decode part of those steps is taken from the current estimate (decode spans and
+        # step counters learn it far better than a TTFT, which is mostly prefill and overhead);
+        # the row learns the prefill cost and the overhead.
+        t0, t1, t2 = self.theta[0], self.theta[1], self.theta[2]
+        decode = k * max(MIN_STEP_S, t0 + t1 * others + t2 * others * others)
+        rest = ttft - decode
+        if rest <= 0.05 * ttft:
+            return False  # all of it explained by the decode estimate (or less): nothing to learn
+        # Weighted by the TTFT's own size (a relative error of the TTFT), times the decode
+        # estimate's confidence there: while the step time is the prior's guess, so is `rest`.
+        w = weight * (rest / ttft) ** 2 * max(0.05, self.confidence_at(others or 1))
+        return self._row((0.0, 0.0, 0.0, float(burst_tokens), 1.0), rest, w)
 
     def observe_steps(self, steps: float, busy_s: float, generation_tokens: float, prompt_tokens: float,
                       weight: float = 1.0) -> bool:
@@ -357,3 +375,36 @@ class EngineModel:
 
     def speeds_at(self, batches: Sequence[int] = EXPORTED_BATCHES) -> dict[int, float]:
         return {L: self._table[L] for L in batches}
+
+    def observe_request(self, L: int, burst_tokens: int, mean_L: float, mean_L2: float, span_prefill: float,
+                        output_tokens: int, duration: float, weight: float = 1.0) -> bool:
+        """A completed request seen only whole (not streamed): admission to last token is its TTFT
+        row plus (output_tokens - 1) decode steps at its mean batch, with `span_prefill` prompt
+        tokens others prefilled meanwhile."""
+        if not (duration > 0.0 and math.isfinite(duration) and output_tokens >= 1 and mean_L >= 1.0):
+            return False
+        others = max(0, L - 1)
+        steps = max(1, math.ceil(burst_tokens / self.chunk))
+        k = steps + (0.5 if others else 0.0)
+        d = output_tokens - 1
+        row = (k + d, k * others + d * mean_L, k * others * others + d * max(mean_L2, mean_L * mean_L),
+               float(burst_tokens) + max(0.0, span_prefill), 1.0)
+        return self._row(row, duration, weight)
+
+
+def engine_model_for(sched) -> EngineModel:
+    """The engine model a `SchedulingConfig` starts from: its `engine_profile` when set (a
+    calibrated engine: decode table and prefill cost), else the speed curve of `speed_model` and
+    `saber.initial_prefill_seconds_per_token`. Raises ValueError for a prior that gives no
+    positive speed."""
+    online = sched.speed_model.online_refit
+    profile = sched.engine_profile
+    if profile is not None:
+        Ls = sorted({*_DESIGN_L, *profile.decode_batch_sizes})
+        Ls = [L for L in Ls if L <= max(64, profile.decode_batch_sizes[-1])]
+        step = prior_from_speeds(Ls, [profile.speed(L) for L in Ls])
+        return EngineModel(step, profile.prefill_s_per_token, online=online)
+    from saber_sidecar.speed_model import SpeedModel
+
+    curve = SpeedModel.from_config(sched.speed_model, online_refit=False)
+    return EngineModel.from_speed_table(curve.table, sched.saber.initial_prefill_seconds_per_token, online=online)

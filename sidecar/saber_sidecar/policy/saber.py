@@ -39,10 +39,12 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_left, bisect_right
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.estimates import OutputEstimate, PrefillCost
+from saber_sidecar.policy.engine_model import EngineModel, engine_model_for
+from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.base import (
     QUEUE_FULL,
     Action,
@@ -56,11 +58,19 @@ from saber_sidecar.policy.saber_admit import REPLAYS_PER_DECISION, _AdmitMixin, 
 from saber_sidecar.policy.saber_load import _LoadMixin
 from saber_sidecar.policy.saber_queue import _Queued, _QueueMixin
 from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, MISSES_OWN, _ReplayMixin
-from saber_sidecar.speed_model import SpeedModel
 
 __all__ = ["FITS", "HURTS_BATCH", "INF", "MISSES_OWN", "SaberPolicy"]
 
 TTFT_EWMA = 0.2
+INF_SEATS = 1 << 30
+SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
+SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
+SLOW_START_CONFIRM = 4  # completed requests that must confirm the model before the cap lifts
+SLOW_START_ERROR = 0.25  # ... within this |log(observed / predicted)| (about 25%)
+ERROR_EWMA = 0.2
+LOG_MAX = 1 << 15
+COUNTER_MIN_STEPS = 8  # engine steps in a scrape interval worth learning from
+BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
 
 class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
@@ -89,7 +99,28 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._light_at: float | None = None
         self._capacity = 1.0
         self.max_queue = sched.max_queue
-        self.model = SpeedModel.from_config(sched.speed_model)
+        self.model = engine_model_for(sched)
+        # The engine's seats: vLLM runs at most max_num_seqs at once and queues the rest inside
+        # (where no deadline is watched). From the config (the operator sets it from the engine's
+        # spec), else learned from the engine's metrics (running while requests wait).
+        self._seats_config = sched.engine_max_num_seqs or INF_SEATS
+        self._seats_seen: int | None = None
+        self._seats = self._seats_config
+        # Slow start: until a completed request has run at a batch, the gate plans for at most
+        # SLOW_START_FACTOR x the largest batch seen (the model there is still the prior's guess).
+        self._batch_seen = 0.0
+        self._confirmed = 0  # completed requests whose times were checked against the model
+        self._model_error = INF  # their |log(observed / predicted)|, exponentially weighted
+        self._cap = self._compute_cap()
+        # Engine-seat integrals for learning: ∫ min(L, seats) dt, ∫ min(L, seats)^2 dt, and the
+        # time the gate had something running (for the engine's step counters).
+        self._Ae = 0.0
+        self._A2 = 0.0
+        self._busy = 0.0
+        # (t, ∫L dt, ∫L^2 dt, prompt tokens admitted) at each event, for a request's decode span.
+        self._log_t: list[float] = []
+        self._log: list[tuple[float, float, float]] = []
+        self._counters: tuple[float, float, float, float, float] | None = None
         self.classes = {c.name: c for c in config.classes}
         # Demote classes that state no output length: until they have learned one, their requests
         # are cold. (A reject class keeps the strict reading of `max_tokens`: its clients asked
@@ -99,7 +130,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
         self.ttft_estimate = p.initial_ttft_seconds
-        self._prefill = PrefillCost(p.initial_prefill_seconds_per_token)
+        self._prefill = self.model  # per_token and seconds(), read on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
         self._burst_at = -INF
         self._replays = REPLAYS_PER_DECISION
@@ -217,23 +248,21 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         if run.tpot_speed:
             self._tpot_running -= 1
         if first_token_at is not None and first_token_at >= run.t0:
-            ttft = first_token_at - run.t0
-            self.ttft_estimate += TTFT_EWMA * (ttft - self.ttft_estimate)
-            self._prefill.observe(run.burst, ttft, 1.0 / self.model.speed(run.n0))
+            self.ttft_estimate += TTFT_EWMA * (first_token_at - run.t0 - self.ttft_estimate)
         duration = now - run.t0
         # A request cut off (client gone, engine error) says nothing about its class's output
-        # length, and its speed sample would mix in the abort: learn only from complete ones.
+        # length or the engine's speed: learn only from complete ones.
         if completed and output_tokens > 0 and duration > 0:
             concurrency = (self._A - run.a0) / duration
-            if not concurrency > 1.0:  # max(1.0, ...) without the call
-                concurrency = 1.0
-            # Admission to last token, prefill stalls taken out: the plan advances a request from
-            # its admission at v(L) and charges stalls apart, so this is the speed it needs.
-            stall = self._prefill.per_token * (self._P - run.p0)  # `PrefillCost.seconds`, inlined
-            decode = duration - stall if duration - stall > 0.5 * duration else 0.5 * duration
-            refitted = self.model.observe(concurrency, output_tokens / decode)
+            if concurrency > self._batch_seen:
+                self._batch_seen = concurrency
+                cap = self._compute_cap()
+                if cap != self._cap:
+                    self._cap = cap
+                    self._limit_table = None  # the fresh limit is capped by it
+            learned = self._learn(run, now, output_tokens, first_token_at)
             est = self._estimates.get(run.req.sla_class)
-            if (est is not None and est.add(output_tokens)) or refitted:
+            if (est is not None and est.add(output_tokens)) or learned:
                 self._fresh_need = self._compute_fresh_need()
         return self._dispatch(now)
 
@@ -276,6 +305,19 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         was_high = self._kv_usage >= self.kv_high
         self._version += 1
         self._kv_usage = snapshot.kv_cache_usage
+        if snapshot.healthy:
+            # Requests waiting inside the engine while it runs `running`: that is its seat limit
+            # (vLLM's max_num_seqs, or fewer when its KV cache is full).
+            seen = self._seats_seen
+            if snapshot.waiting > 0 and snapshot.running > 0:
+                seen = snapshot.running
+            elif seen is not None and snapshot.running > seen:
+                seen = snapshot.running
+            if seen != self._seats_seen:
+                self._seats_seen = seen
+                self._cap = self._compute_cap()
+                self._limit_table = None
+            self._observe_counters(snapshot, now)
         if was_high and self._kv_usage < self.kv_high and self._be:
             self._advance(now)
             return self._dispatch(now)
@@ -297,7 +339,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 "sla_running": float(self._sla_running),
                 "offered_load_ratio": self._load(self._t) if self._t is not None else 0.0,
                 "prefill_seconds_per_token": self._prefill.per_token,
+                "planning_cap": float(min(self._cap, INF_SEATS)),
             },
+            engine_speeds=self.model.speeds_at(),
+            engine_prefill_seconds_per_token=self.model.per_token,
+            engine_model_confidence=min(self.model.confidence, self.model.prefill_confidence),
+            engine_model_observations=self.model.observations,
         )
 
     def expected_tokens(self, sla_class: str) -> int | None:
@@ -305,11 +352,108 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         est = self._estimates.get(sla_class)
         return est.value if est is not None else None
 
+    # -- learning the engine ------------------------------------------------------------------
+
+    def _compute_cap(self) -> int:
+        """The most requests the gate plans to run: the engine's seats, and while learning, the
+        slow-start cap (SLOW_START_FACTOR x the largest batch completed requests ran at)."""
+        seats = self._seats_config if self._seats_seen is None else min(self._seats_config, self._seats_seen)
+        self._seats = seats
+        if not self.model.online:
+            return seats
+        if self._confirmed >= SLOW_START_CONFIRM and self._model_error < SLOW_START_ERROR:
+            return seats  # completed requests ran as the model predicted: it may be trusted
+        slow = max(SLOW_START_MIN, math.ceil(SLOW_START_FACTOR * self._batch_seen))
+        return min(seats, slow)
+
+    def _check_prediction(self, predicted: float, observed: float) -> None:
+        """Track how well the model predicted a completed request's times (before learning from it)."""
+        if predicted > 0 and observed > 0:
+            err = abs(math.log(observed / predicted))
+            self._model_error = err if not self._confirmed else self._model_error + ERROR_EWMA * (err - self._model_error)
+            self._confirmed += 1
+
+    def _state_at(self, t: float) -> tuple[float, float, float] | None:
+        """(∫min(L, seats) dt, ∫min(L, seats)^2 dt, prompt tokens admitted) at time t, from the event log."""
+        log_t = self._log_t
+        i = bisect_right(log_t, t) - 1
+        if i < 0:
+            return None
+        a = self._log[i]
+        if i + 1 >= len(log_t):
+            return a
+        b = self._log[i + 1]
+        f = (t - log_t[i]) / (log_t[i + 1] - log_t[i])
+        return a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f, b[2]
+
+    def _learn(self, run: _Run, now: float, output_tokens: int, first_token_at: float | None) -> bool:
+        """Feed one completed request to the engine model; True when the model changed."""
+        model = self.model
+        if not model.online:
+            return False
+        seats = self._seats
+        if run.n0 > seats:
+            return False  # it waited inside the engine for a seat: its times are not engine work
+        changed = False
+        if first_token_at is not None and run.t0 <= first_token_at <= now:
+            changed = model.observe_ttft(run.n0, run.burst, first_token_at - run.t0)
+            span = now - first_token_at
+            at = self._state_at(first_token_at) if output_tokens >= 2 and span > 0 else None
+            if at is not None:
+                steps = output_tokens - 1
+                mean_L = (self._Ae - at[0]) / span
+                mean_L2 = (self._A2 - at[1]) / span
+                per_step = (self._P - at[2]) / steps
+                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
+                if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
+                    changed = True
+        else:
+            at = self._state_at(run.t0)
+            duration = now - run.t0
+            if at is not None and duration > 0:
+                mean_L = (self._Ae - at[0]) / duration
+                mean_L2 = (self._A2 - at[1]) / duration
+                span_prefill = self._P - at[2] - run.burst
+                others = run.n0 - 1
+                predicted = (model.step_seconds(others, run.burst) * (1.5 if others else 1.0)
+                             + (output_tokens - 1) * model.step_seconds(mean_L, span_prefill / max(1, output_tokens - 1)))
+                self._check_prediction(predicted, duration)
+                changed = model.observe_request(run.n0, run.burst, mean_L, mean_L2, span_prefill,
+                                                output_tokens, duration)
+        cap = self._compute_cap()
+        if cap != self._cap:
+            self._cap = cap
+            self._limit_table = None
+        if changed:
+            model.set_operating_point(max(1, self._limit))
+        return changed
+
+    def _observe_counters(self, snapshot: EngineSnapshot, now: float) -> None:
+        """The engine's own step counters (vLLM's iteration histogram, token counters): over an
+        interval in which the gate had requests running throughout, busy seconds per step at the
+        mean decode batch and prefill per step: a direct observation of the step-time model."""
+        if snapshot.steps is None or snapshot.prompt_tokens is None or snapshot.generation_tokens is None:
+            return
+        self._advance(now)
+        cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, self._busy)
+        prev, self._counters = self._counters, cur
+        if prev is None:
+            return
+        dt = now - prev[0]
+        dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
+        if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
+            return  # too few steps, a counter reset, or the engine idle part of the time
+        if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
+            self.model.set_operating_point(max(1, self._limit))
+            self._fresh_need = self._compute_fresh_need()
+
     # -- the running integrals (the rest of the batch model is in saber_replay.py) -------------
 
     def _advance(self, now: float) -> None:
         if self._t is None:
             self._t = now
+            self._log_t.append(now)
+            self._log.append((0.0, 0.0, 0.0))
             return
         dt = now - self._t
         if dt > 0:
@@ -318,4 +462,13 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 table = self.model.table
                 self._W += (table[L] if L < len(table) else self.model.speed(L)) * dt
                 self._A += L * dt
+                Le = L if L < self._seats else self._seats
+                self._Ae += Le * dt
+                self._A2 += Le * Le * dt
+                self._busy += dt
             self._t = now
+            log_t = self._log_t
+            if len(log_t) >= LOG_MAX:
+                del log_t[: LOG_MAX // 2], self._log[: LOG_MAX // 2]
+            log_t.append(now)
+            self._log.append((self._Ae, self._A2, self._P))

@@ -178,6 +178,7 @@ class _QueueMixin:
         deliberately cautious view); running requests drain at the model's speed.
         """
         speed = self.model.speed
+        cap = self._cap
         ahead = bisect_left(self._order, q.key)
         L_eff = len(self._running) + ahead
         W = self._W
@@ -190,7 +191,7 @@ class _QueueMixin:
             if t > latest:
                 return None
             need = max(q.expected / (D - t), q.tpot_speed)
-            if speed(L_eff + 1) / self.headroom >= need:
+            if L_eff < cap and speed(L_eff + 1) / self.headroom >= need:
                 return t
             rem = k - W
             if rem > gen:
@@ -200,7 +201,7 @@ class _QueueMixin:
         if t > latest:
             return None
         need = max(q.expected / (D - t), q.tpot_speed)
-        if (L_eff == 0 and need <= v1) or speed(L_eff + 1) / self.headroom >= need:
+        if (L_eff == 0 and need <= v1) or (L_eff < cap and speed(L_eff + 1) / self.headroom >= need):
             return t
         return None
 

@@ -44,7 +44,7 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
         prefix.append(least)
     max_tpot = max((r.tpot_speed for r in pol._running.values()), default=0.0)
     light = pol._plan(now).light  # the same cached load reading the policy's plan takes
-    if n + 2 >= len(table) or max_tpot * h > table[n + 1]:
+    if n + 2 >= len(table) or n >= pol._cap or max_tpot * h > table[n + 1]:
         return HURTS_BATCH, None
     if tpot_speed * h > table[n + 1]:
         return MISSES_OWN, None
@@ -80,6 +80,8 @@ def busy_policy(seed, steps=260, **saber):
     """A saber policy run through random paper traffic; yields (policy, now) between events."""
     cfg = paper_config("saber", max_queue=400)
     cfg.scheduling.saber = cfg.scheduling.saber.model_copy(update=saber)
+    # The plan's arithmetic on a fixed curve: no learning, so no slow-start cap either.
+    cfg.scheduling.speed_model.online_refit = False
     pol = SaberPolicy(cfg)
     rng = random.Random(seed)
     now, running = 0.0, []
@@ -131,6 +133,7 @@ def loose_policy(seed, running=200):
         default_class="hour",
         scheduling=SchedulingConfig(policy="saber", max_queue=10_000),
     )
+    cfg.scheduling.speed_model.online_refit = False  # a fixed curve: no slow-start cap
     pol = SaberPolicy(cfg)
     rng = random.Random(seed)
     now = 0.0
