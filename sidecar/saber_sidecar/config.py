@@ -82,6 +82,10 @@ class SpeedModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _params_match_form(self) -> SpeedModelConfig:
+        import math
+
+        if not all(math.isfinite(p) for p in self.params):
+            raise ValueError("speed model params must be finite numbers (no NaN or infinity)")
         expected = {"usl": 3, "logistic": 4, "linear": 2}[self.form]
         if len(self.params) != expected:
             raise ValueError(f"speed model form {self.form!r} takes {expected} params, got {len(self.params)}")

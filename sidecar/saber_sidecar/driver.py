@@ -131,14 +131,18 @@ class Gate:
     def set_config(self, config: SidecarConfig, make_policy: Callable[[SidecarConfig], Policy]) -> bool:
         """Apply a new config; returns True when a new policy instance was built."""
         old = self._config
-        self._config = config
         if config.scheduling == old.scheduling and config.classes == old.classes:
             # Only what the proxy reads changed (e.g. the default class): keep the instance and
             # what it has learned. Policies read classes at construction, so a class change
             # rebuilds them like a scheduling change does.
+            self._config = config
             return False
+        # All or nothing: the new policy is built before anything changes, so a config the
+        # policy refuses (make_policy raises) leaves the old config and policy in force.
+        policy = make_policy(config)
+        self._config = config
         self._retiring.append(self._policy)
-        self._policy = make_policy(config)
+        self._policy = policy
         self._retire_empty()
         self._rearm()
         return True
