@@ -65,8 +65,11 @@ TTFT_EWMA = 0.2
 INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
 SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
-SLOW_START_CONFIRM = 4  # completed requests that must confirm the model before the cap lifts
-SLOW_START_ERROR = 0.25  # ... within this |log(observed / predicted)| (about 25%)
+# Observations (completed requests, busy scrape intervals of the engine's step counters) that
+# must confirm the model before the slow-start cap lifts, within this |log(observed / predicted)|
+# (about 25%); one within a quarter of that is enough.
+SLOW_START_CONFIRM = 4
+SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 LOG_MAX = 1 << 15
 COUNTER_MIN_STEPS = 8  # engine steps in a scrape interval worth learning from
@@ -105,6 +108,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         # spec), else learned from the engine's metrics (running while requests wait).
         self._seats_config = sched.engine_max_num_seqs or INF_SEATS
         self._seats_seen: int | None = None
+        self._last_snapshot: EngineSnapshot | None = None
         self._seats = self._seats_config
         # Slow start: until a completed request has run at a batch, the gate plans for at most
         # SLOW_START_FACTOR x the largest batch seen (the model there is still the prior's guess).
@@ -308,11 +312,16 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         if snapshot.healthy:
             # Requests waiting inside the engine while it runs `running`: that is its seat limit
             # (vLLM's max_num_seqs, or fewer when its KV cache is full).
+            # A request just handed over waits until the engine's next step, so one scrape with
+            # waiting > 0 says nothing; two in a row with the same running count do.
             seen = self._seats_seen
-            if snapshot.waiting > 0 and snapshot.running > 0:
+            prev = self._last_snapshot
+            if (snapshot.waiting > 0 and snapshot.running > 0 and prev is not None and prev.waiting > 0
+                    and prev.running == snapshot.running):
                 seen = snapshot.running
             elif seen is not None and snapshot.running > seen:
                 seen = snapshot.running
+            self._last_snapshot = snapshot
             if seen != self._seats_seen:
                 self._seats_seen = seen
                 self._cap = self._compute_cap()
@@ -361,7 +370,9 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._seats = seats
         if not self.model.online:
             return seats
-        if self._confirmed >= SLOW_START_CONFIRM and self._model_error < SLOW_START_ERROR:
+        if self._confirmed >= SLOW_START_CONFIRM and self._model_error < SLOW_START_ERROR or (
+            self._confirmed and self._model_error < SLOW_START_ERROR / 4
+        ):
             return seats  # completed requests ran as the model predicted: it may be trusted
         slow = max(SLOW_START_MIN, math.ceil(SLOW_START_FACTOR * self._batch_seen))
         return min(seats, slow)
@@ -443,6 +454,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return  # too few steps, a counter reset, or the engine idle part of the time
+        L = max(1.0, dgen / dsteps)
+        self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps)
+        cap = self._compute_cap()
+        if cap != self._cap:
+            self._cap = cap
+            self._limit_table = None
         if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
             self.model.set_operating_point(max(1, self._limit))
             self._fresh_need = self._compute_fresh_need()
