@@ -6,6 +6,9 @@ and a real engine; the benchmark's simulator drives the same code with virtual t
 emulated engine.
 
 Driver obligations:
+- on a config reload, build the new instance, call its `inherit(old)`, then `adopt` every request
+  the old one admitted that still runs, and `submit` again every request still queued in the old
+  one (after `cancel` there): one instance then owns every request, so its limits hold;
 - call `submit` when a request arrives, `finished` when an admitted request ends (any reason:
   `completed=False` when it was cut off, by the client going away or an engine error, so that a
   partial output is not taken for the request's real length or speed),
@@ -140,6 +143,16 @@ class Policy(ABC):
 
     def observe_engine(self, snapshot: EngineSnapshot, now: float) -> list[Action]:
         return []
+
+    @abstractmethod
+    def adopt(self, req: Request, now: float) -> None:
+        """Take over a request another instance admitted and that is still running (a config
+        reload): count it as running from `now`, as if admitted then, with no action. Its
+        `finished` comes to this instance."""
+
+    def inherit(self, old: Policy) -> None:
+        """On a reload, before any `adopt`: take over what `old` learned that still holds under
+        this instance's config (default: nothing)."""
 
     @abstractmethod
     def stats(self) -> PolicyStats: ...

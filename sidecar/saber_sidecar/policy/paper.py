@@ -83,6 +83,11 @@ class PaperPolicy(Policy):
         self._running.pop(request_id, None)
         return []  # freed capacity is used at the next tick, as in the paper's polling loop
 
+    def adopt(self, req: Request, now: float) -> None:
+        # The speed it needs from now, as at an admission (0 for best effort: nothing to protect).
+        remaining = req.deadline - now
+        self._running[req.id] = 0.0 if req.best_effort or remaining <= 0 else req.max_tokens / remaining
+
     def cancel(self, request_id: str, now: float) -> list[Action]:
         if request_id in self._hpq_ids:
             self._hpq_ids.discard(request_id)

@@ -103,6 +103,8 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._capacity = 1.0
         self.max_queue = sched.max_queue
         self.model = engine_model_for(sched)
+        # What the engine model's prior rests on: a reload that keeps it keeps what was learned.
+        self._prior_key = (sched.speed_model, sched.engine_profile, p.initial_prefill_seconds_per_token)
         # The engine's seats: vLLM runs at most max_num_seqs at once and queues the rest inside
         # (where no deadline is watched). From the config (the operator sets it from the engine's
         # spec), else learned from the engine's metrics (running while requests wait).
@@ -255,8 +257,9 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             self.ttft_estimate += TTFT_EWMA * (first_token_at - run.t0 - self.ttft_estimate)
         duration = now - run.t0
         # A request cut off (client gone, engine error) says nothing about its class's output
-        # length or the engine's speed: learn only from complete ones.
-        if completed and output_tokens > 0 and duration > 0:
+        # length or the engine's speed: learn only from complete ones (and not from one adopted
+        # mid-flight at a reload, whose admission this instance did not see).
+        if completed and output_tokens > 0 and duration > 0 and not run.adopted:
             concurrency = (self._A - run.a0) / duration
             if concurrency > self._batch_seen:
                 self._batch_seen = concurrency
@@ -269,6 +272,41 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             if (est is not None and est.add(output_tokens)) or learned:
                 self._fresh_need = self._compute_fresh_need()
         return self._dispatch(now)
+
+    def adopt(self, req: Request, now: float) -> None:
+        """A running request from the instance this one replaces: priced as if admitted now with
+        its whole expected length to go (its progress is unknown here: the cautious side), its
+        prefill not charged again, protected by its deadline like any SLA request."""
+        if req.id in self._queued or req.id in self._be_reqs or req.id in self._running:
+            raise ValueError(f"request id {req.id!r} is already known to the policy")
+        self._advance(now)
+        est = self._estimates.get(req.sla_class)
+        expected = est.value if est is not None and est.value is not None else req.expected_tokens
+        expected = max(1, min(req.max_tokens, expected))
+        tpot = 1.0 / req.tpot_target if req.tpot_target and not req.best_effort else 0.0
+        admitted_at, prompt = req.admitted_at, req.prompt_tokens
+        req.prompt_tokens = 0
+        try:
+            self._admit(req, expected, tpot, now, [], protect=req.deadline - self.margin > now)
+        finally:
+            req.admitted_at, req.prompt_tokens = admitted_at, prompt
+        self._running[req.id].adopted = True
+
+    def inherit(self, old: Policy) -> None:
+        """The learned engine model (and what it rests on: seats, slow start) when the prior is the
+        same, and each class's output-length estimate when the class is unchanged."""
+        if not isinstance(old, SaberPolicy):
+            return
+        if old._prior_key == self._prior_key:
+            self.model = self._prefill = old.model
+            self._seats_seen, self._batch_seen = old._seats_seen, old._batch_seen
+            self._confirmed, self._model_error = old._confirmed, old._model_error
+            self._cap = self._compute_cap()
+        for name, cls in self.classes.items():
+            if old.classes.get(name) == cls and name in old._estimates:
+                self._estimates[name] = old._estimates[name]
+        self._fresh_need = self._compute_fresh_need()
+        self._limit_table = None
 
     def cancel(self, request_id: str, now: float) -> list[Action]:
         q = self._queued.pop(request_id, None)

@@ -44,6 +44,7 @@ class _Run:
     p0: float = 0.0  # prompt tokens admitted before it (the running total), for its prefill stalls
     n0: int = 1  # requests running once it was admitted
     burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
+    adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
 
 
 

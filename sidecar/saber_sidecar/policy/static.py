@@ -58,6 +58,9 @@ class StaticPolicy(Policy):
             self._queue.clear()
         return []
 
+    def adopt(self, req: Request, now: float) -> None:
+        self._running.add(req.id)
+
     def wake(self, now: float) -> list[Action]:
         return self._drain(now)
 
