@@ -159,7 +159,7 @@ class SaberSchedulingConfig(BaseModel):
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )
     best_effort_max_wait_slas: float = Field(
-        default=2.0,
+        default=1.0,
         ge=0,
         le=1000,
         description="A demoted request still queued this many of its SLAs after arrival is rejected (429 with "

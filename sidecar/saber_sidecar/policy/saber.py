@@ -166,6 +166,11 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         # (when its wait runs out, seq, id) of best-effort requests, for the wait bound.
         self._be_expiry: list[tuple[float, int, str]] = []
         self._seq = 0
+        # Best-effort admissions, exponentially weighted (for the best-effort wait bound).
+        self._be_admits = 0.0
+        self._be_t = 0.0
+        self._be_since: float | None = None
+        self._be_moved = 0.0  # when a request last left the best-effort queue (or it was empty)
         self._tpot_running = 0  # running SLA requests with a TPOT target
         self._inv: list[float] = []
         self._version = 0  # bumped whenever the batch, the queue's front or an estimate changes

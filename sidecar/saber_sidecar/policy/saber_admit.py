@@ -188,6 +188,7 @@ class _AdmitMixin:
                     return
             heapq.heappop(self._be)
             del self._be_reqs[rid]
+            self._note_best_effort_admit(now)
             self._admit(q.req, q.expected, 0.0, now, out)
 
     def _admit(

@@ -372,6 +372,36 @@ def test_best_effort_wait_is_bounded_by_a_multiple_of_the_sla():
     assert d.finish("A", 10.0, 990) == ""  # nothing left to run
 
 
+def test_a_demoted_request_that_will_not_be_served_hears_so_at_once():
+    """Overload: best effort never gets in (a blocker holds the engine). The first demoted requests
+    wait at most the bound (1 x their 1 s SLA); once best effort is seen backed up, later ones are
+    rejected at arrival, not after the bound."""
+    d = Driver(best_effort_max_wait_slas=1.0)
+    d.blocker()
+    waited = {}
+    rejected_at = {}
+
+    def wakes_until(t):  # every timer the policy asks for, at its time
+        while (w := d.pol.next_wake()) is not None and w <= t:
+            for a in d.pol.wake(w):
+                if isinstance(a, Reject):
+                    rejected_at[a.request_id] = w
+
+    for i in range(40):
+        t = 0.05 * i
+        wakes_until(t)
+        waited[f"b{i}"] = t
+        for a in d.pol.submit(request_for(d.cfg, "tight", f"b{i}", t, 500), t):
+            if isinstance(a, Reject):
+                rejected_at[a.request_id] = t
+    wakes_until(10.0)
+    assert len(rejected_at) == 40  # every one of them told it will not be served
+    delays = sorted(rejected_at[r] - waited[r] for r in rejected_at)
+    assert delays[-1] <= 1.0 + 1e-9  # the stated bound: best_effort_max_wait_slas x the SLA
+    # Most at once: each time the queue empties a few more are let in to try (here 12 of 40).
+    assert sum(1 for x in delays if x == 0.0) >= 25
+
+
 def test_a_short_candidate_may_overtake_a_long_request_within_the_model_error():
     # A (990 tokens, 10 s) has 0.00005 s of slack: far less than 5% of its remaining time.
     for at_risk, expected in ((0.0, ""), (0.05, "admit:s")):
