@@ -162,8 +162,10 @@ class SaberSchedulingConfig(BaseModel):
         default=1.0,
         ge=0,
         le=1000,
-        description="A demoted request still queued this many of its SLAs after arrival is rejected (429 with "
-        "Retry-After) rather than left waiting: demotion never becomes starvation. 0: no bound.",
+        description="The bound on how long a demoted request waits for best effort: it is rejected (429 with "
+        "Retry-After) at the latest this many of its SLAs after arrival, and at once when the best-effort "
+        "queue is not predicted to drain within that time (or has not moved for a quarter of it), so a "
+        "request that will not be served hears so fast and demotion never becomes starvation. 0: no bound.",
     )
     at_risk_slack_share: float = Field(
         default=0.05,
