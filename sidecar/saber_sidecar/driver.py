@@ -109,19 +109,27 @@ class Gate:
             raise
 
     def finished(
-        self, request_id: str, output_tokens: int, first_token_at: float | None, completed: bool = True
+        self,
+        request_id: str,
+        output_tokens: int,
+        first_token_at: float | None,
+        completed: bool = True,
+        *,
+        prompt_tokens: int | None = None,
     ) -> None:
         """An admitted request ended for any reason; must be called exactly once per Admit.
 
         `completed=False` for one cut off (client gone, engine error): `output_tokens` is then what
         it produced before that, which the policy must not learn lengths or speeds from.
+        `prompt_tokens`: the prompt length from the engine's `usage`, when the relay saw it.
         """
         policy = self._owner.get(request_id)
         if policy is None:
             return
         try:
             now = self._clock()
-            self._run(policy, policy.finished(request_id, now, output_tokens, first_token_at, completed=completed))
+            self._run(policy, policy.finished(request_id, now, output_tokens, first_token_at, completed=completed,
+                                              prompt_tokens=prompt_tokens))
         finally:
             self._drop(request_id)
 

@@ -123,8 +123,12 @@ class Policy(ABC):
         first_token_at: float | None,
         *,
         completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         """An admitted request ended after producing `output_tokens`.
+
+        `prompt_tokens`: its prompt length as the engine counted it (the response's `usage`), when
+        the driver knows it; `Request.prompt_tokens` is only the sidecar's estimate at submit.
 
         `completed` is False when it did not run to its natural end (client disconnect, engine
         error, abort): its slot is free all the same, but `output_tokens` is only what it produced

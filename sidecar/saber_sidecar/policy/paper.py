@@ -78,7 +78,14 @@ class PaperPolicy(Policy):
         return []
 
     def finished(
-        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+        self,
+        request_id: str,
+        now: float,
+        output_tokens: int,
+        first_token_at: float | None,
+        *,
+        completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         self._running.pop(request_id, None)
         return []  # freed capacity is used at the next tick, as in the paper's polling loop

@@ -62,6 +62,20 @@ from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, MISSES_OWN
 __all__ = ["FITS", "HURTS_BATCH", "INF", "MISSES_OWN", "SaberPolicy"]
 
 TTFT_EWMA = 0.2
+RATIO_EWMA = 0.1
+RATIO_MIN_TOKENS = 2000  # estimated prompt tokens before the engine's counter corrects the estimate
+
+
+class PlanPrefill:
+    """Seconds of engine stall per estimated prompt token: the model's cost x the token ratio."""
+
+    __slots__ = ("per_token",)
+
+    def __init__(self, per_token: float) -> None:
+        self.per_token = per_token
+
+    def seconds(self, prompt_tokens: float) -> float:
+        return self.per_token * prompt_tokens
 INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
 SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
@@ -136,7 +150,13 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
         self.ttft_estimate = p.initial_ttft_seconds
-        self._prefill = self.model  # per_token and seconds(), read on the hot paths
+        # Prompt tokens are the sidecar's estimate (characters / 4); the engine's model is in the
+        # engine's tokens. `_ratio` (engine tokens per estimated token) is learned from `usage`
+        # (finished(prompt_tokens=...)) or, without it, from the engine's prompt-token counter.
+        self._ratio = 1.0
+        self._usage_ratio_seen = False
+        self._counters_first: tuple[float, float] | None = None
+        self._prefill = PlanPrefill(self.model.per_token)  # per_token and seconds(), on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
         self._burst_at = -INF
         self._replays = REPLAYS_PER_DECISION
@@ -235,7 +255,14 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         return out
 
     def finished(
-        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+        self,
+        request_id: str,
+        now: float,
+        output_tokens: int,
+        first_token_at: float | None,
+        *,
+        completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         self._advance(now)
         self._version += 1
@@ -272,7 +299,11 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 if cap != self._cap:
                     self._cap = cap
                     self._limit_table = None  # the fresh limit is capped by it
-            learned = self._learn(run, now, output_tokens, first_token_at)
+            if prompt_tokens is not None and prompt_tokens > 0 and run.req.prompt_tokens > 0:
+                # The engine's count against the sidecar's estimate (characters / 4).
+                self._usage_ratio_seen = True
+                self._set_ratio(self._ratio + RATIO_EWMA * (prompt_tokens / run.req.prompt_tokens - self._ratio))
+            learned = self._learn(run, now, output_tokens, first_token_at, prompt_tokens)
             est = self._estimates.get(run.req.sla_class)
             if (est is not None and est.add(output_tokens)) or learned:
                 self._fresh_need = self._compute_fresh_need()
@@ -303,7 +334,9 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         if not isinstance(old, SaberPolicy):
             return
         if old._prior_key == self._prior_key:
-            self.model = self._prefill = old.model
+            self.model = old.model
+            self._ratio, self._usage_ratio_seen = old._ratio, old._usage_ratio_seen
+            self._sync_prefill()
             self._seats_seen, self._batch_seen = old._seats_seen, old._batch_seen
             self._confirmed, self._model_error = old._confirmed, old._model_error
             self._cap = self._compute_cap()
@@ -391,6 +424,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 "sla_running": float(self._sla_running),
                 "offered_load_ratio": self._load(self._t) if self._t is not None else 0.0,
                 "prefill_seconds_per_token": self._prefill.per_token,
+                "prompt_token_ratio": self._ratio,
                 "planning_cap": float(min(self._cap, INF_SEATS)),
             },
             engine_speeds=self.model.speeds_at(),
@@ -440,7 +474,8 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         f = (t - log_t[i]) / (log_t[i + 1] - log_t[i])
         return a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f, b[2]
 
-    def _learn(self, run: _Run, now: float, output_tokens: int, first_token_at: float | None) -> bool:
+    def _learn(self, run: _Run, now: float, output_tokens: int, first_token_at: float | None,
+               prompt_tokens: int | None = None) -> bool:
         """Feed one completed request to the engine model; True when the model changed."""
         model = self.model
         if not model.online:
@@ -449,15 +484,20 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         if run.n0 > seats:
             return False  # it waited inside the engine for a seat: its times are not engine work
         changed = False
+        # Prompt tokens in the engine's units: the estimates scaled by the learned ratio, its own
+        # prompt as the engine counted it when known.
+        ratio = self._ratio
+        own = run.req.prompt_tokens
+        burst = round((run.burst - own) * ratio + (prompt_tokens if prompt_tokens else own * ratio))
         if first_token_at is not None and run.t0 <= first_token_at <= now:
-            changed = model.observe_ttft(run.n0, run.burst, first_token_at - run.t0)
+            changed = model.observe_ttft(run.n0, burst, first_token_at - run.t0)
             span = now - first_token_at
             at = self._state_at(first_token_at) if output_tokens >= 2 and span > 0 else None
             if at is not None:
                 steps = output_tokens - 1
                 mean_L = (self._Ae - at[0]) / span
                 mean_L2 = (self._A2 - at[1]) / span
-                per_step = (self._P - at[2]) / steps
+                per_step = (self._P - at[2]) * ratio / steps
                 self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
                 if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
                     changed = True
@@ -467,12 +507,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             if at is not None and duration > 0:
                 mean_L = (self._Ae - at[0]) / duration
                 mean_L2 = (self._A2 - at[1]) / duration
-                span_prefill = self._P - at[2] - run.burst
+                span_prefill = (self._P - at[2] - run.burst) * ratio
                 others = run.n0 - 1
-                predicted = (model.step_seconds(others, run.burst) * (1.5 if others else 1.0)
+                predicted = (model.step_seconds(others, burst) * (1.5 if others else 1.0)
                              + (output_tokens - 1) * model.step_seconds(mean_L, span_prefill / max(1, output_tokens - 1)))
                 self._check_prediction(predicted, duration)
-                changed = model.observe_request(run.n0, run.burst, mean_L, mean_L2, span_prefill,
+                changed = model.observe_request(run.n0, burst, mean_L, mean_L2, span_prefill,
                                                 output_tokens, duration)
         cap = self._compute_cap()
         if cap != self._cap:
@@ -480,7 +520,16 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             self._limit_table = None
         if changed:
             model.set_operating_point(max(1, self._limit))
+            self._sync_prefill()
         return changed
+
+    def _set_ratio(self, ratio: float) -> None:
+        self._ratio = min(max(ratio, 0.05), 20.0)
+        self._sync_prefill()
+
+    def _sync_prefill(self) -> None:
+        """The prefill cost the plan prices estimated prompt tokens at."""
+        self._prefill.per_token = self.model.per_token * self._ratio
 
     def _observe_counters(self, snapshot: EngineSnapshot, now: float) -> None:
         """The engine's own step counters (vLLM's iteration histogram, token counters): over an
@@ -489,6 +538,17 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         if snapshot.steps is None or snapshot.prompt_tokens is None or snapshot.generation_tokens is None:
             return
         self._advance(now)
+        if self._counters_first is None:
+            self._counters_first = (snapshot.prompt_tokens, self._P)
+        elif not self._usage_ratio_seen:
+            # The gate is the engine's only client: prompt tokens the engine counted over those
+            # the gate estimated, since the first scrape, are the estimate's error.
+            # (Prompts admitted in the last two TTFTs may not be prefilled yet: not counted.)
+            at = self._state_at(now - 2.0 * max(self.ttft_estimate, 0.01))
+            d_engine = snapshot.prompt_tokens - self._counters_first[0]
+            d_gate = (at[2] if at is not None else 0.0) - self._counters_first[1]
+            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0:
+                self._set_ratio(d_engine / d_gate)
         cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, self._busy)
         prev, self._counters = self._counters, cur
         if prev is None:
@@ -505,6 +565,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             self._limit_table = None
         if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
             self.model.set_operating_point(max(1, self._limit))
+            self._sync_prefill()
             self._fresh_need = self._compute_fresh_need()
 
     # -- the running integrals (the rest of the batch model is in saber_replay.py) -------------

@@ -39,7 +39,7 @@ class ScriptedCapPolicy(Policy):
         self.queue.append(req)
         return self._fill(now)
 
-    def finished(self, request_id, now, output_tokens, first_token_at, *, completed=True):
+    def finished(self, request_id, now, output_tokens, first_token_at, *, completed=True, prompt_tokens=None):
         self.calls.append(("finished", request_id) if completed else ("finished-cut-off", request_id))
         self.running.discard(request_id)
         return self._fill(now)
