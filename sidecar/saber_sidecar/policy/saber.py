@@ -155,6 +155,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         # (finished(prompt_tokens=...)) or, without it, from the engine's prompt-token counter.
         self._ratio = 1.0
         self._usage_ratio_seen = False
+        self._ratio_known = False
         self._counters_first: tuple[float, float] | None = None
         self._prefill = PlanPrefill(self.model.per_token)  # per_token and seconds(), on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
@@ -301,7 +302,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                     self._limit_table = None  # the fresh limit is capped by it
             if prompt_tokens is not None and prompt_tokens > 0 and run.req.prompt_tokens > 0:
                 # The engine's count against the sidecar's estimate (characters / 4).
-                self._usage_ratio_seen = True
+                self._usage_ratio_seen = self._ratio_known = True
                 self._set_ratio(self._ratio + RATIO_EWMA * (prompt_tokens / run.req.prompt_tokens - self._ratio))
             learned = self._learn(run, now, output_tokens, first_token_at, prompt_tokens)
             est = self._estimates.get(run.req.sla_class)
@@ -335,7 +336,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             return
         if old._prior_key == self._prior_key:
             self.model = old.model
-            self._ratio, self._usage_ratio_seen = old._ratio, old._usage_ratio_seen
+            self._ratio, self._usage_ratio_seen, self._ratio_known = old._ratio, old._usage_ratio_seen, old._ratio_known
             self._sync_prefill()
             self._seats_seen, self._batch_seen = old._seats_seen, old._batch_seen
             self._confirmed, self._model_error = old._confirmed, old._model_error
@@ -489,8 +490,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         ratio = self._ratio
         own = run.req.prompt_tokens
         burst = round((run.burst - own) * ratio + (prompt_tokens if prompt_tokens else own * ratio))
+        # A TTFT row needs its prompt tokens in the engine's units: with the engine's counters in
+        # view, only once the estimate's error is known (usage, or enough counted tokens).
+        ttft_ok = prompt_tokens is not None or self._ratio_known or self._counters_first is None
         if first_token_at is not None and run.t0 <= first_token_at <= now:
-            changed = model.observe_ttft(run.n0, burst, first_token_at - run.t0)
+            if ttft_ok:
+                changed = model.observe_ttft(run.n0, burst, first_token_at - run.t0)
             span = now - first_token_at
             at = self._state_at(first_token_at) if output_tokens >= 2 and span > 0 else None
             if at is not None:
@@ -504,7 +509,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         else:
             at = self._state_at(run.t0)
             duration = now - run.t0
-            if at is not None and duration > 0:
+            if at is not None and duration > 0 and ttft_ok:
                 mean_L = (self._Ae - at[0]) / duration
                 mean_L2 = (self._A2 - at[1]) / duration
                 span_prefill = (self._P - at[2] - run.burst) * ratio
@@ -549,6 +554,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             d_gate = (at[2] if at is not None else 0.0) - self._counters_first[1]
             if d_gate >= RATIO_MIN_TOKENS and d_engine > 0:
                 self._set_ratio(d_engine / d_gate)
+                self._ratio_known = True
         cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, self._busy)
         prev, self._counters = self._counters, cur
         if prev is None:
