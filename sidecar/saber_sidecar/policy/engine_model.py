@@ -57,6 +57,8 @@ CHUNK_TOKENS = 2048  # prompt tokens one engine step prefills at most (vLLM's to
 _DESIGN_L = (1, 2, 4, 8, 16, 32, 64)
 _DESIGN_P = (256, 1024)
 EXPORTED_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+OUTLIER_CONFIDENCE = 0.5
+OUTLIER_FACTOR = 10.0
 
 
 def prior_from_speeds(batches: Sequence[float], speeds: Sequence[float]) -> tuple[float, float, float]:
@@ -209,7 +211,15 @@ class EngineModel:
     def _row(self, x: tuple[float, ...], y: float, weight: float) -> bool:
         if not self.online:
             return False
-        w = weight / (y * y)
+        # Relative weights, against the larger of the observation and half the current prediction:
+        # one absurdly small observation (a clock or counter glitch) must not outweigh the rest.
+        # Once the model is confident, an observation 10x off its prediction is dropped as a glitch.
+        t = self.theta
+        pred = x[0] * t[0] + x[1] * t[1] + x[2] * t[2] + x[3] * t[3] + x[4] * t[4]
+        if self.confidence > OUTLIER_CONFIDENCE and pred > 0 and not (pred / OUTLIER_FACTOR < y < pred * OUTLIER_FACTOR):
+            return False
+        ref = y if y > 0.5 * pred else 0.5 * pred
+        w = weight / (ref * ref)
         lam = FORGET
         S, b = self._S, self._b
         for i in range(N):

@@ -86,7 +86,8 @@ SLOW_START_CONFIRM = 4
 SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 LOG_MAX = 1 << 15
-COUNTER_MIN_STEPS = 8  # engine steps in a scrape interval worth learning from
+COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
+COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
 
@@ -493,6 +494,10 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         # A TTFT row needs its prompt tokens in the engine's units: with the engine's counters in
         # view, only once the estimate's error is known (usage, or enough counted tokens).
         ttft_ok = prompt_tokens is not None or self._ratio_known or self._counters_first is None
+        # And only a prompt admitted alone (no other prompt within one step of it): in a cluster
+        # the engine prefills in its own arrival order, not the gate's, so which prompts a
+        # member's first token waited for is not known.
+        ttft_ok = ttft_ok and run.burst == own
         if first_token_at is not None and run.t0 <= first_token_at <= now:
             if ttft_ok:
                 changed = model.observe_ttft(run.n0, burst, first_token_at - run.t0)
@@ -556,11 +561,15 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 self._set_ratio(d_engine / d_gate)
                 self._ratio_known = True
         cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, self._busy)
-        prev, self._counters = self._counters, cur
+        prev = self._counters
         if prev is None:
+            self._counters = cur
             return
         dt = now - prev[0]
         dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
+        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and dt < COUNTER_SPAN_S:
+            return  # busy so far: the span grows (the engine publishes its counters in bursts)
+        self._counters = cur
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return  # too few steps, a counter reset, or the engine idle part of the time
         L = max(1.0, dgen / dsteps)
