@@ -210,9 +210,7 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     try:
         return await relay.run()
     finally:
-        # prompt_tokens: the engine's count from `usage`, once the relay records it (else the
-        # policy corrects its estimate from the engine's prompt-token counter).
         sc.gate.finished(req.id, relay.tokens, relay.first_token_at, completed=relay.completed,
-                         prompt_tokens=getattr(relay, "prompt_tokens", None))
+                         prompt_tokens=relay.prompt_tokens)
 
 

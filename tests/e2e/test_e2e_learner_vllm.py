@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from saber_bench.vllm_cpu import VLLMServer, find_vllm_python
+from saber_bench.vllm_cpu import VLLMServer, fetch_metrics_text, find_vllm_python, sample_value
 from saber_bench.vllm_model import STAMP_NAME, TINY_MODEL_SCRIPT
 from saber_sidecar.config import parse_config
 from saber_sidecar.server import SidecarServer
@@ -87,59 +87,67 @@ async def _stream(client, model, prompt, max_tokens):
     return first - sent, (last - first) / max(1, usage.completion_tokens - 1), usage.prompt_tokens
 
 
-async def measure_engine(client, model, seats):
-    """Direct measurement: decode speed at batch 1 and `seats`, prefill seconds per prompt token."""
-    speeds = {}
+async def measure_wave(client, model, seats, itls, prefills):
+    """One round of direct measurement (no sidecar): inter-token times at batch 1 and `seats`,
+    and one back-to-back pair of TTFTs, long against short prompt, for the prefill cost."""
     for L in (1, seats):
-        itls = []
+        done = await asyncio.gather(*(_stream(client, model, SHORT, DECODE_TOKENS) for _ in range(L)))
+        itls.setdefault(L, []).extend(itl for _, itl, _ in done)
+    # The prefill cost from the engine's own prefill timer (vllm:request_prefill_time_seconds:
+    # scheduled to first token), for 3 long and 3 short prompts: no HTTP or client jitter in it.
+    means, tokens = [], []
+    for prompt in (LONG, SHORT):
+        before = await asyncio.to_thread(_prefill_timer, client.base_url)
         for _ in range(3):
-            done = await asyncio.gather(*(_stream(client, model, SHORT, DECODE_TOKENS) for _ in range(L)))
-            itls += [itl for _, itl, _ in done]
-        speeds[L] = 1.0 / statistics.median(itls)
-    short, long_ = [], []
-    for _ in range(7):
-        short.append(await _stream(client, model, SHORT, 1))
-        long_.append(await _stream(client, model, LONG, 1))
-    # The fastest of each: the machine is shared, and interference only ever adds time.
-    d_ttft = min(t for t, _, _ in long_) - min(t for t, _, _ in short)
-    d_tokens = long_[0][2] - short[0][2]
-    return speeds, d_ttft / d_tokens
+            tokens.append((await _stream(client, model, prompt, 1))[2])
+        after = await asyncio.to_thread(_prefill_timer, client.base_url)
+        means.append((after[0] - before[0]) / (after[1] - before[1]))
+    prefills.append((means[0] - means[1]) / (tokens[0] - tokens[-1]))
+
+
+def _prefill_timer(base_url) -> tuple[float, float]:
+    text = fetch_metrics_text(str(base_url).rstrip("/").removesuffix("/v1"))
+    return (sample_value(text, "vllm:request_prefill_time_seconds_sum"),
+            sample_value(text, "vllm:request_prefill_time_seconds_count"))
 
 
 async def test_the_gate_learns_the_real_engine_from_the_shipped_prior(small_engine):
     engine_url, model, seats = small_engine.base_url, small_engine.served_model_name, SEATS
     direct = openai.AsyncOpenAI(base_url=engine_url + "/v1", api_key="x", max_retries=0)
     await _stream(direct, model, LONG, 8)  # warm-up
-    # Measured before and after the gate learns (the mean of both), so a shift in the shared
-    # machine's load during the test moves the reference with it.
-    before = await measure_engine(direct, model, seats)
     sidecar = SidecarServer(SidecarSettings(host="127.0.0.1", port=0, engine_url=engine_url, scrape_interval_s=0.2),
                             config=parse_config(CONFIG.format(seats=seats)))
     await sidecar.start()
+    itls: dict[int, list[float]] = {}
+    prefills: list[float] = []
     try:
         prior = sidecar.sidecar.gate.policy.model
         prior_speeds, prior_prefill = (prior.speed(1), prior.speed(seats)), prior.per_token
         client = openai.AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="x", max_retries=0)
         sent = 0
-        for wave in range(8):  # 8 waves at 1 and at `seats`: 40 requests
+        # Waves through the sidecar at 1 and at `seats`, short and long prompts, 40 requests, with
+        # a direct measurement between them: the machine is shared, so the reference is taken
+        # under the same (changing) load as what the gate learned from.
+        for wave in range(8):
             for concurrency in (1, seats):
                 prompts = [LONG if (wave + i) % 2 else SHORT for i in range(concurrency)]
                 await asyncio.gather(*(_stream(client, model, p, DECODE_TOKENS // 2) for p in prompts))
                 sent += concurrency
+            if wave % 2:
+                await measure_wave(direct, model, seats, itls, prefills)
         assert sent == 40
         policy = sidecar.sidecar.gate.policy
         learned = policy.model
         stats = policy.stats()
-        after = await measure_engine(direct, model, seats)
     finally:
         await sidecar.stop()
-    speeds = {L: (before[0][L] + after[0][L]) / 2 for L in before[0]}
-    prefill = (before[1] + after[1]) / 2
+    speeds = {L: 1.0 / statistics.median(v) for L, v in itls.items()}
+    prefill = statistics.median(prefills)
     report = (f"learned speed 1/{seats}: {learned.speed(1):.0f}/{learned.speed(seats):.0f} tok/s, measured "
               f"{speeds[1]:.0f}/{speeds[seats]:.0f} (prior {prior_speeds[0]:.0f}/{prior_speeds[1]:.0f}); "
-              f"prefill learned {learned.per_token:.3g} s/token, measured {prefill:.3g} (prior {prior_prefill:.3g}); "
-              f"token ratio {stats.extra['prompt_token_ratio']:.2f}; {learned.observations} observations; "
-              f"measured before/after: {before}, {after}")
+              f"prefill learned {learned.per_token:.3g} s/token, measured {prefill:.3g} (prior {prior_prefill:.3g}; "
+              f"samples {[f'{x:.2g}' for x in prefills]}); token ratio {stats.extra['prompt_token_ratio']:.2f}; "
+              f"{learned.observations} observations")
     print(report)
     assert stats.engine_model_observations == learned.observations > 40
     assert learned.speed(1) == pytest.approx(speeds[1], rel=0.25), report

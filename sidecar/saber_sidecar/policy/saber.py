@@ -157,6 +157,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._ratio = 1.0
         self._usage_ratio_seen = False
         self._ratio_known = False
+        self._usage_true = self._usage_est = 0.0
         self._counters_first: tuple[float, float] | None = None
         self._prefill = PlanPrefill(self.model.per_token)  # per_token and seconds(), on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
@@ -164,6 +165,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._replays = REPLAYS_PER_DECISION
         self._resume_at: float | None = None  # a decision stopped at its work bound goes on then
         self._burst = 0
+        self._cluster_tokens: dict[float, int] = {}
         # The running integrals: W = ∫ v(L) dt (tokens per request), A = ∫ L dt.
         self._W = 0.0
         self._A = 0.0
@@ -303,8 +305,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                     self._limit_table = None  # the fresh limit is capped by it
             if prompt_tokens is not None and prompt_tokens > 0 and run.req.prompt_tokens > 0:
                 # The engine's count against the sidecar's estimate (characters / 4).
+                # Token-weighted (sums, not a mean of ratios): short prompts carry a fixed few tokens
+                # (BOS, template) that would skew it, and long prompts are what prefill costs.
                 self._usage_ratio_seen = self._ratio_known = True
-                self._set_ratio(self._ratio + RATIO_EWMA * (prompt_tokens / run.req.prompt_tokens - self._ratio))
+                self._usage_true = self._usage_true * (1 - RATIO_EWMA) + prompt_tokens
+                self._usage_est = self._usage_est * (1 - RATIO_EWMA) + run.req.prompt_tokens
+                self._set_ratio(self._usage_true / self._usage_est)
             learned = self._learn(run, now, output_tokens, first_token_at, prompt_tokens)
             est = self._estimates.get(run.req.sla_class)
             if (est is not None and est.add(output_tokens)) or learned:
@@ -507,7 +513,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 steps = output_tokens - 1
                 mean_L = (self._Ae - at[0]) / span
                 mean_L2 = (self._A2 - at[1]) / span
-                per_step = (self._P - at[2]) * ratio / steps
+                # The prompts prefilled during the span: those admitted in it, and on average half
+                # of those admitted in its own cluster after it (the engine prefills a cluster in
+                # its own order: some of them after this request's first token).
+                mates = self._cluster_tokens.get(run.cluster, run.burst) - run.burst
+                p_span = self._P - at[2] + 0.5 * max(0, mates)
+                per_step = p_span * ratio / steps
                 self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
                 if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
                     changed = True
