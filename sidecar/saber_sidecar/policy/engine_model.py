@@ -50,7 +50,7 @@ PRIOR_WEIGHT = 2.0  # observations' worth of belief in the prior
 PRIOR_HALF_LIFE_ROWS = 8.0  # rows after which the prior counts half as much
 RIDGE_SHARE = 0.01  # of PRIOR_WEIGHT design rows per parameter: holds directions no data inform
 FORGET = 0.995  # per row: about 200 rows of memory, so the model follows a changing engine
-SOLVE_EVERY = 4  # rows between solves (a solve is a 5x5 system, ~20 µs)
+SOLVE_EVERY = 16  # rows between solves once past the first 16 (a solve and its table: ~0.2 ms)
 CHUNK_TOKENS = 2048  # prompt tokens one engine step prefills at most (vLLM's token budget), for TTFT rows
 # The design over which "one observation's worth" of each parameter is measured: decode rows at
 # the batch sizes a gate uses, TTFT rows with typical prompts.
@@ -99,6 +99,8 @@ class EngineModel:
         self.chunk = max(1, chunk_tokens)
         self.prior = np.array([t0, t1, t2, float(prefill_s_per_token), 0.0])
         self.theta = self.prior.copy()
+        self._th = tuple(float(x) for x in self.theta)  # theta as floats, for the per-row paths
+        self._conf_cache: dict[int, float] = {}
         self._P0 = np.diag(self._prior_precision())
         # Sufficient statistics of the weighted rows: S = sum w x x^T, b = sum w x y, and the
         # relative residuals' second moment for the error ratio.
@@ -153,8 +155,9 @@ class EngineModel:
         return lo + (self._table[i + 1] - lo) * (L - i)
 
     def step_seconds(self, L: float, prefill_tokens: float = 0.0) -> float:
-        t0, t1, t2, c, _ = self.theta
-        return max(MIN_STEP_S, t0 + t1 * L + t2 * L * L) + c * prefill_tokens
+        t0, t1, t2, c, _ = self._th
+        step = t0 + t1 * L + t2 * L * L
+        return (step if step > MIN_STEP_S else MIN_STEP_S) + c * prefill_tokens
 
     @property
     def per_token(self) -> float:
@@ -190,14 +193,18 @@ class EngineModel:
         # The decode part of those steps is taken from the current estimate (decode spans and
         # step counters learn it far better than a TTFT, which is mostly prefill and overhead);
         # the row learns the prefill cost and the overhead.
-        t0, t1, t2 = self.theta[0], self.theta[1], self.theta[2]
+        t0, t1, t2 = self._th[0], self._th[1], self._th[2]
         decode = k * max(MIN_STEP_S, t0 + t1 * others + t2 * others * others)
         rest = ttft - decode
         if rest <= 0.05 * ttft:
             return False  # all of it explained by the decode estimate (or less): nothing to learn
         # Weighted by the TTFT's own size (a relative error of the TTFT), times the decode
         # estimate's confidence there: while the step time is the prior's guess, so is `rest`.
-        w = weight * (rest / ttft) ** 2 * max(0.05, self.confidence_at(others or 1))
+        key = others or 1
+        conf = self._conf_cache.get(key)
+        if conf is None:
+            conf = self._conf_cache[key] = self.confidence_at(key)
+        w = weight * (rest / ttft) ** 2 * max(0.05, conf)
         return self._row((0.0, 0.0, 0.0, float(burst_tokens), 1.0), rest, w)
 
     def observe_steps(self, steps: float, busy_s: float, generation_tokens: float, prompt_tokens: float,
@@ -214,7 +221,7 @@ class EngineModel:
         # Relative weights, against the larger of the observation and half the current prediction:
         # one absurdly small observation (a clock or counter glitch) must not outweigh the rest.
         # Once the model is confident, an observation 10x off its prediction is dropped as a glitch.
-        t = self.theta
+        t = self._th
         pred = x[0] * t[0] + x[1] * t[1] + x[2] * t[2] + x[3] * t[3] + x[4] * t[4]
         if self.confidence > OUTLIER_CONFIDENCE and pred > 0 and not (pred / OUTLIER_FACTOR < y < pred * OUTLIER_FACTOR):
             return False
@@ -288,6 +295,8 @@ class EngineModel:
         assert theta is not None
         theta[3] = min(theta[3], MAX_PREFILL_S_PER_TOKEN)
         self.theta = theta
+        self._th = tuple(float(x) for x in theta)
+        self._conf_cache = {}
         self.refits += 1
         # Fit quality over the (weighted, relative) rows, from the statistics.
         if self._wsum > 0:

@@ -23,15 +23,16 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
   Protecting it at `max_tokens` would hold every later admission back until it ends. Once its
   class has an estimate, a still-queued cold request takes it. Reject classes keep the strict
   reading of `max_tokens`.
-- Speed: v(L) is refitted online from finished requests (`SpeedModel`).
-- Prefill: every admission makes the engine prefill the new prompt, which stalls every running
-  request for `prompt_tokens x prefill cost` seconds. The cost starts at
-  `initial_prefill_seconds_per_token` and is learned from time to first token: a low quantile of
-  (TTFT - one step) / prompt tokens admitted within one step of each other (`PrefillCost`), which
-  lands within 15% of the engine's cost at half, equal and twice the default (a
-  least-squares slope was biased 60-170% high under sustained load and made the gate hold long
-  prompts back). The stall is charged to the batch at admission (W steps back) and priced in
-  `_fits`, and speed samples fed to the model are decode-only (stalls taken out).
+- The engine: planned with `EngineModel` (engine_model.py), step time t0 + t1 L + t2 L^2 + c P
+  learned online from completed requests' decode spans and times to first token and from the
+  engine's step counters, starting from the configured prior (`engine_profile`, else the speed
+  curve and `initial_prefill_seconds_per_token`). Every admission makes the engine prefill the new
+  prompt, which stalls every running request for `prompt_tokens x c` seconds: charged to the batch
+  at admission (W steps back) and priced in `_fits`. Prompt tokens are the sidecar's estimate,
+  scaled to the engine's count by a learned ratio (usage, else the engine's prompt counter).
+- Safe until learned: a slow-start cap on running (8, then 2x the largest batch completed
+  requests ran at) until observations confirm the model, and never more running than the
+  engine's seats (`engine_max_num_seqs`, or what its running/waiting metrics show).
 - Cut-off requests (`finished(..., completed=False)`) free their slot but feed neither the
   output-length estimates nor the speed model.
 """

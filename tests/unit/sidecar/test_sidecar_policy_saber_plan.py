@@ -14,7 +14,7 @@ import pytest
 
 from saber_sidecar.config import paper_config
 from saber_sidecar.policy import Admit, request_for
-from saber_sidecar.policy.estimates import PREFILL_MIN_TOKENS, OutputEstimate, PrefillCost
+from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber import FITS, HURTS_BATCH, INF, MISSES_OWN, SaberPolicy
 
 TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
@@ -232,20 +232,3 @@ def test_output_estimate_is_the_sorted_window_quantile(window, quantile, min_sam
         else:
             assert not changed
         assert est.value == value
-
-
-def test_prefill_cost_is_the_sorted_window_quantile():
-    rng = random.Random(3)
-    cost = PrefillCost(5e-5)
-    recent = []
-    for _ in range(3000):
-        tokens, ttft, step = rng.randint(1, 3000), rng.uniform(0, 0.3), rng.uniform(0, 0.05)
-        before = cost.per_token
-        recomputed = cost.observe(tokens, ttft, step)
-        if tokens >= PREFILL_MIN_TOKENS:
-            recent = (recent + [max(0.0, ttft - step) / tokens])[-256:]
-        if recomputed:
-            ordered = sorted(recent)
-            assert cost.per_token == min(ordered[int(0.2 * (len(ordered) - 1))], 0.01)
-        else:
-            assert cost.per_token == before
