@@ -88,6 +88,7 @@ SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 LOG_MAX = 1 << 15
 COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
+CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that a decode span is taken to include
 COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
@@ -518,7 +519,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
                 # of those admitted in its own cluster after it (the engine prefills a cluster in
                 # its own order: some of them after this request's first token).
                 mates = self._cluster_tokens.get(run.cluster, run.burst) - run.burst
-                p_span = self._P - at[2] + 0.5 * max(0, mates)
+                p_span = self._P - at[2] + CLUSTER_SHARE * max(0, mates)
                 per_step = p_span * ratio / steps
                 self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
                 if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
