@@ -44,7 +44,7 @@ import math
 from bisect import bisect_left, bisect_right
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.engine_model import EngineModel, engine_model_for
+from saber_sidecar.policy.engine_model import engine_model_for
 from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.base import (
     QUEUE_FULL,
