@@ -503,3 +503,35 @@ def test_cold_request_is_demoted_only_once_its_deadline_passes():
     assert d.submit("cold", "c", 0.0, 1000) == ""
     assert d.pol.next_wake() == pytest.approx(4.0)  # its deadline (margin 0)
     assert d.wake(4.0) == "demote:c"
+
+
+def test_an_unlearned_gate_slow_starts_and_opens_when_observations_confirm_the_model():
+    """With learning on, nothing confirmed yet: at most 8 run, whatever the prior says; completed
+    requests that ran as the model predicted lift the cap."""
+    d = learning_driver()
+    admitted = [d.submit("loose", f"r{i}", 0.0, 20) for i in range(30)]
+    assert sum(a.startswith("admit") for a in admitted) == 8
+    assert d.pol.stats().admission_limit == 8
+    # The 8 finish as the curve (v = 100 - L) predicts: 19 tokens after the first at v(8) = 92.
+    for i in range(8):
+        first = 0.01
+        d.pol.finished(f"r{i}", first + 19 / 92, 20, first)
+    assert d.pol._confirmed >= 4 and d.pol._cap > 8
+
+
+def test_the_gate_never_plans_past_the_engines_seats():
+    d = learning_driver()
+    d.cfg.scheduling.engine_max_num_seqs = 4  # as the operator sets it from spec.engine.maxNumSeqs
+    d.pol = make_policy(d.cfg)
+    assert sum(d.submit("loose", f"r{i}", 0.0, 20).startswith("admit") for i in range(10)) == 4
+    # Learned from the engine: two scrapes in a row with requests waiting at 3 running.
+    d = learning_driver()
+    for t in (0.1, 0.2):
+        d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), t)
+    assert d.pol._seats_seen == 3 and d.pol.stats().admission_limit <= 3
+    assert sum(d.submit("loose", f"r{i}", 0.3, 20).startswith("admit") for i in range(10)) == 3
+    # One scrape with a request just handed over (waiting, running not yet stable) says nothing.
+    d = learning_driver()
+    d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
+    d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
+    assert d.pol._seats_seen is None
