@@ -303,6 +303,34 @@ def sidecar_panels() -> list[tuple[dict[str, Any], int, int]]:
         ),
         (
             timeseries(
+                "Learned engine speed by batch size",
+                "Per-request decode speed the gate's engine model has learned for this engine, at batch sizes"
+                " 1 to 64 (saber_engine_speed_tokens_per_second); it starts at the prior (the configured"
+                " engine profile or speed curve) and follows the engine's measured step times.",
+                [(f"saber_engine_speed_tokens_per_second{{{SEL}}}", "batch {{batch}} {{pod}}")],
+                "short",
+                min_=0,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Engine model: prefill cost, confidence, observations",
+                "Learned prefill seconds per prompt token (left), the data's share of the model's estimate"
+                " at the batch the gate plans at (0: prior only; under about 0.8 the gate is still in slow"
+                " start), and observations learned from per second.",
+                [(f"saber_engine_prefill_seconds_per_token{{{SEL}}}", "prefill s/token {{pod}}"),
+                 (f"saber_engine_model_confidence{{{SEL}}}", "confidence {{pod}}"),
+                 (f"rate(saber_engine_model_observations_total{{{SEL}}}[{RATE}])", "observations/s {{pod}}")],
+                "none",
+                min_=0,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
                 "Config reloads",
                 "Sidecar config reloads over the rate interval, by result; failures mean a changed SLA config"
                 " was rejected and the previous one still applies.",

@@ -143,8 +143,10 @@ def simulate(
                 calls += 1
                 carry_out(policy.submit(build_request(by_id[rid], now), now), now)
             else:
+                c = engine.counters
                 snap = EngineSnapshot(
-                    running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage
+                    running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage,
+                    steps=c.steps, prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
                 )
                 calls += 1
                 carry_out(policy.observe_engine(snap, now), now)

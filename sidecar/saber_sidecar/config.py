@@ -82,6 +82,10 @@ class SpeedModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _params_match_form(self) -> SpeedModelConfig:
+        import math
+
+        if not all(math.isfinite(p) for p in self.params):
+            raise ValueError("speed model params must be finite numbers (no NaN or infinity)")
         expected = {"usl": 3, "logistic": 4, "linear": 2}[self.form]
         if len(self.params) != expected:
             raise ValueError(f"speed model form {self.form!r} takes {expected} params, got {len(self.params)}")
@@ -155,11 +159,13 @@ class SaberSchedulingConfig(BaseModel):
         default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
     )
     best_effort_max_wait_slas: float = Field(
-        default=2.0,
+        default=1.0,
         ge=0,
         le=1000,
-        description="A demoted request still queued this many of its SLAs after arrival is rejected (429 with "
-        "Retry-After) rather than left waiting: demotion never becomes starvation. 0: no bound.",
+        description="The bound on how long a demoted request waits for best effort: it is rejected (429 with "
+        "Retry-After) at the latest this many of its SLAs after arrival, and at once when the best-effort "
+        "queue is not predicted to drain within that time (or has not moved for a quarter of it), so a "
+        "request that will not be served hears so fast and demotion never becomes starvation. 0: no bound.",
     )
     at_risk_slack_share: float = Field(
         default=0.05,

@@ -4,10 +4,13 @@ The policy decides; the driver only keeps its obligations (see `policy/base.py`)
 `time.monotonic()` as `now`, carries out every action in order, and keeps exactly one timer armed
 at `policy.next_wake()` (event-driven: nothing runs between arrivals, completions and deadlines).
 
-Hot reload: a config whose classes or scheduling changed gets a new policy instance for new
-requests (its speed model starts again from the configured curve), while requests already
-queued or running in the old instance finish through it (their `finished`/`cancel` go to the
-instance that owns them). The old instance is dropped when empty.
+Hot reload: a config whose classes or scheduling changed gets a new policy instance, built
+before anything changes (a config the policy refuses leaves the old one in force). The new
+instance takes over every request: it inherits what the old one learned where its config keeps
+the same prior (`Policy.inherit`), adopts the requests still running (`Policy.adopt`: they count
+against its limits from the first moment) and is submitted the requests still queued (cancelled
+in the old one first), which it decides afresh. So one instance owns every request, and the
+new limits hold across the reload.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ class Gate:
         self._clock = clock
         self._config = config
         self._policy = policy
-        self._retiring: list[Policy] = []
         self._owner: dict[str, Policy] = {}
+        self._requests: dict[str, Request] = {}  # submitted and not yet ended, for a reload
         self._futures: dict[str, asyncio.Future[Decision]] = {}
         self._demoted: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -87,59 +90,88 @@ class Gate:
         policy = self._policy
         self._futures[req.id] = fut
         self._owner[req.id] = policy
+        self._requests[req.id] = req
         self._queued += 1
         try:
             self._run(policy, policy.submit(req, self._clock()))
         except BaseException:
             self._forget_queued(req.id)
-            self._owner.pop(req.id, None)
+            self._drop(req.id)
             raise
         try:
             return await fut
         except asyncio.CancelledError:
             if req.id in self._futures:  # still queued in the policy
                 self._forget_queued(req.id)
-                self._run(policy, policy.cancel(req.id, self._clock()))
+                owner = self._owner.get(req.id, policy)  # a reload may have moved it
+                self._run(owner, owner.cancel(req.id, self._clock()))
                 self._drop(req.id)
             raise
 
     def finished(
-        self, request_id: str, output_tokens: int, first_token_at: float | None, completed: bool = True
+        self,
+        request_id: str,
+        output_tokens: int,
+        first_token_at: float | None,
+        completed: bool = True,
+        *,
+        prompt_tokens: int | None = None,
     ) -> None:
         """An admitted request ended for any reason; must be called exactly once per Admit.
 
         `completed=False` for one cut off (client gone, engine error): `output_tokens` is then what
         it produced before that, which the policy must not learn lengths or speeds from.
+        `prompt_tokens`: the prompt length from the engine's `usage`, when the relay saw it.
         """
         policy = self._owner.get(request_id)
         if policy is None:
             return
         try:
             now = self._clock()
-            self._run(policy, policy.finished(request_id, now, output_tokens, first_token_at, completed=completed))
+            self._run(policy, policy.finished(request_id, now, output_tokens, first_token_at, completed=completed,
+                                              prompt_tokens=prompt_tokens))
         finally:
             self._drop(request_id)
-            self._retire_empty()
 
     def observe_engine(self, snapshot: EngineSnapshot) -> None:
-        now = self._clock()
-        for policy in [*self._retiring, self._policy]:
-            self._run(policy, policy.observe_engine(snapshot, now))
+        self._run(self._policy, self._policy.observe_engine(snapshot, self._clock()))
 
     # -- reload --------------------------------------------------------------------------------
 
     def set_config(self, config: SidecarConfig, make_policy: Callable[[SidecarConfig], Policy]) -> bool:
         """Apply a new config; returns True when a new policy instance was built."""
         old = self._config
-        self._config = config
         if config.scheduling == old.scheduling and config.classes == old.classes:
             # Only what the proxy reads changed (e.g. the default class): keep the instance and
             # what it has learned. Policies read classes at construction, so a class change
             # rebuilds them like a scheduling change does.
+            self._config = config
             return False
-        self._retiring.append(self._policy)
-        self._policy = make_policy(config)
-        self._retire_empty()
+        # All or nothing: the new policy is built before anything changes, so a config the
+        # policy refuses (make_policy raises) leaves the old config and policy in force.
+        policy = make_policy(config)
+        old_policy = self._policy
+        self._config = config
+        self._policy = policy
+        now = self._clock()
+        policy.inherit(old_policy)
+        # Running first (they hold engine seats), then the queue, in arrival order.
+        queued = [rid for rid in self._requests if rid in self._futures]
+        for rid, owner in list(self._owner.items()):
+            if rid not in self._futures and owner is old_policy:
+                policy.adopt(self._requests[rid], now)
+                self._owner[rid] = policy
+        for rid in queued:
+            req = self._requests[rid]
+            self._run(old_policy, old_policy.cancel(rid, now))
+            req.best_effort, req.admitted_at = False, None  # decided afresh
+            self._demoted.discard(rid)
+            self._owner[rid] = policy
+            try:
+                actions = policy.submit(req, now)
+            except ValueError as exc:  # e.g. its class is gone from the new config
+                actions = [Reject(rid, f"the configuration changed while it waited ({exc})")]
+            self._run(policy, actions)
         self._rearm()
         return True
 
@@ -151,13 +183,8 @@ class Gate:
 
     def _drop(self, request_id: str) -> None:
         self._owner.pop(request_id, None)
+        self._requests.pop(request_id, None)
         self._demoted.discard(request_id)
-
-    def _retire_empty(self) -> None:
-        if not self._retiring:
-            return
-        owners = set(map(id, self._owner.values()))
-        self._retiring = [p for p in self._retiring if id(p) in owners]
 
     def _run(self, policy: Policy, actions: list[Action]) -> None:
         for action in actions:
@@ -184,8 +211,7 @@ class Gate:
         fut.set_result(action)
 
     def _rearm(self) -> None:
-        wakes = [w for w in (p.next_wake() for p in [*self._retiring, self._policy]) if w is not None]
-        when = min(wakes) if wakes else None
+        when = self._policy.next_wake()
         if when == self._timer_at:
             return
         if self._timer is not None:
@@ -201,11 +227,11 @@ class Gate:
         self._timer_at = None
         now = self._clock()
         try:
-            for policy in [*self._retiring, self._policy]:
-                wake = policy.next_wake()
-                if wake is not None and wake <= now + 1e-6:
-                    for action in policy.wake(now):
-                        self._carry_out(policy, action)
+            policy = self._policy
+            wake = policy.next_wake()
+            if wake is not None and wake <= now + 1e-6:
+                for action in policy.wake(now):
+                    self._carry_out(policy, action)
         except Exception:
             log.exception("policy wake failed")
         finally:

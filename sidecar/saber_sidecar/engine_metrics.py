@@ -26,6 +26,10 @@ ENGINE_METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "running": ("vllm:num_requests_running",),
     "waiting": ("vllm:num_requests_waiting",),
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    # Cumulative counters the gate's engine model learns step times from (optional).
+    "steps": ("vllm:iteration_tokens_total_count",),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
 }
 
 
@@ -80,7 +84,9 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     if kv > 1.0:
         kv /= 100.0
     return EngineSnapshot(
-        running=int(values["running"]), waiting=int(values["waiting"]), kv_cache_usage=kv, healthy=True
+        running=int(values["running"]), waiting=int(values["waiting"]), kv_cache_usage=kv, healthy=True,
+        steps=values.get("steps"), prompt_tokens=values.get("prompt_tokens"),
+        generation_tokens=values.get("generation_tokens"),
     )
 
 

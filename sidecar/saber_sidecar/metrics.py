@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from saber_sidecar.policy.base import PolicyStats
@@ -106,6 +106,27 @@ class _GateCollector(Collector):
             yield GaugeMetricFamily("saber_speed_model_error_ratio",
                                     "Speed model's RMSE over its window relative to the mean observed speed.",
                                     value=stats.speed_model_error_ratio)
+        # The learned engine model (names agreed with the operator, which puts them in the
+        # SaberService status).
+        if stats.engine_speeds is not None:
+            speed = GaugeMetricFamily("saber_engine_speed_tokens_per_second",
+                                      "Learned per-request decode speed of the engine at a batch size.",
+                                      labels=["batch"])
+            for batch, value in sorted(stats.engine_speeds.items()):
+                speed.add_metric([str(batch)], value)
+            yield speed
+        if stats.engine_prefill_seconds_per_token is not None:
+            yield GaugeMetricFamily("saber_engine_prefill_seconds_per_token",
+                                    "Learned engine prefill cost per prompt token.",
+                                    value=stats.engine_prefill_seconds_per_token)
+        if stats.engine_model_confidence is not None:
+            yield GaugeMetricFamily("saber_engine_model_confidence",
+                                    "Share of the engine model's estimate that comes from data (0: prior only, 1).",
+                                    value=stats.engine_model_confidence)
+        if stats.engine_model_observations is not None:
+            yield CounterMetricFamily("saber_engine_model_observations",
+                                      "Observations the engine model has learned from.",
+                                      value=stats.engine_model_observations)
         ratio = GaugeMetricFamily("saber_sla_attainment_ratio",
                                   "Share of requests that met their SLA over the sliding window.", labels=["class"])
         # The population of that ratio, so pods can be combined by weight (the operator does).

@@ -248,6 +248,7 @@ async def _serve(sc: Sidecar, request: web.Request, arrival: float, raw: bytes, 
     try:
         return await relay.run()
     finally:
-        sc.gate.finished(req.id, relay.tokens, relay.first_token_at, completed=relay.completed)
+        sc.gate.finished(req.id, relay.tokens, relay.first_token_at, completed=relay.completed,
+                         prompt_tokens=relay.prompt_tokens)
 
 

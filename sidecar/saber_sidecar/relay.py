@@ -65,6 +65,7 @@ class Relay:
         # gone, engine error) reaches the policy with completed=False and the tokens it did produce.
         self.completed = False
         self.first_token_at: float | None = None
+        self.prompt_tokens: int | None = None  # the engine's count, from `usage` when it came back
         self.admitted_at = sc.gate.now()
 
     def _headers(self, outcome: str) -> dict[str, str]:
@@ -171,6 +172,7 @@ class Relay:
             raise Fail(502, f"engine failed while answering ({exc}); retry", m.ERROR, "engine_error") from None
         end = self.sc.gate.now()
         self.tokens = completion_tokens(payload)
+        self.prompt_tokens = usage_prompt_tokens(payload)
         self.completed = True
         outcome = self._final_outcome(end)
         self._record(outcome, end)
@@ -214,6 +216,7 @@ class Relay:
         usage = usage_tokens(stream.prev + stream.last)
         if usage is not None:
             self.tokens = usage
+            self.prompt_tokens = usage_prompt_tokens(stream.prev + stream.last)
         end = gate.now()
         if failure is not None:
             # Not a complete output: the policy gets the count with completed=False.
@@ -394,3 +397,14 @@ def usage_tokens(end_bytes: bytes) -> int | None:
         return int(tokens) if tokens is not None else None
     except (ValueError, AttributeError, TypeError):
         return None
+
+
+def usage_prompt_tokens(data: bytes) -> int | None:
+    """prompt_tokens of the `usage` object in a whole response or a stream's last events, if any."""
+    at = data.rfind(b'"prompt_tokens"')
+    if at < 0:
+        return None
+    rest = data[at + len(b'"prompt_tokens"'):].lstrip(b" :")
+    digits = rest[: len(rest) - len(rest.lstrip(b"0123456789"))]
+    return int(digits) if digits else None
+

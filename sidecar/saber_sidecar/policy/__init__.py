@@ -33,7 +33,22 @@ __all__ = [
 
 
 def make_policy(config: SidecarConfig, seed: int = 0) -> Policy:
-    """The policy `config.scheduling.policy` names, built from the config. `seed` feeds any randomness."""
+    """The policy `config.scheduling.policy` names, built from the config. `seed` feeds any randomness.
+
+    Raises ConfigError (a ValueError) when the config passes the schema but the policy cannot
+    use it (e.g. a speed curve with no positive speed at L=1): the caller keeps its old config
+    (reload) or exits with the message (startup)."""
+    from saber_sidecar.config import ConfigError
+
+    try:
+        return _make_policy(config, seed)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"scheduling: {exc}") from exc
+
+
+def _make_policy(config: SidecarConfig, seed: int) -> Policy:
     name = config.scheduling.policy
     if name == "static":
         from saber_sidecar.policy.static import StaticPolicy

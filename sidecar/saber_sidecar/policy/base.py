@@ -6,6 +6,9 @@ and a real engine; the benchmark's simulator drives the same code with virtual t
 emulated engine.
 
 Driver obligations:
+- on a config reload, build the new instance, call its `inherit(old)`, then `adopt` every request
+  the old one admitted that still runs, and `submit` again every request still queued in the old
+  one (after `cancel` there): one instance then owns every request, so its limits hold;
 - call `submit` when a request arrives, `finished` when an admitted request ends (any reason:
   `completed=False` when it was cut off, by the client going away or an engine error, so that a
   partial output is not taken for the request's real length or speed),
@@ -78,6 +81,11 @@ class EngineSnapshot:
     waiting: int
     kv_cache_usage: float = 0.0
     healthy: bool = True
+    # The engine's cumulative counters, where it exports them (None: not exported): engine steps
+    # (vllm:iteration_tokens_total's count), prompt and generation tokens processed.
+    steps: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +99,12 @@ class PolicyStats:
     predicted_speed: float | None = None
     speed_model_r2: float | None = None
     speed_model_error_ratio: float | None = None
+    # The learned engine model (policies that learn one): per-request decode speed by batch size,
+    # prefill seconds per prompt token, confidence 0..1, observations it learned from.
+    engine_speeds: dict[int, float] | None = None
+    engine_prefill_seconds_per_token: float | None = None
+    engine_model_confidence: float | None = None
+    engine_model_observations: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,8 +123,12 @@ class Policy(ABC):
         first_token_at: float | None,
         *,
         completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         """An admitted request ended after producing `output_tokens`.
+
+        `prompt_tokens`: its prompt length as the engine counted it (the response's `usage`), when
+        the driver knows it; `Request.prompt_tokens` is only the sidecar's estimate at submit.
 
         `completed` is False when it did not run to its natural end (client disconnect, engine
         error, abort): its slot is free all the same, but `output_tokens` is only what it produced
@@ -129,6 +147,16 @@ class Policy(ABC):
 
     def observe_engine(self, snapshot: EngineSnapshot, now: float) -> list[Action]:
         return []
+
+    @abstractmethod
+    def adopt(self, req: Request, now: float) -> None:
+        """Take over a request another instance admitted and that is still running (a config
+        reload): count it as running from `now`, as if admitted then, with no action. Its
+        `finished` comes to this instance."""
+
+    def inherit(self, old: Policy) -> None:
+        """On a reload, before any `adopt`: take over what `old` learned that still holds under
+        this instance's config (default: nothing)."""
 
     @abstractmethod
     def stats(self) -> PolicyStats: ...

@@ -78,10 +78,22 @@ class PaperPolicy(Policy):
         return []
 
     def finished(
-        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+        self,
+        request_id: str,
+        now: float,
+        output_tokens: int,
+        first_token_at: float | None,
+        *,
+        completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         self._running.pop(request_id, None)
         return []  # freed capacity is used at the next tick, as in the paper's polling loop
+
+    def adopt(self, req: Request, now: float) -> None:
+        # The speed it needs from now, as at an admission (0 for best effort: nothing to protect).
+        remaining = req.deadline - now
+        self._running[req.id] = 0.0 if req.best_effort or remaining <= 0 else req.max_tokens / remaining
 
     def cancel(self, request_id: str, now: float) -> list[Action]:
         if request_id in self._hpq_ids:

@@ -31,6 +31,7 @@ from saber_sidecar.policy.base import Action, Admit, Request
 from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, _Plan
 
 REPLAYS_PER_DECISION = 1  # batch replays one decision may do; bounds its cost
+CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class _Run:
     p0: float = 0.0  # prompt tokens admitted before it (the running total), for its prefill stalls
     n0: int = 1  # requests running once it was admitted
     burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
+    adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
+    cluster: float = -1.0  # when its cluster (prompts admitted within one step of each other) began
 
 
 
@@ -187,6 +190,7 @@ class _AdmitMixin:
                     return
             heapq.heappop(self._be)
             del self._be_reqs[rid]
+            self._note_best_effort_admit(now)
             self._admit(q.req, q.expected, 0.0, now, out)
 
     def _admit(
@@ -225,6 +229,10 @@ class _AdmitMixin:
                 self._burst_at, self._burst = now, 0
             self._burst += req.prompt_tokens
             run.burst = self._burst
+            run.cluster = self._burst_at  # the cluster's total so far is `_cluster_tokens[cluster]`
+            self._cluster_tokens[self._burst_at] = self._burst
+            if len(self._cluster_tokens) > CLUSTERS_KEPT:
+                del self._cluster_tokens[next(iter(self._cluster_tokens))]
             # Its prefill holds up every running request (itself included) for a moment.
             self._P += req.prompt_tokens
             self._W -= self.model.speed(len(self._running)) * self._prefill.seconds(req.prompt_tokens)

@@ -80,12 +80,14 @@ class _LoadMixin:
         return self._limit
 
     def _fresh_limit(self) -> int | None:
-        """The largest batch at which a fresh request of every class is still predicted to fit."""
+        """The largest batch at which a fresh request of every class is still predicted to fit,
+        and never more than the planning cap (the engine's seats, the slow start)."""
+        cap = self._cap
         if self._fresh_need <= 0:
-            return None
+            return None if cap >= len(self.model.table) else cap
         table = self.model.table
         target = self._fresh_need * self.headroom
-        lo, hi = 0, len(table) - 1
+        lo, hi = 0, min(len(table) - 1, cap)
         if table[1] < target:
             return 0
         while lo < hi:  # table is non-increasing: find the last L with table[L] >= target

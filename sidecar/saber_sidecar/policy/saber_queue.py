@@ -12,17 +12,23 @@ estimate.
   predicts when the request could be admitted, draining the running batch at the model's speed
   and counting the SLA requests queued ahead of it as occupying slots; if that is too late, the
   request is rejected at once (429 with a Retry-After estimated from the batch) rather than after
-  waiting. `on_miss: demote` requests become best effort, as in the paper.
+  waiting. `on_miss: demote` requests become best effort, as in the paper, with a bounded wait:
+  a demoted request is rejected (429) at once when the best-effort queue ahead of it is not
+  predicted to drain within `best_effort_max_wait_slas` x its SLA of its arrival (at the rate best
+  effort has been admitted recently), and in any case when that bound is reached.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_left
 from dataclasses import dataclass
 
 from saber_sidecar.policy.base import Action, Demote, Reject, Request
 from saber_sidecar.policy.saber_replay import INF
+
+BE_STUCK_SHARE = 0.25
 
 
 @dataclass(slots=True)
@@ -149,13 +155,52 @@ class _QueueMixin:
         if req.on_miss == "reject":
             out.append(Reject(req.id, reason, retry_after_s=self._retry_after(now)))
             return
+        if self.be_wait > 0.0:
+            expiry = req.arrival + self.be_wait * (req.deadline - req.arrival)
+            if not self._best_effort_has_room(expiry - now, now):
+                # Best effort is backed up past its wait bound: say so now, not at the bound.
+                out.append(Reject(req.id, f"{reason}; best effort is backed up beyond the wait bound",
+                                  retry_after_s=self._retry_after(now)))
+                return
         req.best_effort = True
         heapq.heappush(self._be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
         self._be_reqs[req.id] = q
         if self.be_wait > 0.0:
-            expiry = req.arrival + self.be_wait * (req.deadline - req.arrival)
             heapq.heappush(self._be_expiry, (max(expiry, now), q.key[1], req.id))
         out.append(Demote(req.id, reason))
+
+    def _best_effort_has_room(self, wait: float, now: float) -> bool:
+        """Whether a request joining the best-effort queue now is predicted to be admitted within
+        `wait` seconds: the requests already queued there, at the rate best effort has been
+        admitted recently (over `load_window_seconds`). Before any best-effort admission has been
+        seen, up to one batch (the fresh limit) may queue."""
+        ahead = len(self._be_reqs)
+        if not ahead:
+            self._be_moved = now
+            return wait > 0.0
+        if now - self._be_moved > BE_STUCK_SHARE * wait:
+            return False  # nothing has left the best-effort queue for a good part of the bound
+        rate = self._be_rate(now)
+        return rate <= 0.0 or ahead / rate <= wait
+
+    def _be_rate(self, now: float) -> float:
+        """Best-effort admissions per second, exponentially weighted over `load_window_seconds`."""
+        if self._be_since is None:
+            return 0.0
+        tau = self.load_tau
+        span = max(now - self._be_since, 0.1 * tau)
+        weight = tau * (1.0 - math.exp(-span / tau))
+        return self._be_admits * math.exp(-max(0.0, now - self._be_t) / tau) / weight
+
+    def _note_best_effort_admit(self, now: float) -> None:
+        if self._be_since is None:
+            self._be_since = now
+        dt = now - self._be_t
+        if dt > 0:
+            self._be_admits *= math.exp(-dt / self.load_tau)
+            self._be_t = now
+        self._be_admits += 1.0
+        self._be_moved = now
 
     def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
         """For reject classes: reject now if the request is predicted not to get in in time."""
@@ -178,6 +223,7 @@ class _QueueMixin:
         deliberately cautious view); running requests drain at the model's speed.
         """
         speed = self.model.speed
+        cap = self._cap
         ahead = bisect_left(self._order, q.key)
         L_eff = len(self._running) + ahead
         W = self._W
@@ -190,7 +236,7 @@ class _QueueMixin:
             if t > latest:
                 return None
             need = max(q.expected / (D - t), q.tpot_speed)
-            if speed(L_eff + 1) / self.headroom >= need:
+            if L_eff < cap and speed(L_eff + 1) / self.headroom >= need:
                 return t
             rem = k - W
             if rem > gen:
@@ -200,7 +246,7 @@ class _QueueMixin:
         if t > latest:
             return None
         need = max(q.expected / (D - t), q.tpot_speed)
-        if (L_eff == 0 and need <= v1) or speed(L_eff + 1) / self.headroom >= need:
+        if (L_eff == 0 and need <= v1) or (L_eff < cap and speed(L_eff + 1) / self.headroom >= need):
             return t
         return None
 

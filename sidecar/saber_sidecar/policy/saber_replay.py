@@ -107,7 +107,9 @@ class _ReplayMixin:
             if light_at is not None and light_at <= now and now - light_at <= LOAD_RECHECK_S
             else self._is_light(now)
         )
-        full = n + 2 >= len(table) or max_tpot * self.headroom > table[n + 1]
+        # Full: at the model's size limit, at the engine's seats or the slow-start cap (never plan
+        # for more running than the engine runs at once), or a running TPOT target binds.
+        full = n + 2 >= len(table) or n >= self._cap or max_tpot * self.headroom > table[n + 1]
         dues_sorted = self._dues_sorted
         return _Plan(
             now, n, self._W, ks, self._dues, light, full, 0.0 if full else table[n + 1],

@@ -47,7 +47,14 @@ class StaticPolicy(Policy):
         return out
 
     def finished(
-        self, request_id: str, now: float, output_tokens: int, first_token_at: float | None, *, completed: bool = True
+        self,
+        request_id: str,
+        now: float,
+        output_tokens: int,
+        first_token_at: float | None,
+        *,
+        completed: bool = True,
+        prompt_tokens: int | None = None,
     ) -> list[Action]:
         self._running.discard(request_id)
         return self._drain(now)
@@ -57,6 +64,9 @@ class StaticPolicy(Policy):
         if not self._queued:
             self._queue.clear()
         return []
+
+    def adopt(self, req: Request, now: float) -> None:
+        self._running.add(req.id)
 
     def wake(self, now: float) -> list[Action]:
         return self._drain(now)

@@ -19,6 +19,8 @@ REQUIRED_PANELS = (
     "Admission limit against running",
     "Predicted against observed speed",
     "Speed model R²",
+    "Learned engine speed by batch size",
+    "Engine model: prefill cost, confidence, observations",
     "Config reloads",
     "Engine requests running and waiting",
     "KV cache usage",

@@ -39,10 +39,14 @@ class ScriptedCapPolicy(Policy):
         self.queue.append(req)
         return self._fill(now)
 
-    def finished(self, request_id, now, output_tokens, first_token_at, *, completed=True):
+    def finished(self, request_id, now, output_tokens, first_token_at, *, completed=True, prompt_tokens=None):
         self.calls.append(("finished", request_id) if completed else ("finished-cut-off", request_id))
         self.running.discard(request_id)
         return self._fill(now)
+
+    def adopt(self, req, now):
+        self.calls.append(("adopt", req.id))
+        self.running.add(req.id)
 
     def cancel(self, request_id, now):
         self.calls.append(("cancel", request_id))
@@ -123,19 +127,45 @@ async def test_queue_full_is_refused_before_the_policy():
     gate.close()
 
 
-async def test_reload_with_new_scheduling_keeps_old_requests_on_old_policy():
-    old = ScriptedCapPolicy(cap=1)
+async def test_reload_hands_running_and_queued_requests_to_the_new_policy():
+    old = ScriptedCapPolicy(cap=2)
     gate = Gate(old, paper_config(policy="static"))
     await gate.admit(req("a"))
-    new = ScriptedCapPolicy(cap=5)
-    assert gate.set_config(paper_config(policy="static", static_max_concurrency=5), lambda cfg: new) is True
+    await gate.admit(req("b"))
+    waiting = asyncio.create_task(gate.admit(req("c")))
+    await asyncio.sleep(0.01)
+    new = ScriptedCapPolicy(cap=1)
+    assert gate.set_config(paper_config(policy="static", static_max_concurrency=1), lambda cfg: new) is True
     assert gate.policy is new
-    assert await gate.admit(req("b")) == Admit("b")
+    # The running requests count against the new cap at once; the queued one moved over.
+    assert new.running == {"a", "b"} and [r.id for r in new.queue] == ["c"]
+    assert ("cancel", "c") in old.calls
     gate.finished("a", 3, None)
-    assert ("finished", "a") in old.calls and ("finished", "a") not in new.calls
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # b still runs: the new cap of 1 holds
+    gate.finished("b", 3, None)
+    assert await asyncio.wait_for(waiting, 1) == Admit("c")
+    assert ("finished", "a") in new.calls and ("finished", "a") not in old.calls
     # A change the policy does not read (the default class) keeps the instance.
-    cfg = paper_config(policy="static", static_max_concurrency=5).model_copy(update={"default_class": "qna"})
+    cfg = paper_config(policy="static", static_max_concurrency=1).model_copy(update={"default_class": "qna"})
     assert gate.set_config(cfg, lambda c: ScriptedCapPolicy(1)) is False and gate.policy is new
+    gate.close()
+
+
+async def test_a_refused_reload_changes_nothing():
+    old = ScriptedCapPolicy(cap=1)
+    cfg = paper_config(policy="static")
+    gate = Gate(old, cfg)
+    await gate.admit(req("a"))
+
+    def refuse(config):
+        raise ValueError("speed model refuses these params")
+
+    with pytest.raises(ValueError, match="refuses"):
+        gate.set_config(paper_config(policy="static", static_max_concurrency=7), refuse)
+    assert gate.config is cfg and gate.policy is old
+    gate.finished("a", 1, None)
+    assert ("finished", "a") in old.calls
     gate.close()
 
 

@@ -31,7 +31,9 @@ def test_exposition_has_every_documented_metric():
     clock = Clock()
     registry = CollectorRegistry()
     stats = PolicyStats(queued_sla=2, queued_best_effort=1, running=5, admission_limit=17,
-                        predicted_speed=80.5, speed_model_r2=0.99, speed_model_error_ratio=0.04)
+                        predicted_speed=80.5, speed_model_r2=0.99, speed_model_error_ratio=0.04,
+                        engine_speeds={1: 99.0, 64: 20.5}, engine_prefill_seconds_per_token=0.0014,
+                        engine_model_confidence=0.75, engine_model_observations=42)
     metrics = SidecarMetrics(registry, lambda: stats, 60.0, clock, targets=lambda: {"qna": 0.9})
     metrics.record("qna", MET, 0.5, 0.05)
     metrics.record("qna", MISSED, 1.5, 0.3)
@@ -55,5 +57,11 @@ def test_exposition_has_every_documented_metric():
         'saber_config_reloads_total{result="failure"} 1.0',
         'saber_config_reloads_total{result="success"} 0.0',
         "saber_goodput_requests_per_second 1.0",
+        # The engine model: names agreed with the operator (SaberService status).
+        'saber_engine_speed_tokens_per_second{batch="1"} 99.0',
+        'saber_engine_speed_tokens_per_second{batch="64"} 20.5',
+        "saber_engine_prefill_seconds_per_token 0.0014",
+        "saber_engine_model_confidence 0.75",
+        "saber_engine_model_observations_total 42.0",
     ]:
         assert line in text, line

@@ -5,7 +5,6 @@ import pytest
 
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, EngineSnapshot, Reject, make_policy, request_for
-from saber_sidecar.policy.estimates import PREFILL_MIN_SAMPLES, PREFILL_MIN_TOKENS
 from saber_sidecar.policy.saber import SaberPolicy
 from policy_support import fmt
 
@@ -243,13 +242,23 @@ def test_output_length_is_learned_per_class():
     assert d.submit("est", "e9", 3.0, 500) == "admit:e9"
 
 
-def test_finished_requests_feed_the_speed_model():
-    d = Driver()
+def learning_driver(**saber):
+    d = Driver(**saber)
+    d.cfg.scheduling.speed_model.online_refit = True
+    d.pol = make_policy(d.cfg)
+    return d
+
+
+def test_finished_requests_feed_the_engine_model():
+    d = learning_driver()
     d.submit("loose", "a", 0.0, 100)
     d.submit("loose", "b", 0.0, 100)
-    d.finish("a", 1.0, 98)
-    assert d.pol.model.samples == 1
-    assert d.pol.model.last_sample == pytest.approx((2.0, 98.0))
+    before = d.pol.model.theta.copy()
+    d.finish("a", 1.0, 98, first_token_at=0.05)
+    # Its time to first token and its decode span (97 steps in 0.95 s at a batch of 2).
+    assert d.pol.model.observations == 2
+    assert (d.pol.model.theta != before).any()
+    assert d.pol.stats().engine_model_observations == 2
 
 
 def test_never_deadlocks_with_nothing_running():
@@ -309,19 +318,19 @@ def test_an_empty_engine_always_takes_the_head():
 
 
 def test_cut_off_requests_free_their_slot_but_teach_nothing():
-    d = Driver()
+    d = learning_driver()
     d.blocker()
     assert d.submit("loose", "B", 0.0, 200) == ""
     # A is cut off (client gone) after 5 tokens: B gets the slot, but neither the speed model nor
     # the class's output-length estimate learns from the partial output.
     assert fmt(d.pol.finished("A", 1.0, 5, 0.1, completed=False)) == "admit:B"
-    assert d.pol.model.samples == 0
+    assert d.pol.model.observations == 0
     for i in range(4):
         d.pol.submit(request_for(d.cfg, "est", f"e{i}", 2.0, 500), 2.0)
         d.pol.finished(f"e{i}", 2.5, 3, None, completed=False)
     assert d.pol.expected_tokens("est") is None
-    d.finish("B", 3.0, 200)
-    assert d.pol.model.samples == 1
+    d.finish("B", 3.0, 200, first_token_at=1.1)
+    assert d.pol.model.observations == 2
 
 
 def test_prefill_of_a_candidate_is_charged_to_the_batch():
@@ -334,26 +343,21 @@ def test_prefill_of_a_candidate_is_charged_to_the_batch():
     assert fmt(d.pol.submit(request_for(d.cfg, "loose", "C", 0.0, 10, prompt_tokens=100), 0.0)) == ""
 
 
-def test_prefill_cost_is_learned_from_a_low_quantile_of_ttft():
-    d = Driver(initial_prefill_seconds_per_token=0.001)
+def test_prefill_cost_is_learned_from_ttft():
+    """TTFT = one step + 1e-4 s per prompt token (noisy): the learned cost, from a prior 10x too high."""
+    import random
+
+    rng = random.Random(1)
+    d = learning_driver(initial_prefill_seconds_per_token=0.001)
     step = 1 / 99  # one engine step with one request running (v(1) = 99)
     for i in range(60):
-        # TTFT = one step + 1e-4 s per prompt token, and every third request also waits behind
-        # someone else's long prefill (a heavy tail a least-squares line would follow).
-        prompt = PREFILL_MIN_TOKENS + 50 * (i % 8)
+        prompt = 100 + 50 * (i % 8)
         req = request_for(d.cfg, "loose", f"p{i}", float(i), 10, prompt_tokens=prompt)
         assert fmt(d.pol.submit(req, float(i))) == f"admit:p{i}"
-        extra = 0.2 if i % 3 == 0 else 0.0
-        d.pol.finished(f"p{i}", i + 0.5, 10, i + step + 1e-4 * prompt + extra)
-        if i + 1 < PREFILL_MIN_SAMPLES:
-            assert d.pol._prefill.per_token == 0.001  # the prior, until enough samples
-    assert d.pol._prefill.per_token == pytest.approx(1e-4, rel=0.02)
-    # Small prompts say nothing about the per-token cost: they are not used.
-    before = d.pol._prefill.samples
-    req = request_for(d.cfg, "loose", "small", 100.0, 10, prompt_tokens=PREFILL_MIN_TOKENS - 1)
-    d.pol.submit(req, 100.0)
-    d.pol.finished("small", 100.5, 10, 100.4)
-    assert d.pol._prefill.samples == before
+        ttft = (step + 1e-4 * prompt) * rng.uniform(0.9, 1.1)
+        d.pol.finished(f"p{i}", i + ttft + 9 * step, 10, i + ttft)
+    assert d.pol.model.per_token == pytest.approx(1e-4, rel=0.15)
+    assert d.pol.stats().engine_prefill_seconds_per_token == d.pol.model.per_token
 
 
 def test_best_effort_wait_is_bounded_by_a_multiple_of_the_sla():
@@ -366,6 +370,36 @@ def test_best_effort_wait_is_bounded_by_a_multiple_of_the_sla():
     reject = d.pol.wake(2.0)
     assert reject == [] and d.pol.stats().queued_best_effort == 0
     assert d.finish("A", 10.0, 990) == ""  # nothing left to run
+
+
+def test_a_demoted_request_that_will_not_be_served_hears_so_at_once():
+    """Overload: best effort never gets in (a blocker holds the engine). The first demoted requests
+    wait at most the bound (1 x their 1 s SLA); once best effort is seen backed up, later ones are
+    rejected at arrival, not after the bound."""
+    d = Driver(best_effort_max_wait_slas=1.0)
+    d.blocker()
+    waited = {}
+    rejected_at = {}
+
+    def wakes_until(t):  # every timer the policy asks for, at its time
+        while (w := d.pol.next_wake()) is not None and w <= t:
+            for a in d.pol.wake(w):
+                if isinstance(a, Reject):
+                    rejected_at[a.request_id] = w
+
+    for i in range(40):
+        t = 0.05 * i
+        wakes_until(t)
+        waited[f"b{i}"] = t
+        for a in d.pol.submit(request_for(d.cfg, "tight", f"b{i}", t, 500), t):
+            if isinstance(a, Reject):
+                rejected_at[a.request_id] = t
+    wakes_until(10.0)
+    assert len(rejected_at) == 40  # every one of them told it will not be served
+    delays = sorted(rejected_at[r] - waited[r] for r in rejected_at)
+    assert delays[-1] <= 1.0 + 1e-9  # the stated bound: best_effort_max_wait_slas x the SLA
+    # Most at once: each time the queue empties a few more are let in to try (here 12 of 40).
+    assert sum(1 for x in delays if x == 0.0) >= 25
 
 
 def test_a_short_candidate_may_overtake_a_long_request_within_the_model_error():
@@ -469,3 +503,35 @@ def test_cold_request_is_demoted_only_once_its_deadline_passes():
     assert d.submit("cold", "c", 0.0, 1000) == ""
     assert d.pol.next_wake() == pytest.approx(4.0)  # its deadline (margin 0)
     assert d.wake(4.0) == "demote:c"
+
+
+def test_an_unlearned_gate_slow_starts_and_opens_when_observations_confirm_the_model():
+    """With learning on, nothing confirmed yet: at most 8 run, whatever the prior says; completed
+    requests that ran as the model predicted lift the cap."""
+    d = learning_driver()
+    admitted = [d.submit("loose", f"r{i}", 0.0, 20) for i in range(30)]
+    assert sum(a.startswith("admit") for a in admitted) == 8
+    assert d.pol.stats().admission_limit == 8
+    # The 8 finish as the curve (v = 100 - L) predicts: 19 tokens after the first at v(8) = 92.
+    for i in range(8):
+        first = 0.01
+        d.pol.finished(f"r{i}", first + 19 / 92, 20, first)
+    assert d.pol._confirmed >= 4 and d.pol._cap > 8
+
+
+def test_the_gate_never_plans_past_the_engines_seats():
+    d = learning_driver()
+    d.cfg.scheduling.engine_max_num_seqs = 4  # as the operator sets it from spec.engine.maxNumSeqs
+    d.pol = make_policy(d.cfg)
+    assert sum(d.submit("loose", f"r{i}", 0.0, 20).startswith("admit") for i in range(10)) == 4
+    # Learned from the engine: two scrapes in a row with requests waiting at 3 running.
+    d = learning_driver()
+    for t in (0.1, 0.2):
+        d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), t)
+    assert d.pol._seats_seen == 3 and d.pol.stats().admission_limit <= 3
+    assert sum(d.submit("loose", f"r{i}", 0.3, 20).startswith("admit") for i in range(10)) == 3
+    # One scrape with a request just handed over (waiting, running not yet stable) says nothing.
+    d = learning_driver()
+    d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
+    d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
+    assert d.pol._seats_seen is None
