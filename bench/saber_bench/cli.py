@@ -6,8 +6,8 @@ import argparse
 import sys
 
 COMPONENT_PERF = {
-    "emulator": "saber_emulator.perf",
-    "sidecar": "saber_sidecar.perf",
+    "emulator": "saber_bench.perf.emulator",
+    "sidecar": "saber_bench.perf.sidecar",
     "operator": "saber_bench.perf.operator",
 }
 

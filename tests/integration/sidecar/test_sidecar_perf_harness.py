@@ -1,4 +1,4 @@
-"""The proxy benchmark's harness (`python -m saber_sidecar.perf`) on a small load: real emulator,
+"""The proxy benchmark's harness (`python -m saber_bench.perf.sidecar`) on a small load: real emulator,
 sidecar and TCP-pipe processes on loopback. Checks the harness, not performance figures."""
 
 import json
@@ -7,13 +7,13 @@ import sys
 
 import numpy as np
 
-from saber_sidecar.perf import added_ci, flat_profile
+from saber_bench.perf.sidecar import added_ci, flat_profile
 
 
 def test_perf_harness_measures_every_target(tmp_path):
     out = tmp_path / "perf"
     proc = subprocess.run(
-        [sys.executable, "-m", "saber_sidecar.perf", "--out", str(out), "--streams", "8", "--duration", "1.5",
+        [sys.executable, "-m", "saber_bench.perf.sidecar", "--out", str(out), "--streams", "8", "--duration", "1.5",
          "--rounds", "1", "--ramp", "0.5", "--max-tokens", "8", "--flat-step-ms", "10", "--jitter-ms", "10",
          "--floor", "--policies", "static", "saber"],
         capture_output=True, text=True, timeout=180,
@@ -52,7 +52,7 @@ def test_flat_profile_is_a_valid_emulator_profile(tmp_path):
 
 
 def test_parser_cost_measures_the_engine_clients_parser():
-    from saber_sidecar.perf import parser_cost
+    from saber_bench.perf.sidecar import parser_cost
 
     cost = parser_cost(chunks=2_000, repeats=2)  # asserts inside that every chunk reached the sink
     assert 0 < cost["us_per_chunk_best"] <= cost["us_per_chunk_median"] and cost["chunk_bytes"] > 100

@@ -1,6 +1,6 @@
 """Decision cost of each policy with 1,000 requests queued.
 
-    python -m saber_sidecar.policy.perf --out DIR [--queued 1000] [--ops 2000] [--running N]
+    python -m saber_bench.perf.policy --out DIR [--queued 1000] [--ops 2000] [--running N]
 
 For each policy the engine is filled (the policy admits what it will at t=0 from a burst of the
 paper's four task classes), then `--queued` more requests wait. Timed, one call at a time:
@@ -273,7 +273,7 @@ def measure_refit(repeats: int = 20) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m saber_sidecar.policy.perf", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m saber_bench.perf.policy", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for policy_perf.json")
     ap.add_argument("--queued", type=int, default=1000, help="requests waiting in the queue (default 1000)")
     ap.add_argument("--ops", type=int, default=2000, help="timed calls per operation (default 2000)")

@@ -1,6 +1,6 @@
 """Emulator performance benchmark: is the emulator ever the bottleneck of what it emulates?
 
-    python -m saber_emulator.perf --streams 200 --out DIR
+    python -m saber_bench.perf.emulator --streams 200 --out DIR
 
 Runs the emulator in its own process pinned to one core (core 0) and a load generator in this
 process on the other cores. Two phases:
@@ -36,9 +36,9 @@ def _percentile(xs: list[float], q: float) -> float:
 
 # ---- child: the emulator process -----------------------------------------------------------------
 async def _child_main(args: argparse.Namespace) -> None:
-    from .engine import EngineConfig, OutputLengthConfig
-    from .profile import LatencyProfile, load_profile
-    from .server import EmulatorServer, EmulatorSettings
+    from saber_emulator.engine import EngineConfig, OutputLengthConfig
+    from saber_emulator.profile import LatencyProfile, load_profile
+    from saber_emulator.server import EmulatorServer, EmulatorSettings
 
     if args.flat_ms:
         profile = LatencyProfile(name=f"flat-{args.flat_ms}ms", decode_batch_sizes=[1],
@@ -96,7 +96,7 @@ async def _load(port: int, streams: int, max_tokens: int) -> dict:
 
 def _phase(name: str, streams: int, max_tokens: int, step_ms: float | None, out: Path) -> dict:
     step_log = out / f"steplog_{name}.json"
-    cmd = [sys.executable, "-m", "saber_emulator.perf", "--child", "--streams", str(streams),
+    cmd = [sys.executable, "-m", "saber_bench.perf.emulator", "--child", "--streams", str(streams),
            "--max-tokens", str(max_tokens), "--step-log", str(step_log)]
     if step_ms:
         cmd += ["--flat-ms", str(step_ms)]
@@ -136,7 +136,7 @@ def _phase(name: str, streams: int, max_tokens: int, step_ms: float | None, out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m saber_emulator.perf", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m saber_bench.perf.emulator", description=__doc__.split("\n")[0])
     p.add_argument("--streams", type=int, default=200, help="concurrent streams in the throughput phase")
     p.add_argument("--step-ms", type=float, nargs="+", default=[20.0, 10.0],
                    help="flat step times of the throughput phases, ms (default 20 10: 10k and 20k tokens/s at 200 streams)")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, set(range(1, os.cpu_count())))  # keep the load generator off core 0
     results = {
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()},
-        "command": "python -m saber_emulator.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m saber_bench.perf.emulator " + " ".join(argv if argv is not None else sys.argv[1:]),
         "throughput": [_phase(f"throughput-{ms:g}ms", args.streams, args.max_tokens, ms, out) for ms in args.step_ms],
         "fidelity": _phase("fidelity", args.fidelity_streams, args.fidelity_tokens, None, out),
     }

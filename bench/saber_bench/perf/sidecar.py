@@ -1,8 +1,8 @@
 """Proxy overhead benchmark: the same streaming load sent to the engine directly and via the sidecar.
 
-    python -m saber_sidecar.perf --out DIR [--streams 200] [--duration 15] [--rounds 2]
-    python -m saber_sidecar.perf --out DIR --pin --floor --flat-step-ms 50 --jitter-ms 50
-    python -m saber_sidecar.perf --parser-only     # CPU per relayed chunk of the engine client's parser
+    python -m saber_bench.perf.sidecar --out DIR [--streams 200] [--duration 15] [--rounds 2]
+    python -m saber_bench.perf.sidecar --out DIR --pin --floor --flat-step-ms 50 --jitter-ms 50
+    python -m saber_bench.perf.sidecar --parser-only     # CPU per relayed chunk of the engine client's parser
 
 Starts the emulator, one sidecar per policy and (`--floor`) a bare TCP pipe as separate processes
 on loopback, then runs a closed-loop load generator (`--streams` workers, each sending streamed
@@ -188,7 +188,7 @@ def flat_profile(out: Path, step_ms: float) -> Path:
     path = out / f"flat-{step_ms:g}ms.json"
     path.write_text(json.dumps({
         "name": f"flat-{step_ms:g}ms",
-        "description": f"{step_ms:g} ms per step at any batch size, no prefill cost (saber_sidecar.perf)",
+        "description": f"{step_ms:g} ms per step at any batch size, no prefill cost (saber_bench.perf.sidecar)",
         "decode_batch_sizes": [1], "decode_step_s": [step_ms / 1000], "prefill_s_per_token": 0.0,
         "context_s_per_token": 0.0, "prefill_only_step_s": None,
     }) + "\n")
@@ -325,7 +325,7 @@ async def main_async(opts: argparse.Namespace) -> dict:
         targets: dict[str, tuple[str, int | None]] = {"direct": (engine_url, None)}
         if opts.floor:
             pipe, url = start(
-                [sys.executable, "-m", "saber_sidecar.tcp_pipe", "--upstream", engine_url.split("//", 1)[1]],
+                [sys.executable, "-m", "saber_bench.perf.tcp_pipe", "--upstream", engine_url.split("//", 1)[1]],
                 out / "tcp-pipe.log", r"listening on (http://\S+)", cpus=opts.sidecar_cpus,
             )
             procs.append(pipe)
@@ -342,7 +342,7 @@ async def main_async(opts: argparse.Namespace) -> dict:
             stop(proc)
     results = {name: measured[f"sidecar-{name}"] for name in opts.policies}
     return {
-        "command": "python -m saber_sidecar.perf " + " ".join(sys.argv[1:]),
+        "command": "python -m saber_bench.perf.sidecar " + " ".join(sys.argv[1:]),
         "streams": opts.streams,
         "duration_s": opts.duration,
         "ramp_s": opts.ramp,
@@ -413,7 +413,7 @@ def parser_cost(chunks: int = 100_000, repeats: int = 5) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saber_sidecar.perf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m saber_bench.perf.sidecar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="folder for sidecar_perf.json and the process logs (required but with "
                         "--parser-only)")
     parser.add_argument("--parser-only", action="store_true",
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="shorthand for a flat latency profile with this step time (written to DIR); at 200 "
                         "streams a 50 ms step gives about 4,000 tokens/s, near the paper profile's rate there")
     parser.add_argument("--floor", action="store_true",
-                        help="also send the load through a bare TCP byte pipe (saber_sidecar.tcp_pipe), the least "
+                        help="also send the load through a bare TCP byte pipe (saber_bench.perf.tcp_pipe), the least "
                         "any proxy can add on this machine, so the sidecar's own cost can be read against it")
     parser.add_argument("--policies", nargs="+", default=["static", "saber"], choices=list(CONFIGS))
     parser.add_argument("--pin", action="store_true",

@@ -1,9 +1,9 @@
 """The least a user-space proxy can do: a TCP byte pipe, for the proxy benchmark's floor.
 
-    python -m saber_sidecar.tcp_pipe --upstream HOST:PORT [--port 0]
+    python -m saber_bench.perf.tcp_pipe --upstream HOST:PORT [--port 0]
 
 Every client connection gets its own upstream connection and bytes are copied both ways as they
-arrive, with no HTTP parsing, no decisions and no metrics. `saber_sidecar.perf --floor` sends the
+arrive, with no HTTP parsing, no decisions and no metrics. `saber_bench.perf.sidecar --floor` sends the
 same load through it: what it adds to TTFT on a machine is what any proxy in its place would
 add there (loopback hops, the event loop's wake-ups, CPU shared with the engine and the load),
 so the sidecar's own cost is what it adds beyond this.
@@ -74,7 +74,7 @@ async def serve(listen_host: str, listen_port: int, upstream: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saber_sidecar.tcp_pipe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m saber_bench.perf.tcp_pipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", required=True, help="HOST:PORT to copy bytes to and from")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free one)")
