@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .machine import describe_machine
+
 COMPONENT_PERF = {
     "emulator": "saber_bench.perf.emulator",
     "sidecar": "saber_bench.perf.sidecar",
@@ -143,18 +145,6 @@ def _component(module: str):
     return run
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores{' ' + model if model else ''}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
-
 
 def _sim(args: argparse.Namespace) -> int:
     import time
@@ -201,7 +191,7 @@ def _sim(args: argparse.Namespace) -> int:
     summary["meta"] = {
         "suite": suite.name, "mode": "sim", "seeds": args.seeds, "runs": len(outputs),
         "elapsed_s": elapsed, "run_cpu_s": sum(o.elapsed_s for o in outputs),
-        "machine": _machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
+        "machine": describe_machine(), "command": "saber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("saber") else
         f"saber bench sim --suite {suite.name} --seeds {args.seeds} --out {args.out}",
         "cdf_rate": cdf_rate, "profile": args.profile or "paper-qwen2.5-coder-3b (default)",
         "evidence": _evidence("sim", args.profile),

@@ -407,7 +407,7 @@ def write_live(out: Path, cells: list[dict], sim: dict | None, meta: dict, title
 
 
 async def run_live_cli(args, out: Path) -> int:
-    from .cli import _machine
+    from .machine import describe_machine
 
     t0 = time.perf_counter()
     args.rates = args.rates or [15.0]
@@ -417,7 +417,7 @@ async def run_live_cli(args, out: Path) -> int:
     from .trace_cli import evidence
 
     meta = {"mode": "live", "evidence": evidence("live", engine="vllm" if args.engine == "vllm" else "emulator"),
-            "command": "saber " + " ".join(sys.argv[1:]), "machine": _machine(),
+            "command": "saber " + " ".join(sys.argv[1:]), "machine": describe_machine(),
             "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {args.workload}")
     print(comparison_table(cells, sim))
@@ -440,7 +440,7 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path, tr
     the fact (what a perfectly tuned `max_num_seqs` would get), so saber is shown against the best
     a static setting can do, not a strawman.
     """
-    from .cli import _machine
+    from .machine import describe_machine
 
     t0 = time.perf_counter()
     policies = [best_static_in_sim(workload, rate) if s == "best" else s for s in statics]
@@ -451,7 +451,7 @@ async def run_demo(workload: str, rate: float, statics: list[str], out: Path, tr
     cells = await run_cells(workload, [rate], policies, 1, PAPER_REQUESTS, out)
     sim = simulate_cells(workload, [rate], policies, 1, PAPER_REQUESTS)
     meta = {"mode": "demo", "evidence": "live on the emulator (paper profile)", "command": f"saber bench demo --workload {workload} --rate {rate:g} "
-            f"--static {','.join(statics)}", "machine": _machine(), "elapsed_s": time.perf_counter() - t0}
+            f"--static {','.join(statics)}", "machine": describe_machine(), "elapsed_s": time.perf_counter() - t0}
     paths = write_live(out, cells, sim, meta, f"saber demo: {workload} at {rate:g} req/s")
     print()
     print(comparison_table(cells, sim))

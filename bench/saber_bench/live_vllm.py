@@ -359,13 +359,13 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
 
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,
                 requests, warmup) -> dict:
-    from .cli import _machine
+    from .machine import describe_machine
     from .live import write_live
 
     command = ("saber bench live --engine vllm"
                + f" --loads {','.join(f'{x:g}' for x in loads)} --policies {','.join(policies)}"
                + f" --seeds {seeds} --requests {requests} --warmup {warmup} --out {out}")
-    meta = {"mode": "live", "engine": TITLE, "command": command, "machine": _machine(),
+    meta = {"mode": "live", "engine": TITLE, "command": command, "machine": describe_machine(),
             "elapsed_s": timings.get("total_s", 0.0), "timings": timings, "workload": scaled.to_json(),
             "profile": profile.model_dump(mode="json", exclude_none=True)}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {TITLE}, workload scaled to it")

@@ -120,7 +120,7 @@ def oracle_share(summary: dict) -> dict[str, float | None]:
 
 async def run_live(args: argparse.Namespace, out: Path) -> int:
     """`saber bench live --trace ...`: the window at each rate, every policy, one fresh sidecar each."""
-    from .cli import _machine
+    from .machine import describe_machine
     from .live import comparison_table, run_cells, write_live
     from .trace_bench import rates_for, trace_meta
     from .trace_live import LiveTrace
@@ -149,7 +149,7 @@ async def run_live(args: argparse.Namespace, out: Path) -> int:
         sim = {(r, p): run_trace_one(source, RunKey(source.label, r, p, 0)).stats.goodput
                for r in rates for p in args.policies}
     meta = {"mode": "live", "evidence": evidence("live", engine=args.engine), "command": "saber " + " ".join(sys.argv[1:]),
-            "machine": _machine(), "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine,
+            "machine": describe_machine(), "elapsed_s": time.perf_counter() - t0, "engine": args.engine_url or args.engine,
             **info, **trace_meta(source)}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {source.label} ({meta['evidence']})")
     print(f"evidence: {meta['evidence']}")
