@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .measuring import percentile
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -109,9 +111,6 @@ class RunStats:
         return asdict(self)
 
 
-def _pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else math.nan
-
 
 def run_stats(records: Sequence[RequestRecord]) -> RunStats:
     n = len(records)
@@ -136,12 +135,12 @@ def run_stats(records: Sequence[RequestRecord]) -> RunStats:
         demoted=sum(r.demoted for r in records),
         unfinished=sum(1 for r in records if not r.rejected and not r.served),
         attainment={k: sum(v) / len(v) for k, v in sorted(by_class.items())},
-        e2e_p50=_pct(e2e, 50),
-        e2e_p95=_pct(e2e, 95),
-        e2e_p99=_pct(e2e, 99),
-        ttft_p50=_pct(ttft, 50),
-        ttft_p95=_pct(ttft, 95),
-        ttft_p99=_pct(ttft, 99),
+        e2e_p50=percentile(e2e, 50),
+        e2e_p95=percentile(e2e, 95),
+        e2e_p99=percentile(e2e, 99),
+        ttft_p50=percentile(ttft, 50),
+        ttft_p95=percentile(ttft, 95),
+        ttft_p99=percentile(ttft, 99),
         mean_e2e_over_sla=float(np.mean(population)) if population else math.nan,
         throughput_rps=len(served) / makespan,
         throughput_tok_s=sum(r.output_tokens for r in served) / makespan,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
-from saber_sidecar.config import SchedulingConfig, SidecarConfig
+from saber_sidecar.config import DNS_LABEL, SchedulingConfig, SidecarConfig
 
 GROUP = "saber.dev"
 VERSION = "v1alpha1"
@@ -24,7 +24,6 @@ PLURAL = "saberservices"
 SINGULAR = "saberservice"
 SHORT_NAMES = ["saber"]
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENGINE_PORT = 8000  # the engine listens here inside the pod; the sidecar forwards to it
 GPU_RESOURCE = "nvidia.com/gpu"

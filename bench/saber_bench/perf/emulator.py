@@ -24,14 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from saber_bench.measuring import percentile
+
 STEP_LOG_ENV = "SABER_EMULATOR_PERF_STEPLOG"
 
-
-def _percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
 # ---- child: the emulator process -----------------------------------------------------------------
@@ -130,8 +126,8 @@ def _phase(name: str, streams: int, max_tokens: int, step_ms: float | None, out:
         "one_core_capacity_tokens_per_s": 1.0 / cpu_per_token if cpu_per_token else None,
         "model_step_ms": model_interval * 1000,
         "actual_step_ms_mean": statistics.mean(a for _, a in steady) * 1000,
-        "step_error_ms": {"mean": statistics.mean(errors_ms), "p50": _percentile(errors_ms, 0.5),
-                          "p99": _percentile(errors_ms, 0.99), "max": max(errors_ms)},
+        "step_error_ms": {"mean": statistics.mean(errors_ms), "p50": percentile(errors_ms, 50),
+                          "p99": percentile(errors_ms, 99), "max": max(errors_ms)},
     }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import kmock
 
+from saber_bench.measuring import cpu_seconds, percentile
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, SABER, SERVICES, SaberAPIEmulator
 
 NS = "perf"
@@ -54,10 +55,12 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_used(pid: int) -> float:
+    """CPU seconds of the operator process, which runs throughout the measurement."""
+    used = cpu_seconds(pid)
+    if used is None:
+        raise RuntimeError(f"the operator process {pid} exited during the benchmark")
+    return used
 
 
 def live(emu: SaberAPIEmulator, resource: str, name: str) -> dict[str, Any] | None:
@@ -94,9 +97,8 @@ async def wait_all(
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-    s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
-    return {"p50": round(pick(0.5), 3), "p90": round(pick(0.9), 3), "p99": round(pick(0.99), 3), "max": round(s[-1], 3)}
+    return {"p50": round(percentile(values, 50), 3), "p90": round(percentile(values, 90), 3),
+            "p99": round(percentile(values, 99), 3), "max": round(max(values), 3)}
 
 
 async def run(count: int, out: Path, interval: float, timeout: float) -> dict[str, Any]:
@@ -113,7 +115,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
             if proc.poll() is not None:
                 raise RuntimeError(f"operator exited: {proc.stderr.read() if proc.stderr else ''}")
             idle_rss = rss_kib(proc.pid)[0]
-            cpu_start = cpu_seconds(proc.pid)
+            cpu_start = cpu_used(proc.pid)
             names = [f"svc-{i:04d}" for i in range(count)]
             peak = [idle_rss]
 
@@ -128,7 +130,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
             created_s = time.monotonic() - t0
             done = await wait_all(emu, names, lambda n: reconciled(emu, n, 1), timeout, proc.pid, peak, t0)
             create_total = max(done.values()) if len(done) == count else None
-            cpu_create = cpu_seconds(proc.pid) - cpu_start
+            cpu_create = cpu_used(proc.pid) - cpu_start
 
             # Change every SLA: the ConfigMaps must follow (hot reload path), the Deployments must not.
             templates = {n: json.dumps(live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) for n in names}
@@ -151,7 +153,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
             )
             rolled = sum(json.dumps(live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) != templates[n] for n in names)
             rss_end, hwm = rss_kib(proc.pid)
-            cpu_total = cpu_seconds(proc.pid) - cpu_start
+            cpu_total = cpu_used(proc.pid) - cpu_start
             result = {
                 "command": f"python -m saber_bench.perf.operator --count {count} --out {out}",
                 "api": "kmock KubernetesEmulator (in-memory API on loopback), not a real kube-apiserver",

@@ -148,7 +148,7 @@ def measure(policy_name: str, queued: int, ops: int) -> dict:
 
 def _loose_config(name: str, output_tokens: int, queued: int):
     """One class with a one-hour deadline (refits off, as in `measure`)."""
-    from saber_sidecar.config import SidecarConfig, SchedulingConfig, SLAClass
+    from saber_sidecar.config import SchedulingConfig, SidecarConfig, SLAClass
 
     cfg = SidecarConfig(
         classes=[SLAClass(name=name, deadline_seconds=3600.0, output_tokens=output_tokens)],

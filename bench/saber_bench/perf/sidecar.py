@@ -33,8 +33,10 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-
 from saber_sidecar.server import run_loop
+
+from saber_bench.measuring import cpu_seconds
+from saber_bench.ports import ServerStartError, wait_for_listen_url
 
 MODEL = "Qwen/Qwen2.5-Coder-3B-Instruct"
 PROMPT = "Write a Python function that parses an ISO 8601 date and returns the weekday. " * 4
@@ -195,14 +197,6 @@ def flat_profile(out: Path, step_ms: float) -> Path:
     return path
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), to report the sidecar's cost per token."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
 
 def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0,
           cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
@@ -211,16 +205,11 @@ def start(cmd: list[str], log: Path, pattern: str, timeout_s: float = 60.0,
     sink.close()
     if cpus:
         os.sched_setaffinity(proc.pid, cpus)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = re.search(pattern, log.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[3]} exited with {proc.returncode}; see {log}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{cmd[3]} did not start within {timeout_s}s; see {log}")
+    try:
+        return proc, wait_for_listen_url(proc, log, name=cmd[3], timeout_s=timeout_s, pattern=re.compile(pattern))
+    except ServerStartError:
+        proc.kill()
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:
