@@ -17,6 +17,14 @@ Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that
   with it (so the server's tokenizer costs what it costs real requests) and the count it reports is
   the one fitted; without it (the emulator) they are token-id lists of the exact length. Every
   prompt starts differently: vLLM's prefix cache would otherwise skip the prefill being measured.
+  The intercept less one step (the first knot) is `request_overhead_s`: the fixed latency of a
+  request outside the engine's steps (HTTP, the relay, tokenising, streaming back).
+- **per-request cost under arrivals.** Decode waves at a middle N again, while single-token
+  requests (short prompts) arrive evenly through the wave. On a host whose cores the engine shares
+  with its API server, the relay and the clients, each arrival slows the decoding streams by the
+  CPU spent on it; the extra seconds inside the all-decoding window per arrival in it, less the
+  arrival's own prefill, is `request_step_s`. (Closed waves alone never see this cost; a stream of
+  arrivals, as in any real load, pays it on every request.)
 
 The result is one YAML file in the `LatencyProfile` schema (kept under 4 KB: an operator Job writes
 it to /dev/termination-log), the raw samples in a CSV beside it, and a PNG plot.
@@ -74,6 +82,7 @@ class Sample:
     value: float
     tokens: int = 0
     target: int = 0  # prefill: the prompt length asked for (prompt_tokens is what the engine counted)
+    injected: int = 0  # decode-loaded: single-token requests that arrived inside this stream's window
 
 
 @dataclass
@@ -216,6 +225,7 @@ async def calibrate(
     prompt_lengths: tuple[int, ...] | list[int] = DEFAULT_PROMPT_LENGTHS,
     prefill_repeats: int = 3,
     context_tokens: int = 1024,
+    arrivals_per_wave: int | None = None,
     duration_s: float = 300.0,
     name: str | None = None,
     progress: bool = True,
@@ -223,7 +233,9 @@ async def calibrate(
     """Measure the engine at `url`; returns its profile and the raw samples.
 
     `context_tokens` > 0 also measures the cost of KV context (decode waves with prompts that long;
-    0 skips it and leaves `context_s_per_token` 0). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
+    0 skips it and leaves `context_s_per_token` 0). `arrivals_per_wave` single-token requests arrive
+    through each loaded wave (default: half the wave's N; 0 skips the measurement and leaves
+    `request_step_s` 0). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
     what was measured; at least one decode level and two prompt lengths are needed).
     """
     url = url.rstrip("/")
@@ -237,13 +249,21 @@ async def calibrate(
         raise ValueError("need at least two distinct prompt lengths >= 1")
     # Context cost: the same waves with long prompts at the smallest, a middle and the largest N.
     ctx_levels = sorted({levels[0], levels[len(levels) // 2], levels[-1]}) if context_tokens else []
+    # Per-request cost: waves at a middle N (16 by default) with arrivals through them.
+    load_n = levels[len(levels) // 2]
+    # Half as many arrivals as streams: about one a step's worth of a loaded engine's traffic (the
+    # 1x-2x loads of the proof); denser arrivals measured a cost 2-3x what live runs show.
+    n_arrivals = max(1, load_n // 2) if arrivals_per_wave is None else arrivals_per_wave
+    if n_arrivals < 0:
+        raise ValueError("arrivals_per_wave must be >= 0")
     t0 = time.perf_counter()
     samples: list[Sample] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=(len(levels) + len(ctx_levels)) * rounds + len(lengths) * prefill_repeats + 1, unit="wave",
+        bar = tqdm(total=(len(levels) + len(ctx_levels) + (1 if n_arrivals else 0)) * rounds
+                   + len(lengths) * prefill_repeats + 1, unit="wave",
                    desc="saber calibrate")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)
@@ -267,14 +287,24 @@ async def calibrate(
                     if time.perf_counter() - t0 > duration_s and any(s.kind == "decode" for s in samples):
                         skipped = True
                         break
-                    streams = await asyncio.gather(
-                        *(_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)))
+                    decodes = [_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)]
+                    sent: list[float] = []
+                    if kind == "decode-loaded":
+                        # Spread over the wave as the unloaded level predicts it lasts.
+                        wave_s = decode_tokens * step_of(n)
+
+                        *streams, _ = await asyncio.gather(*decodes, asyncio.gather(
+                            *(arrival(wave_s * (i + 0.5) / n_arrivals, sent) for i in range(n_arrivals))))
+                    else:
+                        streams = await asyncio.gather(*decodes)
                     spans = window_spans(streams)
                     if len(spans) * 2 < n:
                         continue
                     good += 1
+                    lo, hi = max(s.chunks[0][0] for s in streams), min(s.chunks[-1][0] for s in streams)
+                    inside = sum(lo <= t <= hi for t in sent)
                     # tokens = the tokens counted in the window (the level's speed weighs by them).
-                    samples.extend(Sample(kind, n, prompt_len, r, k / dt, k) for k, dt in spans)
+                    samples.extend(Sample(kind, n, prompt_len, r, k / dt, k, injected=inside) for k, dt in spans)
                     if bar:
                         bar.update()
 
@@ -282,6 +312,18 @@ async def calibrate(
                 await waves(n, DECODE_PROMPT_TOKENS, "decode")
             for n in ctx_levels:
                 await waves(n, context_tokens, "decode-context")
+
+            async def arrival(delay: float, sent: list[float]) -> None:
+                await asyncio.sleep(delay)
+                sent.append(time.perf_counter())
+                await _stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), 1)
+
+            def step_of(n: int) -> float:
+                dec = [x for x in samples if x.kind == "decode" and x.concurrency == n]
+                return sum(x.tokens / x.value for x in dec) / sum(x.tokens for x in dec) if dec else 0.01
+
+            if n_arrivals:
+                await waves(load_n, DECODE_PROMPT_TOKENS, "decode-loaded")
             # An untimed pass first (rep -1): the first request at a new prompt length costs 2-4x the
             # next ones on vLLM's CPU build (kernels set up per shape), which steady traffic never pays.
             # Then longest first, then interleaved, so a drift in machine load does not tilt the slope.
@@ -351,6 +393,19 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
     slope, intercept = np.polyfit(np.asarray(lengths, float), np.asarray(med), 1)
     slope = float(min(max(slope, 0.0), 1.0))
     intercept = float(intercept)
+    # The intercept is one step (a single sequence's forward pass, the first knot) plus what the
+    # request spends outside the engine; that rest is the per-request fixed latency.
+    first_step = steps[min(steps)]
+    overhead = min(max(intercept - first_step, 0.0), 10.0)
+    # Per-request engine cost under arrivals: the loaded waves' extra seconds in their windows over
+    # the unloaded level's, per arrival inside the window, less that arrival's own prefill.
+    loaded = [s for s in samples if s.kind == "decode-loaded" and s.concurrency in short]
+    req_step = 0.0
+    if loaded:
+        extra = sum(s.tokens / s.value - s.tokens * short[s.concurrency] for s in loaded)
+        arrivals = sum(s.injected for s in loaded)
+        if arrivals:
+            req_step = float(min(max(extra / arrivals - DECODE_PROMPT_TOKENS * slope, 0.0), 1.0))
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
     text = (
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "
@@ -359,19 +414,20 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
         + (f" (context from waves with {ctx_prompt}-token prompts at N={both})" if both else "")
         + f". Prefill: TTFT of single requests with prompts of {[round(x) for x in lengths]} tokens "
         f"({'text, counted by /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
-        f"intercept {intercept * 1000:.1f} ms."
+        f"intercept {intercept * 1000:.1f} ms, less one step = request_overhead_s."
+        + (f" request_step_s: decode waves at N={sorted({s.concurrency for s in loaded})} with "
+           f"{sum(s.injected for s in loaded)} single-token arrivals inside their windows (all streams)." if loaded else "")
         + (" Cut short by the duration limit." if skipped else "")
     )
     profile = profile_from_speeds(
         means, name or f"calibrated-{model}"[:200], prefill_s_per_token=slope, description=text,
         context_s_per_token=_sig(ctx_cost),
-        prefill_only_step_s=intercept if 0.0 < intercept <= 10.0 else None,
+        request_overhead_s=_sig(overhead), request_step_s=_sig(req_step),
     )
     # Six significant digits: far finer than the measurement, and a short readable file.
     profile = profile.model_copy(update={
         "decode_step_s": [_sig(x) for x in profile.decode_step_s],
         "prefill_s_per_token": _sig(profile.prefill_s_per_token),
-        "prefill_only_step_s": _sig(profile.prefill_only_step_s) if profile.prefill_only_step_s else None,
     })
     return Calibration(LatencyProfile.model_validate(profile.model_dump()), samples, (intercept, slope), elapsed,
                        model)
@@ -393,10 +449,11 @@ def write_outputs(cal: Calibration, out: str | Path, plot: bool = True) -> dict[
     csv_path = out.with_suffix(".samples.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens"])
+        w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens",
+                    "arrivals_in_window"])
         for s in cal.samples:
             w.writerow([s.kind, s.concurrency, s.prompt_tokens, s.target or "", s.round, f"{s.value:.6g}",
-                        "ttft_s" if s.kind == "prefill" else "tokens_per_s", s.tokens])
+                        "ttft_s" if s.kind == "prefill" else "tokens_per_s", s.tokens, s.injected or ""])
     paths["samples"] = csv_path
     if plot:
         paths["plot"] = plot_calibration(cal, out.with_suffix(".png"))
@@ -444,5 +501,6 @@ def summary_line(cal: Calibration) -> str:
     p = cal.profile
     speeds = ", ".join(f"N={n}: {p.speed(n):.0f}" for n in p.decode_batch_sizes)
     return (f"prefill {p.prefill_s_per_token * 1000:.3f} ms/token (intercept {cal.prefill_fit[0] * 1000:.1f} ms); "
+            f"per request: overhead {p.request_overhead_s * 1000:.1f} ms, engine {p.request_step_s * 1000:.2f} ms; "
             f"decode tokens/s per request {speeds}; {cal.elapsed_s:.0f} s")
 

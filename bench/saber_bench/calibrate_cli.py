@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context-tokens", type=int, default=1024,
                    help="prompt length of the extra decode waves that measure the cost of KV context "
                    "(context_s_per_token); 0 skips them (default 1024)")
+    p.add_argument("--arrivals-per-wave", type=int, default=None,
+                   help="single-token requests sent through each wave at the middle concurrency, to measure the "
+                   "engine time each request costs under arrivals (request_step_s); 0 skips (default: half "
+                   "that concurrency)")
     p.add_argument("--duration", type=float, default=300.0,
                    help="time budget in seconds: once spent, remaining waves are skipped and the profile is "
                    "fit on what was measured (default 300)")
@@ -77,7 +81,8 @@ def _run(args: argparse.Namespace) -> int:
             args.engine_url, args.model, max_concurrency=args.max_concurrency, concurrencies=args.concurrency,
             decode_tokens=args.decode_tokens, rounds=args.rounds,
             prompt_lengths=args.prompt_lengths or DEFAULT_PROMPT_LENGTHS, prefill_repeats=args.prefill_repeats,
-            context_tokens=args.context_tokens, duration_s=args.duration, name=args.name,
+            context_tokens=args.context_tokens, arrivals_per_wave=args.arrivals_per_wave,
+            duration_s=args.duration, name=args.name,
             progress=not args.no_progress,
         ))
         paths = write_outputs(cal, args.out, plot=not args.no_plot)

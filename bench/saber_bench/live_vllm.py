@@ -23,7 +23,10 @@ once. The harness then
    All saber variants are told the engine's cap (`scheduling.engine_max_num_seqs`), as the
    operator does.
 4. writes a table (JSON + markdown) and a plot, labelled "real vLLM (CPU build)", and with
-   `--compare-sim` the same cells simulated on the calibrated profile, and the difference.
+   `--compare-sim` the same cells simulated on the calibrated profile (the engine model with
+   vLLM's limits: `max_num_seqs`, its CPU token budget per step), the difference per cell and the
+   share of cells within `AGREE_POINTS` (`summary.json` `sim_agreement`); also the same cells on
+   the profile's step table alone (its per-request costs zeroed), to show what those costs explain.
 
 Prompts are distinct per request (vLLM's prefix cache would otherwise make repeated prompts free,
 which the simulator does not model); their token counts come from vLLM's `/tokenize`.
@@ -46,6 +49,10 @@ from .workloads import RequestSpec, Task, mix_classes, rng_for, uniform_arrivals
 
 TITLE = "real vLLM (CPU build)"
 ENGINE_MAX_NUM_SEQS = 64
+# vLLM's CPU API-server default token budget per step (chunked prefill), passed explicitly so the
+# server and the simulated engine use the same one.
+ENGINE_MAX_NUM_BATCHED_TOKENS = 2048
+AGREE_POINTS = 5.0  # issue 10 item 3: live and sim within this many points of goodput
 KNEE_BATCH = 16        # deadlines are what the engine meets with this many decoding
 DEADLINE_MARGIN = 1.5  # x the latency at the knee: room for queueing a little, not for a full batch of 64
 LOADS = (0.5, 1.0, 1.5, 2.0)
@@ -109,8 +116,10 @@ def decode_step(p: LatencyProfile, batch: int) -> float:
 
 
 def latency_at(p: LatencyProfile, batch: int, prompt: int, out: int) -> float:
-    """A request's end-to-end time while `batch` requests decode: its prefill step, then `out` decode steps."""
-    return decode_step(p, batch) + prompt * p.prefill_s_per_token + (out - 1) * decode_step(p, batch)
+    """A request's end-to-end time while `batch` requests decode: its fixed overhead, its prefill step
+    (with its own per-request engine cost), then `out` decode steps."""
+    return (p.request_overhead_s + decode_step(p, batch) + prompt * p.prefill_s_per_token + p.request_step_s
+            + (out - 1) * decode_step(p, batch))
 
 
 def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Scaled:
@@ -123,9 +132,10 @@ def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -
     for b in range(1, max_num_seqs + 1):
         if any(latency_at(p, b, prompts[k], t.max_tokens) > t.sla_s for k, t in classes.items()):
             break
-        # Engine seconds per request at batch b: its share of b-wide decode steps plus its prefill.
+        # Engine seconds per request at batch b: its share of b-wide decode steps, its prefill and
+        # the engine time the serving stack takes for each request (profile.request_step_s).
         per_req = sum(shares[k] * (t.max_tokens * decode_step(p, b) / b + prompts[k] * p.prefill_s_per_token)
-                      for k, t in classes.items())
+                      for k, t in classes.items()) + p.request_step_s
         if 1.0 / per_req > best:
             best, best_b = 1.0 / per_req, b
     return Scaled(classes, shares, prompts, round(best, 2), best_b)
@@ -186,7 +196,8 @@ async def start_vllm(out: Path, max_num_seqs: int):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         model_dir = await asyncio.to_thread(vllm_cpu.build_tiny_model, out / "vllm-model")
         server = vllm_cpu.VLLMServer(model_dir, max_num_seqs=max_num_seqs, max_model_len=4096,
-                                     log_path=out / "logs" / "vllm.log")
+                                     log_path=out / "logs" / "vllm.log",
+                                     extra_args=["--max-num-batched-tokens", str(ENGINE_MAX_NUM_BATCHED_TOKENS)])
         await asyncio.to_thread(server.start)
     except (RuntimeError, OSError) as exc:
         raise LiveError(f"could not start vLLM: {exc}") from exc
@@ -317,18 +328,27 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
     finally:
         if server is not None:
             server.stop()
-    sim = None
+    sim = sim_table = None
     if compare_sim:
         t = time.perf_counter()
-        sim = simulate_proof(arrivals, scaled, profile, loads, policies, seeds, max_num_seqs)
+        sim = simulate_proof(arrivals, scaled, profile, loads, policies, seeds, max_num_seqs,
+                             records_dir=out / "requests")
+        # The step table alone (what the simulator had before the per-request costs were measured).
+        table_only = profile.model_copy(update={"request_overhead_s": 0.0, "request_step_s": 0.0})
+        sim_table = simulate_proof(arrivals, scaled, table_only, loads, policies, seeds, max_num_seqs)
         timings["sim_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return write_proof(out, cells, sim, scaled, profile, timings, loads, policies, seeds, requests, warmup)
+    return write_proof(out, cells, sim, scaled, profile, timings, loads, policies, seeds, requests, warmup,
+                       sim_table=sim_table)
 
 
 def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, policies, seeds: int,
-                   max_num_seqs: int) -> dict:
-    """The same cells in virtual time on the calibrated profile: (rate, policy) -> goodput."""
+                   max_num_seqs: int, records_dir: Path | None = None) -> dict:
+    """The same cells in virtual time on the calibrated profile: (rate, policy) -> goodput.
+
+    With `records_dir`, each simulated run's per-request records go beside the live ones
+    (`{load}x-{policy}-{seed}.sim.jsonl`), for a request-by-request comparison.
+    """
     from saber_emulator.engine import EngineConfig, EngineCore
     from saber_sidecar.policy import make_policy
 
@@ -348,23 +368,61 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
                     shift = max(s.arrival for s in warm) + 30.0  # warm-up drained before the measured run
                     specs = warm + [replace(s, arrival=s.arrival + shift) for s in specs]
                 engine = EngineCore(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=4096,
-                                                 max_num_batched_tokens=8192), profile, seed=seed)
+                                                 max_num_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS), profile,
+                                    seed=seed)
                 res = simulate(specs, make_policy(cfg, seed), engine, request_builder("saber", cfg),
                                engine_priority=cfg.scheduling.engine_priority)
                 measured = [r for r in res.records if not r.id.startswith("w")]
+                if records_dir is not None:
+                    from .live import _dump_records
+
+                    _dump_records(records_dir / f"{load:g}x-{policy}-{seed}.sim.jsonl", measured)
                 gs.append(run_stats(measured).goodput)
             out[(rate, policy)] = sum(gs) / len(gs)
     return out
 
 
+def sim_agreement(cells, sim: dict) -> dict:
+    """Per cell live, sim and live − sim (points), and the share of cells within AGREE_POINTS."""
+    rows = [{"load": c["load"], "rate": c["rate"], "policy": c["policy"], "live": 100 * c["goodput"],
+             "sim": 100 * sim[(c["rate"], c["policy"])], "diff": 100 * (c["goodput"] - sim[(c["rate"], c["policy"])])}
+            for c in cells if (c["rate"], c["policy"]) in sim]
+    within = sum(abs(r["diff"]) <= AGREE_POINTS + 1e-9 for r in rows)
+    return {"points": AGREE_POINTS, "cells": rows, "within": within, "share_within": within / len(rows) if rows else 0.0,
+            "max_abs_diff": max((abs(r["diff"]) for r in rows), default=0.0),
+            "mean_abs_diff": sum(abs(r["diff"]) for r in rows) / len(rows) if rows else 0.0}
+
+
+def agreement_table(agree: dict, agree_table: dict | None) -> str:
+    head = ["load", "policy", "live %", "sim %", "live − sim"] + (
+        ["sim, step table only %", "live − sim (table only)"] if agree_table else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    other = {(r["rate"], r["policy"]): r for r in (agree_table or {}).get("cells", [])}
+    for r in agree["cells"]:
+        row = [f"{r['load']:g}x", r["policy"], f"{r['live']:.0f}", f"{r['sim']:.0f}", f"{r['diff']:+.0f}"]
+        if agree_table:
+            o = other.get((r["rate"], r["policy"]))
+            row += [f"{o['sim']:.0f}", f"{o['diff']:+.0f}"] if o else ["–", "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    tail = (f"\nWithin {AGREE_POINTS:g} points: {agree['within']}/{len(agree['cells'])} cells "
+            f"({100 * agree['share_within']:.0f}%), mean |live − sim| {agree['mean_abs_diff']:.1f}, "
+            f"max {agree['max_abs_diff']:.1f}")
+    if agree_table:
+        tail += (f"; step table only: {agree_table['within']}/{len(agree_table['cells'])} "
+                 f"({100 * agree_table['share_within']:.0f}%), mean {agree_table['mean_abs_diff']:.1f}, "
+                 f"max {agree_table['max_abs_diff']:.1f}")
+    return "\n".join(lines) + "\n" + tail + ".\n"
+
+
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,
-                requests, warmup) -> dict:
+                requests, warmup, sim_table: dict | None = None) -> dict:
     from .machine import describe_machine
     from .live import write_live
 
     command = ("saber bench live --engine vllm"
                + f" --loads {','.join(f'{x:g}' for x in loads)} --policies {','.join(policies)}"
-               + f" --seeds {seeds} --requests {requests} --warmup {warmup} --out {out}")
+               + f" --seeds {seeds} --requests {requests} --warmup {warmup}" + (" --compare-sim" if sim else "")
+               + f" --out {out}")
     meta = {"mode": "live", "engine": TITLE, "command": command, "machine": describe_machine(),
             "elapsed_s": timings.get("total_s", 0.0), "timings": timings, "workload": scaled.to_json(),
             "profile": profile.model_dump(mode="json", exclude_none=True)}
@@ -391,10 +449,20 @@ def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, 
                                      for c in cells if c["load"] == load and (c["rate"], c["policy"]) in sim}
         targets.append(row)
     summary["targets"] = targets
+    agree_md = ""
+    if sim:
+        summary["sim_agreement"] = sim_agreement(cells, sim)
+        if sim_table:
+            summary["sim_agreement_table_only"] = sim_agreement(cells, sim_table)
+        agree_md = ("\nLive (real vLLM (CPU build)) against sim on the profile calibrated from it:\n\n"
+                    + agreement_table(summary["sim_agreement"], summary.get("sim_agreement_table_only")))
+        a = summary["sim_agreement"]
+        print(f"sim agreement: {a['within']}/{len(a['cells'])} cells within {AGREE_POINTS:g} points "
+              f"(mean |live - sim| {a['mean_abs_diff']:.1f}, max {a['max_abs_diff']:.1f})", flush=True)
     paths["summary"].write_text(json.dumps(summary, indent=1, default=float) + "\n")
     with open(paths["report"], "a") as f:
         f.write(f"\nWorkload (derived from the calibration `engine-profile.yaml`): `{json.dumps(scaled.to_json())}`\n\n"
-                f"Timings: `{json.dumps({k: round(v, 1) for k, v in timings.items()})}`\n")
+                f"Timings: `{json.dumps({k: round(v, 1) for k, v in timings.items()})}`\n" + agree_md)
     print((out / "report.md").read_text())
     return summary
 

@@ -113,11 +113,17 @@ def simulate(
         wake = policy.next_wake()
         t_wake = wake if wake is not None else math.inf
         t_step = step.end if step is not None else math.inf
-        now_next = min(t_event, t_wake, t_step)
+        # Idle engine whose waiting requests are still in the serving stack's fixed per-request
+        # path (profile.request_overhead_s): step again when the first of them is ready.
+        ready = engine.next_ready_time() if step is None and engine.has_work else None
+        t_ready = ready if ready is not None and ready > now else math.inf
+        now_next = min(t_event, t_wake, t_step, t_ready)
         if now_next == math.inf or now_next > horizon:
             break
         now = max(now, now_next)
-        if t_step <= now_next:
+        if t_ready <= now_next and t_ready < min(t_step, t_wake, t_event):
+            step = engine.step(now)
+        elif t_step <= now_next:
             done, step = step, None
             for f in done.finished:
                 rec = records[f.id]

@@ -13,8 +13,11 @@ Scheduling, per step (vLLM V1, chunked prefill always on):
    lowest-priority one (priority policy) is preempted: its blocks are freed, its progress is
    dropped (recompute) and it goes back to the head of the waiting queue.
 2. If nothing was preempted this step, waiting requests are admitted in queue order while fewer
-   than `max_num_seqs` run, token budget remains and their (first chunk of) prompt fits in the
-   free blocks.
+   than `max_num_seqs` run, token budget remains, their (first chunk of) prompt fits in the
+   free blocks and they are ready: the profile's `request_overhead_s` (HTTP, relay, tokenising)
+   has passed since they arrived. With nothing running and nobody ready, `step` returns None and
+   `next_ready_time()` says when to call it again.
+A request entering the batch for the first time adds the profile's `request_step_s` to the step.
 A request whose computed tokens catch up with its known tokens samples one new token at the end of
 the step; the first one ends its prefill (time to first token).
 """
@@ -183,6 +186,9 @@ class _WaitingQueue:
     def pop(self) -> _Req:
         return self._dq.popleft() if self._fcfs else heapq.heappop(self._heap)[3]
 
+    def items(self) -> list[_Req]:
+        return list(self._dq) if self._fcfs else [e[3] for e in self._heap]
+
     def remove(self, r: _Req) -> None:
         if self._fcfs:
             self._dq.remove(r)
@@ -222,6 +228,13 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         return bool(self._running) or len(self._waiting) > 0
+
+    def next_ready_time(self) -> float | None:
+        """When the first waiting request becomes ready to enter a batch (None: nobody waits)."""
+        if not len(self._waiting):
+            return None
+        wait = self.profile.request_overhead_s
+        return min(r.spec.arrival_time for r in self._waiting.items()) + wait
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._reqs
@@ -320,10 +333,15 @@ class EngineCore:
             budget -= n
             i += 1
 
+        new_requests = 0
+        overhead = self.profile.request_overhead_s
         if not preempted:
             waiting = self._waiting
             while len(waiting) and budget > 0 and len(running) < cfg.max_num_seqs:
                 r = waiting.peek()
+                # Not yet through the serving stack's fixed per-request path (a preempted request was).
+                if overhead and r.first_scheduled_time is None and r.spec.arrival_time + overhead > now + 1e-12:
+                    break
                 n = min(r.spec.prompt_tokens + r.num_output - r.num_computed, budget)
                 need = -(-(r.num_computed + n) // bs) - r.num_blocks
                 if need > self._free_blocks:
@@ -335,6 +353,7 @@ class EngineCore:
                 running.append(r)
                 if r.first_scheduled_time is None:
                     r.first_scheduled_time = now
+                    new_requests += 1
                 scheduled[r] = n
                 budget -= n
 
@@ -350,7 +369,7 @@ class EngineCore:
                 num_decode += 1
             else:
                 prefill_tokens += n
-        duration = self.profile.step_time(num_decode, prefill_tokens, context)
+        duration = self.profile.step_time(num_decode, prefill_tokens, context, new_requests)
         end = now + duration
 
         new_tokens: dict[str, int] = {}

@@ -4,7 +4,17 @@ A profile is data (a JSON or YAML file, by suffix), so a user can calibrate it t
 model (`saber calibrate` writes YAML).
 
 Step time = decode_time(num_decode_seqs) + prefill_tokens * prefill_s_per_token
-            + context_tokens * context_s_per_token
+            + context_tokens * context_s_per_token + new_requests * request_step_s
+
+Two per-request costs outside the step table, both 0 by default (the paper profile has neither);
+`saber calibrate` measures them on a real serving stack, where they are what separates a
+request's latency from the engine's steps:
+- `request_overhead_s`: fixed latency of every request outside the engine (HTTP, the relay,
+  tokenising, streaming the first token back): the engine takes a request into a batch no earlier
+  than this after it arrived, so its TTFT and end are that much later.
+- `request_step_s`: engine time each request costs when it enters the batch, beyond its prefill:
+  on a host whose cores the engine shares with its API server, the relay and the clients, the CPU
+  they spend on each request is taken from the engine's steps.
 
 `decode_time` is a monotone piecewise-linear table over the number of sequences decoding in the
 step, exact at its knots. Calibrated from a measured speed curve v(L) (tokens/s per request while L
@@ -53,6 +63,16 @@ class LatencyProfile(BaseModel):
         default=None, gt=0.0, le=10.0,
         description="Fixed cost of a step with no decoding sequence; default: the first knot's step time.",
     )
+    request_overhead_s: float = Field(
+        default=0.0, ge=0.0, le=10.0,
+        description="Fixed latency of each request outside the engine's steps (HTTP, relay, tokenising): "
+        "a request enters a batch no earlier than this after it arrived. 0: none (the emulator's own).",
+    )
+    request_step_s: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Extra step time per request entering the batch (CPU the serving stack spends on each "
+        "request, taken from the engine on a shared host). 0: none.",
+    )
 
     @model_validator(mode="after")
     def _check_table(self) -> LatencyProfile:
@@ -85,12 +105,14 @@ class LatencyProfile(BaseModel):
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return y0 + (y1 - y0) * (num_seqs - x0) / (x1 - x0)
 
-    def step_time(self, num_decode_seqs: int, prefill_tokens: int = 0, context_tokens: int = 0) -> float:
-        """Seconds one engine step takes for this batch."""
+    def step_time(self, num_decode_seqs: int, prefill_tokens: int = 0, context_tokens: int = 0,
+                  new_requests: int = 0) -> float:
+        """Seconds one engine step takes for this batch (`new_requests`: requests entering it this step)."""
         return (
             self.decode_time(num_decode_seqs)
             + prefill_tokens * self.prefill_s_per_token
             + context_tokens * self.context_s_per_token
+            + new_requests * self.request_step_s
         )
 
     def speed(self, num_seqs: int) -> float:
@@ -122,10 +144,17 @@ class LatencyProfile(BaseModel):
             path.write_text(self.model_dump_json(indent=2) + "\n")
 
     def to_yaml(self) -> str:
-        """Block-style YAML, fields in declaration order, unset optional fields left out."""
+        """Block-style YAML, fields in declaration order, unset optional fields left out.
+
+        The per-request costs are left out at 0, so a profile without them reads as it did before.
+        """
         import yaml
 
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, width=100)
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key in ("request_overhead_s", "request_step_s"):
+            if not data.get(key):
+                data.pop(key, None)
+        return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
 def is_yaml(path: str | Path) -> bool:
@@ -181,6 +210,8 @@ def profile_from_speeds(
     context_s_per_token: float = 0.0,
     description: str = "",
     prefill_only_step_s: float | None = None,
+    request_overhead_s: float = 0.0,
+    request_step_s: float = 0.0,
 ) -> LatencyProfile:
     """A profile whose step time at each batch size L is 1 / mean speed at L (tokens/s per request).
 
@@ -205,6 +236,8 @@ def profile_from_speeds(
         prefill_s_per_token=prefill_s_per_token,
         context_s_per_token=context_s_per_token,
         prefill_only_step_s=prefill_only_step_s,
+        request_overhead_s=request_overhead_s,
+        request_step_s=request_step_s,
     )
 
 

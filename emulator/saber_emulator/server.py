@@ -163,7 +163,12 @@ class EmulatorServer:
             out = engine.step(start)
             if out is None:  # nothing schedulable now; wait for an arrival or abort to change that
                 self._wake.clear()
-                await self._wake.wait()
+                ready = engine.next_ready_time()  # or for a request's fixed overhead to pass
+                wait = ready - self.clock() if ready is not None else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait if wait is not None and wait > 0 else None)
+                except TimeoutError:
+                    pass
                 next_start = None
                 continue
             delay = out.end - self.clock()

@@ -54,12 +54,17 @@ async def test_calibrate_recovers_the_emulators_profile_and_its_file_is_accepted
     # at the largest wave's context (32 sequences of ~1,100 tokens).
     assert got.context_s_per_token * 32 * 1100 < 0.10 * truth.decode_time(32)
     assert "saber calibrate" in got.description and emu.url in got.description
+    # The emulator's steps carry no per-request costs: what is found is its own HTTP path (a few ms
+    # at most) and, under arrivals, at most a fraction of a step.
+    assert 0.0 <= got.request_overhead_s < 0.02, got.request_overhead_s
+    assert got.request_step_s < 0.5 * truth.decode_time(16), got.request_step_s
 
     assert out.stat().st_size < MAX_PROFILE_BYTES
     rows = (tmp_path / "engine.samples.csv").read_text().splitlines()
     assert rows[0].startswith("kind,concurrency")
     assert sum(r.startswith("decode,32,") for r in rows) >= 32  # two waves of 32, most inside the window
     assert sum(r.startswith("prefill,") for r in rows) == 9
+    assert sum(r.startswith("decode-loaded,16,") for r in rows) >= 16  # waves of 16 with arrivals through them
     assert (tmp_path / "engine.png").read_bytes()[:4] == b"\x89PNG"
 
     # The same file, pasted under scheduling.engine_profile, is a valid sidecar config.

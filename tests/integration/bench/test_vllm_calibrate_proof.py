@@ -79,6 +79,11 @@ async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):
     assert p.decode_batch_sizes == [1, 4, 16]
     assert "text, counted by /tokenize" in p.description  # vLLM's tokenizer sized the prompts
     assert p.prefill_s_per_token > 0
+    # A real HTTP serving stack costs every request a few ms outside the engine's steps.
+    assert 0.0 < p.request_overhead_s < 0.5, p.request_overhead_s
+    assert 0.0 <= p.request_step_s < 0.1
+    loaded = [r for r in out.with_suffix(".samples.csv").read_text().splitlines() if r.startswith("decode-loaded,")]
+    assert loaded and all(int(r.split(",")[-1] or 0) >= 1 for r in loaded)  # arrivals landed inside the windows
 
     # Independent measurements right after: a wave of 8 (between two knots) and one long prompt.
     speed8 = await _wave_speed(vllm_url, "saber-tiny-llama", 8, 192)
@@ -90,7 +95,8 @@ async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):
     assert 0.65 * speed(16) <= speed8 <= 1.35 * speed(4), (speed8, speed(4), speed(8), speed(16))
     ttft, count = await _ttft(vllm_url, "saber-tiny-llama", 1536)
     assert abs(count - 1536) <= 8
-    predicted = p.step_time(0, count)  # what the simulator makes of a lone request's first step
+    # What the simulator makes of a lone request: its fixed overhead, then its first step.
+    predicted = p.request_overhead_s + p.step_time(0, count, 0, new_requests=1)
     assert abs(ttft - predicted) <= max(0.5 * predicted, 0.025), (ttft, predicted)
 
 
@@ -123,3 +129,10 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
     assert "real vLLM (CPU build)" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "live.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "requests" / "1x-saber-warm-0.jsonl").read_text().splitlines()) == 16
+    # The simulated twin of each run, request by request, and the agreement per cell.
+    assert len((tmp_path / "requests" / "1x-saber-warm-0.sim.jsonl").read_text().splitlines()) == 16
+    agree = summary["sim_agreement"]
+    assert len(agree["cells"]) == len(policies) and 0 <= agree["within"] <= len(policies)
+    for row in agree["cells"]:
+        assert row["diff"] == pytest.approx(row["live"] - row["sim"])
+    assert "sim_agreement_table_only" in summary and "Within 5 points" in (tmp_path / "report.md").read_text()

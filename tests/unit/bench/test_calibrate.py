@@ -93,7 +93,10 @@ def test_fit_recovers_speeds_and_prefill_line_exactly_from_clean_samples():
     assert p.decode_batch_sizes == [1, 4, 16, 64]
     assert p.decode_step_s == pytest.approx(list(steps.values()), rel=1e-5)
     assert p.prefill_s_per_token == pytest.approx(2e-5, rel=1e-5)
-    assert p.prefill_only_step_s == pytest.approx(0.006, rel=1e-5)
+    # The intercept is one step (the first knot, 4 ms) plus 2 ms outside the engine.
+    assert p.prefill_only_step_s is None
+    assert p.request_overhead_s == pytest.approx(0.002, rel=1e-4)
+    assert p.request_step_s == 0.0  # no loaded waves measured
     assert "http://e" in p.description and "counted by /tokenize" in p.description
 
 
@@ -191,3 +194,24 @@ def test_calibrate_command_is_registered_and_checks_its_arguments(capsys):
     assert "--engine-url" in out and "--max-concurrency" in out and "--no-plot" in out
     assert main(["calibrate", "--engine-url", "http://127.0.0.1:9", "--out", "x.yaml", "--rounds", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_loaded_waves_give_the_engine_cost_per_arrival_less_its_prefill():
+    steps = {1: 0.004, 4: 0.005, 16: 0.008, 64: 0.02}
+    samples = _samples(steps, 0.006, 2e-5)
+    # 16 streams, 96 tokens each in the window at 8 ms/token = 0.768 s; 12 arrivals inside it made
+    # the window 0.768 + 12 x (1 ms + 16 tokens x 2e-5 s of prefill) s long for every stream.
+    window = 96 * 0.008 + 12 * (0.001 + 16 * 2e-5)
+    samples += [Sample("decode-loaded", 16, 16, r, 96 / window, 96, injected=12) for r in range(16)]
+    p = _build(samples, "u", "m", None, False, False, 1.0).profile
+    assert p.request_step_s == pytest.approx(0.001, rel=1e-3)
+    assert p.decode_step_s == pytest.approx(list(steps.values()), rel=1e-5)  # the table ignores loaded waves
+    assert "request_step_s" in p.description
+
+
+def test_loaded_waves_no_slower_than_closed_ones_give_no_cost():
+    steps = {1: 0.004, 16: 0.008}
+    samples = _samples(steps, 0.003, 2e-5) + [Sample("decode-loaded", 16, 16, 0, 1 / 0.0079, 96, injected=10)]
+    p = _build(samples, "u", "m", None, False, False, 1.0).profile
+    assert p.request_step_s == 0.0
+    assert p.request_overhead_s == 0.0  # intercept below one step: clamped, not negative
