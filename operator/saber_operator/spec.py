@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
-from saber_sidecar.config import DNS_LABEL, SchedulingConfig, SidecarConfig
+from saber_sidecar.config import SchedulingConfig, SidecarConfig
 
 GROUP = "saber.dev"
 VERSION = "v1alpha1"
