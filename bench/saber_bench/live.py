@@ -178,7 +178,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
             rec.output_tokens = tokens
             if rec.finished_at is None:
                 rec.error = "no tokens"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
         rec.finished_at = None
 

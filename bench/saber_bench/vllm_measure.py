@@ -10,8 +10,8 @@ import json
 import os
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .vllm_model import STAMP_NAME, build_tiny_model
 from .vllm_server import VLLMServer
