@@ -310,7 +310,8 @@ class KubeClient:
         }
 
         def make(api: client.ApiClient) -> Awaitable[Any]:
-            return client.EventsV1Api(api).create_namespaced_event(namespace, event, **self._kw())
+            # the client serializes a plain dict body as it is; its annotation names only the model class
+            return client.EventsV1Api(api).create_namespaced_event(namespace, event, **self._kw())  # type: ignore[arg-type]
 
         await self._call(make)
 
