@@ -278,9 +278,10 @@ class EmulatorServer:
 
     async def handle_models(self, request: web.Request) -> web.Response:
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": self.settings.model,
-                 "parent": None, "max_model_len": self.settings.engine.max_model_len, "permission": []}
-                for name in self.settings.served_names()]
+        data: list[dict[str, object]] = [
+            {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": self.settings.model,
+             "parent": None, "max_model_len": self.settings.engine.max_model_len, "permission": []}
+            for name in self.settings.served_names()]
         return web.json_response({"object": "list", "data": data})
 
     async def handle_health(self, request: web.Request) -> web.Response:
