@@ -26,7 +26,7 @@ def metric_families(text: str) -> list[dict[str, object]]:
     """Name, type, help, sample names and label names of every vllm: family in a /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = []
+    out: list[dict[str, object]] = []
     for fam in text_string_to_metric_families(text):
         if not fam.name.startswith("vllm:"):
             continue

@@ -21,6 +21,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from .ports import PortInUse, address_in_use, retry_on_port_clash
 from .vllm_model import child_env, require_vllm_python
@@ -71,7 +72,7 @@ class VLLMServer:
         self.startup_timeout_s = startup_timeout_s
         self.start_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def base_url(self) -> str:
