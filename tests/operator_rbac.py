@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from saber_bench.perf.kubeapi import Call
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import kmock
+
 from operator_rbac import ungranted
 from saber_bench.perf.kubeapi import EVENTS, NAMESPACED_PEERINGS, PEERINGS, SaberAPIEmulator
 from saber_operator.handlers import run_operator

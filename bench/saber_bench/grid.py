@@ -11,9 +11,10 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from .metrics import RunStats, best_static_key, coefficient_of_variation, combine_seeds, cv_comparison, run_stats
 from .policies import BOUND, PAPER_POLICIES, REFERENCES, check_policy
@@ -126,7 +127,7 @@ def run_one(key: RunKey, keep_ratios: bool = False, profile: str | None = None) 
     stats.extra.update(engine_steps=result.engine_steps, preemptions=result.preemptions)
     ratios = None
     if keep_ratios:
-        ratios = [r.e2e / r.sla_s if r.served else math.inf for r in result.records]
+        ratios = [e / r.sla_s if (e := r.e2e) is not None else math.inf for r in result.records]  # e2e: set iff served
     return RunOutput(key, stats, time.perf_counter() - t0, ratios)
 
 
@@ -170,6 +171,8 @@ def run_grid(
         bar = tqdm(total=len(tasks) + len(arrival_sets), unit="run", desc="saber bench sim", smoothing=0.05)
     outputs: list[RunOutput] = []
     bounds: dict[tuple[str, float, int], float] = {}
+    results: Iterator[RunOutput]
+    bound_results: Iterator[tuple[tuple[str, float, int], float]]
     try:
         if jobs == 1:
             results = map(_task, tasks)
@@ -203,10 +206,10 @@ def summarize(outputs: Sequence[RunOutput], bounds: dict[tuple[str, float, int],
     by_cell: dict[tuple[str, float, str], list[RunOutput]] = defaultdict(list)
     for o in outputs:
         by_cell[(o.key.workload, o.key.rate, o.key.policy)].append(o)
-    cells = []
+    cells: list[dict[str, Any]] = []
     for (w, r, p), outs in sorted(by_cell.items()):
         outs.sort(key=lambda o: o.key.seed)
-        cell = {"workload": w, "rate": r, "policy": p, "seeds": len(outs)}
+        cell: dict[str, Any] = {"workload": w, "rate": r, "policy": p, "seeds": len(outs)}
         cell.update(combine_seeds([o.stats for o in outs]))
         cell["reference"] = p in REFERENCES
         cells.append(cell)

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -178,7 +179,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, spec: Reque
             rec.output_tokens = tokens
             if rec.finished_at is None:
                 rec.error = "no tokens"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
         rec.finished_at = None
 
@@ -227,6 +228,7 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
     # SIGTERM cancels the run like Ctrl-C does, so the processes started here are always stopped.
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    assert task is not None  # we are inside a coroutine
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
@@ -257,8 +259,9 @@ async def run_cells(workload: str, rates: list[float], policies: list[str], seed
                     _dump_records(out / "requests" / f"{workload}-{rate:g}-{policy}-{seed}.jsonl", records)
                     runs.append(run_stats(records))
                     infos.append(info)
-                    ratios += [r.e2e / r.sla_s if r.served else math.inf for r in records]
-                cell = {"workload": workload, "rate": rate, "policy": policy, "seeds": seeds, "mode": "live"}
+                    ratios += [e / r.sla_s if (e := r.e2e) is not None else math.inf for r in records]  # set iff served
+                cell: dict[str, Any] = {"workload": workload, "rate": rate, "policy": policy, "seeds": seeds,
+                                        "mode": "live"}
                 cell.update(combine_seeds(runs))
                 cell["errors"] = sum(r.unfinished for r in runs)
                 cell["send_lag_max_s"] = max(i["send_lag_max_s"] for i in infos)

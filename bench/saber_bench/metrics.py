@@ -49,7 +49,8 @@ class RequestRecord:
 
     @property
     def e2e(self) -> float | None:
-        return self.finished_at - self.arrival if self.served else None
+        # served implies finished_at is set; the second test says so to the type checker
+        return self.finished_at - self.arrival if self.served and self.finished_at is not None else None
 
     @property
     def ttft(self) -> float | None:
@@ -115,17 +116,17 @@ class RunStats:
 def run_stats(records: Sequence[RequestRecord]) -> RunStats:
     n = len(records)
     served = [r for r in records if r.served]
-    e2e = [r.e2e for r in served]
+    e2e = [e for r in served if (e := r.e2e) is not None]  # every served record has one
     ttft = [r.ttft for r in served if r.ttft is not None]
     met = sum(r.met for r in records)
     by_class: dict[str, list[bool]] = {}
     for r in records:
         by_class.setdefault(r.sla_class, []).append(r.met)
-    ratios = [r.e2e / r.sla_s for r in served]
+    ratios = [e / r.sla_s for r in served if (e := r.e2e) is not None]
     worst = max([1.0, *ratios])
     population = ratios + [worst] * (n - len(served))
     start = min((r.arrival for r in records), default=0.0)
-    end = max((r.finished_at for r in served), default=start)
+    end = max((r.finished_at for r in served if r.finished_at is not None), default=start)
     makespan = max(end - start, 1e-9)
     return RunStats(
         n=n,

@@ -20,8 +20,9 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 # The startup line of `saber emulator` and `saber sidecar`.
 LISTEN_URL = re.compile(r"listening on (http://\S+)")

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +171,7 @@ def run(ks: list[Key], jobs: int | None = None, progress: bool = True) -> dict:
         bar = tqdm(total=len(ks), unit="run", desc="robustness", smoothing=0.05)
     results = []
     t0 = time.perf_counter()
+    it: Iterator[tuple[Key, object]]
     try:
         if jobs == 1:
             it = map(run_one, ks)

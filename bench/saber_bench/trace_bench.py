@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from saber_sidecar.config import SchedulingConfig, SidecarConfig, SLAClass, load_config
 
@@ -152,7 +153,7 @@ def run_trace_one(source: TraceSource, key: RunKey, profile: str | None = None) 
     stats = run_stats(result.records)
     stats.extra.update(engine_steps=result.engine_steps, preemptions=result.preemptions)
     return RunOutput(key, stats, time.perf_counter() - t0,
-                     [r.e2e / r.sla_s if r.served else math.inf for r in result.records])
+                     [e / r.sla_s if (e := r.e2e) is not None else math.inf for r in result.records])  # set iff served
 
 
 def _task(args) -> RunOutput:
@@ -172,6 +173,7 @@ def run_trace_grid(source: TraceSource, rates: Sequence[float], policies: Sequen
 
         bar = tqdm(total=len(tasks), unit="run", desc="saber bench sim (trace)")
     outputs = []
+    it: Iterator[RunOutput]
     try:
         if jobs == 1:
             it = map(_task, tasks)
@@ -210,7 +212,7 @@ def rates_for(source: TraceSource, rates: Sequence[float] | None, speedups: Sequ
         out = list(rates)
     else:
         out = [native]
-    info = {"trace_mean_rate": native, "capacity_rps": cap, "requests": len(specs),
+    info: dict[str, Any] = {"trace_mean_rate": native, "capacity_rps": cap, "requests": len(specs),
             }
     out = [round(r, 3) for r in out]
     info["load_multiples"] = {f"{r:g}": r / cap for r in out}

@@ -120,8 +120,8 @@ def oracle_share(summary: dict) -> dict[str, float | None]:
 
 async def run_live(args: argparse.Namespace, out: Path) -> int:
     """`saber bench live --trace ...`: the window at each rate, every policy, one fresh sidecar each."""
-    from .machine import describe_machine
     from .live import comparison_table, run_cells, write_live
+    from .machine import describe_machine
     from .trace_bench import rates_for, trace_meta
     from .trace_live import LiveTrace
 

@@ -184,6 +184,7 @@ def scale(rows: Sequence[TraceRow], rate: float | None = None, speedup: float | 
         if not math.isfinite(current):
             raise TraceError("the window's arrivals all fall at one instant; a rate cannot be set")
         speedup = rate / current
+    assert speedup is not None  # exactly one of rate and speedup was given
     if not speedup > 0:
         raise TraceError(f"speedup must be > 0, got {speedup}")
     return [TraceRow(r.t / speedup, r.prompt_tokens, r.output_tokens, r.columns) for r in rows]
@@ -310,7 +311,8 @@ def synthetic_code_rows(n: int = 4000, seed: int = 2023, mean_rate: float = 4.0)
     outputs = np.clip(np.round(outputs), 1, 1000).astype(int)
     # Two states: calm at rate c, burst at 4c; mean dwell 20 s calm, 5 s burst -> mean rate 1.6c.
     calm = mean_rate / 1.6
-    t, times, burst = 0.0, [], False
+    times: list[float] = []
+    t, burst = 0.0, False
     state_end = rng.exponential(20.0)
     while len(times) < n:
         lam = 4 * calm if burst else calm

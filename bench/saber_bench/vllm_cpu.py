@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .vllm_measure import MEASURE_PROMPT, fetch_metrics_text, measure, metric_families, sample_value
 from .vllm_model import (

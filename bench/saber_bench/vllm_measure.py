@@ -10,8 +10,8 @@ import json
 import os
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .vllm_model import STAMP_NAME, build_tiny_model
 from .vllm_server import VLLMServer
@@ -26,7 +26,7 @@ def metric_families(text: str) -> list[dict[str, object]]:
     """Name, type, help, sample names and label names of every vllm: family in a /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = []
+    out: list[dict[str, object]] = []
     for fam in text_string_to_metric_families(text):
         if not fam.name.startswith("vllm:"):
             continue

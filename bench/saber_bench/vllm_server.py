@@ -19,8 +19,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import IO
 
 from .ports import PortInUse, address_in_use, retry_on_port_clash
 from .vllm_model import child_env, require_vllm_python
@@ -71,7 +72,7 @@ class VLLMServer:
         self.startup_timeout_s = startup_timeout_s
         self.start_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -113,7 +114,7 @@ class VLLMServer:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         })
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
         python = self.python or require_vllm_python()
@@ -208,7 +209,7 @@ class VLLMServer:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -29,7 +29,9 @@ class StopAtLength(LogitsProcessor):
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         hf = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
         eos = getattr(hf, "eos_token_id", None)
-        self.default_eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, list):  # some configs list several EOS ids: the first is the canonical one
+            eos = eos[0] if eos else None
+        self.default_eos: int | None = eos
         # batch index -> (N, live reference to the request's output token ids, stop ids, eos id)
         self.reqs: dict[int, tuple[int, list[int], tuple[int, ...], int]] = {}
 

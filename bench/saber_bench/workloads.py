@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -124,7 +124,7 @@ _TASK_TEXT = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def task_prompt(task: str, chars: int) -> str:
     base = _TASK_TEXT[task]
     return (base * (chars // len(base) + 1))[:chars]

@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
 from saber_bench.traces import (
     SYNTHETIC_CODE_TRACE,
     synthetic_code_rows,

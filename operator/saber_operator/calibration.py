@@ -17,6 +17,7 @@ the I/O through the KubeClient it is given.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -240,7 +241,7 @@ async def _run(
     job_name: str,
     saber_image: str,
     now: str,
-    done: Any,
+    done: Callable[..., CalibrationResult],
 ) -> CalibrationResult:
     ns = owner.namespace
     cm_name = builders.calibration_configmap_name(owner)

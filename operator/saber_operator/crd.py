@@ -94,7 +94,7 @@ def _at(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
 
 
 def spec_schema() -> dict[str, Any]:
-    schema = structural(_inline_refs(SaberServiceSpec.model_json_schema(by_alias=True)))
+    schema: dict[str, Any] = structural(_inline_refs(SaberServiceSpec.model_json_schema(by_alias=True)))
     _at(schema, ("sla", "classes"))["maxItems"] = MAX_SLA_CLASSES
     for path in OBJECT_DEFAULTS:
         _at(schema, path)["default"] = {}
@@ -104,7 +104,8 @@ def spec_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    return structural(_inline_refs(SaberServiceStatus.model_json_schema(by_alias=True)))
+    schema: dict[str, Any] = structural(_inline_refs(SaberServiceStatus.model_json_schema(by_alias=True)))
+    return schema
 
 
 def build_crd() -> dict[str, Any]:
@@ -177,4 +178,5 @@ def render_crd() -> str:
 
 
 def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema

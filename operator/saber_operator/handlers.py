@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import kopf
 
@@ -18,6 +18,15 @@ from saber_operator.kube import KubeClient, load_configuration
 from saber_operator.reconcile import Context, InvalidSpec, delete_children, reconcile, refresh_owner
 from saber_operator.settings import OperatorSettings
 from saber_operator.spec import GROUP, PLURAL, VERSION
+
+
+class _Resource(TypedDict):
+    """The SaberService resource as kopf's decorators take it (typed, so `**resource` type-checks)."""
+
+    group: str
+    version: str
+    plural: str
+
 
 log = logging.getLogger("saber.operator")
 
@@ -69,7 +78,7 @@ def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
 
 def build_registry(op: OperatorSettings, ctx: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
+    resource = _Resource(group=GROUP, version=VERSION, plural=PLURAL)
     backoff = op.retry_backoff_seconds
     serial = PerObject()
 
@@ -121,10 +130,11 @@ def build_registry(op: OperatorSettings, ctx: Context) -> kopf.OperatorRegistry:
         log.info("deleted %d children of %s/%s", deleted, body.metadata.namespace, body.metadata.name)
 
     @kopf.on.event("apps", "v1", "deployments", registry=registry, labels={"app.kubernetes.io/managed-by": FIELD_MANAGER})
-    async def child_changed(event: dict[str, Any], **_: Any) -> None:
+    async def child_changed(event: kopf.RawEvent, **_: Any) -> None:
         if event.get("type") in ("ADDED", "MODIFIED") and event.get("object"):
             try:
-                await refresh_owner(ctx, event["object"])
+                # kopf's RawBody is a TypedDict view of the decoded JSON object, which is a plain dict
+                await refresh_owner(ctx, cast(dict[str, Any], event["object"]))
             except Exception as exc:  # the timer corrects it; a watch handler must not fail loudly
                 log.debug("status refresh after a Deployment event failed: %s", exc)
 

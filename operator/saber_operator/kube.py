@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from kubernetes_asyncio import client, config
@@ -103,7 +103,8 @@ async def load_configuration(
         return cfg
     kwargs = {k: v for k, v in (("token_filename", token_filename), ("cert_filename", cert_filename)) if v}
     try:
-        config.load_incluster_config(client_configuration=cfg, try_refresh_token=True, **kwargs)
+        config.load_incluster_config(  # type: ignore[no-untyped-call]  # the client leaves it unannotated
+            client_configuration=cfg, try_refresh_token=True, **kwargs)
         return cfg
     except ConfigException:
         pass
@@ -188,16 +189,18 @@ class KubeClient:
         client's method, kept for callers of it); the typed methods below are preferred."""
 
         def make(api: client.ApiClient) -> Awaitable[Any]:
-            return api.call_api(
+            return cast(Awaitable[Any], api.call_api(  # a coroutine; the client leaves it unannotated
                 path, method.upper(), query_params=list((params or {}).items()),
                 header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
                 auth_settings=["BearerToken"], response_types_map={}, _preload_content=False,
                 _request_timeout=self._timeout,
-            )
+            ))
 
         return await self._call(make)
 
-    def _method(self, api: client.ApiClient, verb: str, api_version: str, plural: str, *, status: bool = False):
+    def _method(
+        self, api: client.ApiClient, verb: str, api_version: str, plural: str, *, status: bool = False
+    ) -> tuple[Callable[..., Awaitable[Any]], tuple[str, ...]]:
         """The client's method for `verb` on a kind, and the leading arguments it takes."""
         typed = TYPED.get((api_version, plural))
         suffix = "_status" if status else ""
@@ -213,7 +216,7 @@ class KubeClient:
     def _kw(self, **kw: Any) -> dict[str, Any]:
         return {"_preload_content": False, "_request_timeout": self._timeout, **kw}
 
-    def _args(self, api_version: str, plural: str, namespace: str, name: str | None, lead: tuple) -> tuple:
+    def _args(self, api_version: str, plural: str, namespace: str, name: str | None, lead: tuple[str, ...]) -> tuple[str, ...]:
         if lead:  # CustomObjectsApi: (group, version, namespace, plural[, name])
             return (*lead, namespace, plural) + ((name,) if name is not None else ())
         return ((name,) if name is not None else ()) + (namespace,)
@@ -310,7 +313,8 @@ class KubeClient:
         }
 
         def make(api: client.ApiClient) -> Awaitable[Any]:
-            return client.EventsV1Api(api).create_namespaced_event(namespace, event, **self._kw())
+            # the client serializes a plain dict body as it is; its annotation names only the model class
+            return client.EventsV1Api(api).create_namespaced_event(namespace, event, **self._kw())  # type: ignore[arg-type]
 
         await self._call(make)
 

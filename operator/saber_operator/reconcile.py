@@ -89,7 +89,7 @@ def contains(live: Any, desired: Any) -> bool:
         return isinstance(live, list) and len(live) == len(desired) and all(contains(a, b) for a, b in zip(live, desired))
     if isinstance(desired, (int, float)) and isinstance(live, str) or isinstance(live, (int, float)) and isinstance(desired, str):
         return str(live) == str(desired)
-    return live == desired
+    return bool(live == desired)
 
 
 def _plural(obj: dict[str, Any]) -> str:

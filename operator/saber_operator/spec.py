@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
-from saber_sidecar.config import DNS_LABEL, SchedulingConfig, SidecarConfig
+from saber_sidecar.config import SchedulingConfig, SidecarConfig
 
 GROUP = "saber.dev"
 VERSION = "v1alpha1"
@@ -63,7 +63,8 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
             return [walk(v) for v in node]
         return node
 
-    return walk(schema)
+    inlined: dict[str, Any] = walk(schema)  # walk maps a dict to a dict
+    return inlined
 
 
 def _camel_schema(node: Any) -> Any:
@@ -84,7 +85,7 @@ def _camel_schema(node: Any) -> Any:
 
 def sla_json_schema() -> dict[str, Any]:
     """The schema of `spec.sla`: the sidecar config without its scheduling section."""
-    schema = _camel_schema(_inline_refs(SidecarConfig.model_json_schema()))
+    schema: dict[str, Any] = _camel_schema(_inline_refs(SidecarConfig.model_json_schema()))
     schema["properties"].pop("scheduling", None)
     schema["description"] = "SLA classes the sidecar enforces (the sidecar's config model, camelCase keys)."
     return schema
@@ -95,7 +96,7 @@ OPERATOR_SET_SCHEDULING = {"engineMaxNumSeqs": "the operator sets it from spec.e
 
 
 def scheduling_json_schema() -> dict[str, Any]:
-    schema = _camel_schema(_inline_refs(SchedulingConfig.model_json_schema()))
+    schema: dict[str, Any] = _camel_schema(_inline_refs(SchedulingConfig.model_json_schema()))
     for name in OPERATOR_SET_SCHEDULING:
         schema["properties"].pop(name, None)
     schema["description"] = "Admission policy and its parameters (the sidecar's scheduling model, camelCase keys)."

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from saber_operator.spec import ClassStatus, Condition, EngineModelStatus, SaberServiceStatus
+from saber_operator.spec import ClassStatus, Condition, ConditionType, EngineModelStatus, SaberServiceStatus
 from saber_sidecar.config import SidecarConfig
 
 ATTAINMENT = "saber_sla_attainment_ratio"
@@ -154,7 +154,7 @@ def engine_model_status(pods: list[PodMetrics]) -> EngineModelStatus | None:
     )
 
 
-def _cond(type_: str, status: str, reason: str, message: str, generation: int | None) -> Condition:
+def _cond(type_: ConditionType, status: Literal["True", "False", "Unknown"], reason: str, message: str, generation: int | None) -> Condition:
     return Condition(type=type_, status=status, reason=reason, message=message, observed_generation=generation)
 
 

@@ -165,7 +165,8 @@ class ConnectionGuard(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.refused:
             return None
-        return self.inner.eof_received()
+        self.inner.eof_received()  # aiohttp's handler returns None: the transport closes itself
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

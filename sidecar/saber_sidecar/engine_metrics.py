@@ -136,7 +136,7 @@ class EngineScraper(BackgroundLoop):
                     raise EngineMetricsError(f"HTTP {resp.status} from {self._url}")
                 text = await resp.text()
             snap = parse_engine_metrics(text)
-        except (aiohttp.ClientError, asyncio.TimeoutError, EngineMetricsError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, EngineMetricsError, OSError) as exc:
             state.failures += 1
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if state.healthy or state.last_error != message:

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from saber_sidecar.policy.base import PolicyStats
@@ -84,7 +84,7 @@ class _GateCollector(Collector):
         self._outcomes = outcomes
         self._targets = targets
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         stats = self._stats()
         queue = GaugeMetricFamily("saber_queue_depth", "Requests waiting in the gate, by queue.", labels=["queue"])
         queue.add_metric(["sla"], stats.queued_sla)

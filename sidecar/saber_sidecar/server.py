@@ -12,6 +12,15 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the imports themselves stay lazy (in start()), as before
+    from aiohttp import web
+
+    from saber_sidecar.connections import ConnectionLimits
+    from saber_sidecar.engine_metrics import EngineScraper
+    from saber_sidecar.proxy import Sidecar
+    from saber_sidecar.reload import ConfigWatcher
 
 log = logging.getLogger("saber.sidecar")
 
@@ -33,11 +42,11 @@ class SidecarServer:
         self.config = config or paper_config()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.seed = seed
-        self.sidecar = None
-        self.scraper = None
-        self.watcher = None
-        self._runner = None
-        self.limits = None  # the client connections' limits and counts (connections.ConnectionLimits)
+        self.sidecar: Sidecar | None = None
+        self.scraper: EngineScraper | None = None
+        self.watcher: ConfigWatcher | None = None
+        self._runner: web.AppRunner | None = None
+        self.limits: ConnectionLimits | None = None  # the client connections' limits and counts (connections.ConnectionLimits)
         self.port: int | None = None
 
     @property

@@ -13,6 +13,7 @@ import urllib.request
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from saber_sidecar.config import parse_config
 from saber_sidecar.server import SidecarServer
 from saber_sidecar.settings import SidecarSettings

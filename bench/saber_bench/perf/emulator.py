@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from saber_bench.measuring import percentile
 
@@ -99,6 +100,7 @@ def _phase(name: str, streams: int, max_tokens: int, step_ms: float | None, out:
     if hasattr(os, "sched_setaffinity"):
         cmd = ["taskset", "-c", "0"] + cmd
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdin is not None  # both piped just above
     try:
         port = int(child.stdout.readline())
         load = asyncio.run(_load(port, streams, max_tokens))
@@ -156,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
-        os.sched_setaffinity(0, set(range(1, os.cpu_count())))  # keep the load generator off core 0
-    results = {
+    cpus = os.cpu_count() or 1
+    if hasattr(os, "sched_setaffinity") and cpus > 1:
+        os.sched_setaffinity(0, set(range(1, cpus)))  # keep the load generator off core 0
+    results: dict[str, Any] = {
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()},
         "command": "python -m saber_bench.perf.emulator " + " ".join(argv if argv is not None else sys.argv[1:]),
         "throughput": [_phase(f"throughput-{ms:g}ms", args.streams, args.max_tokens, ms, out) for ms in args.step_ms],

@@ -31,7 +31,7 @@ import itertools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp.web
 import attrs
@@ -184,7 +184,7 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         async with self._write_lock:  # a version no write is half-way through
-            payload = await super()._serve_list(request)
+            payload = cast(dict[str, Any], await super()._serve_list(request))  # kmock's list answer is a dict
             payload["metadata"] = {"resourceVersion": str(self._last_version)}
         return payload
 
@@ -193,11 +193,15 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
         not replayed, and the bus is marked before the snapshot so no write falls in between."""
         yield b""
         since = _version(request.params.get("resourceVersion"))
-        check = self._KubernetesEmulator__check  # kmock's own matching (name-mangled, private)
-        bus = self._buses[request.resource]
+        # kmock's own matching (name-mangled, private, so invisible to the type checker)
+        check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
+        resource = request.resource
+        assert resource is not None  # kmock routes a watch by its resource
+        bus = self._buses[resource]
         async with self._lock:
             marker = await bus.mark()
-            objs = [o for o in self._KubernetesEmulator__get_objs(request, strict=False) if not o.deleted]
+            objs = [o for o in self._KubernetesEmulator__get_objs(request, strict=False)  # type: ignore[attr-defined]
+                    if not o.deleted]
             replay = [o.raw for o in objs if _version(o.raw.get("metadata", {}).get("resourceVersion")) > since]
         sent: dict[tuple[Any, Any], int] = {}
         try:
@@ -208,7 +212,7 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
             async for event in bus.stream(since=marker):
                 meta = event.get("object", {}).get("metadata", {})
                 key = (meta.get("namespace"), meta.get("name"))
-                if not check(request, request.resource, key[0], key[1], strict=False):
+                if not check(request, resource, key[0], key[1], strict=False):
                     continue
                 version = _version(meta.get("resourceVersion"))
                 if event.get("type") != "DELETED" and version and version <= sent.get(key, 0):
@@ -219,18 +223,20 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
 
     async def _emulate_api_server(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
         """Adjust a write before kmock applies it; a response here refuses it instead."""
-        key = (request.resource, request.namespace, request.name)
-        stored = self.objects[key] if request.name is not None and key in self.objects else None
-        exists = stored is not None and not stored.deleted
+        # kmock types both as optional; the key is only looked up for a write to a named object,
+        # which carries its resource and name
+        key = cast("tuple[kmock.resource, str | None, str]", (request.resource, request.namespace, request.name))
+        found = self.objects[key] if request.name is not None and key in self.objects else None
+        stored = found if found is not None and not found.deleted else None  # the live object, if any
 
         if request.action == enums.action.DELETE:
-            meta = stored.raw.get("metadata", {}) if exists else {}
-            if meta.get("finalizers") and not meta.get("deletionTimestamp"):
+            meta = stored.raw.get("metadata", {}) if stored is not None else {}
+            if stored is not None and meta.get("finalizers") and not meta.get("deletionTimestamp"):
                 stored.patch({"metadata": {"resourceVersion": self._next_version()}})
             return None
 
         if request.action == enums.action.UPDATE and isinstance(request.data, list):  # JSON patch
-            if not exists:
+            if stored is None:
                 return None  # kmock answers 404
             try:
                 jsonpatch.apply_patch(copy.deepcopy(stored.raw), request.data)
@@ -253,7 +259,7 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
         if request.name is None:
             return None
         is_apply = "apply-patch" in request.headers.get("Content-Type", "")
-        if not exists and is_apply:  # server-side apply creates what is missing
+        if stored is None and is_apply:  # server-side apply creates what is missing
             obj = copy.deepcopy(data)
             obj["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=_now(),
                                    resourceVersion=self._next_version())
@@ -263,9 +269,9 @@ class SaberAPIEmulator(kmock.KubernetesEmulator):
                     self.objects[key].create(obj)
                 else:
                     self.objects[key] = obj
-                await self._buses[request.resource].put({"type": "ADDED", "object": self.objects[key].raw})
+                await self._buses[key[0]].put({"type": "ADDED", "object": self.objects[key].raw})
             return None
-        if not exists:
+        if stored is None:
             return None  # kmock answers 404
         current = stored.raw
         if request.subresource is None and "spec" in data:

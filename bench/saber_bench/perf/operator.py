@@ -70,6 +70,13 @@ def live(emu: SaberAPIEmulator, resource: str, name: str) -> dict[str, Any] | No
     return emu.objects[key].raw
 
 
+def must_live(emu: SaberAPIEmulator, resource: str, name: str) -> dict[str, Any]:
+    obj = live(emu, resource, name)
+    if obj is None:
+        raise RuntimeError(f"{resource} {name} is missing (or being deleted) in the API emulator")
+    return obj
+
+
 def reconciled(emu: SaberAPIEmulator, name: str, generation: int) -> bool:
     svc = live(emu, SABER, name)
     return bool(
@@ -133,7 +140,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
             cpu_create = cpu_used(proc.pid) - cpu_start
 
             # Change every SLA: the ConfigMaps must follow (hot reload path), the Deployments must not.
-            templates = {n: json.dumps(live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) for n in names}
+            templates = {n: json.dumps(must_live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) for n in names}
             patch = {"spec": {"sla": {"classes": [{"name": "fast", "deadlineSeconds": 2.0}], "defaultClass": "fast"}}}
 
             async def change(name: str) -> None:
@@ -151,7 +158,7 @@ async def run(count: int, out: Path, interval: float, timeout: float) -> dict[st
                 and reconciled(emu, n, 2),
                 timeout, proc.pid, peak, t1,
             )
-            rolled = sum(json.dumps(live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) != templates[n] for n in names)
+            rolled = sum(json.dumps(must_live(emu, DEPLOYMENTS, n)["spec"]["template"], sort_keys=True) != templates[n] for n in names)
             rss_end, hwm = rss_kib(proc.pid)
             cpu_total = cpu_used(proc.pid) - cpu_start
             result = {

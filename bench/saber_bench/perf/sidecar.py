@@ -33,10 +33,10 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from saber_sidecar.server import run_loop
 
 from saber_bench.measuring import cpu_seconds
 from saber_bench.ports import ServerStartError, wait_for_listen_url
+from saber_sidecar.server import run_loop
 
 MODEL = "Qwen/Qwen2.5-Coder-3B-Instruct"
 PROMPT = "Write a Python function that parses an ISO 8601 date and returns the weekday. " * 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import cast
 
 from saber_sidecar.server import run_loop
 
@@ -35,7 +36,7 @@ class _Client(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a TCP server's connections are stream transports
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:

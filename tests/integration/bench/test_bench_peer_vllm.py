@@ -4,6 +4,7 @@ the emulator, and saber's own client on the same cell, agree on goodput."""
 import json
 
 import pytest
+
 from saber_bench.peer import run_cell, write_timed_trace
 from saber_bench.trace_bench import TraceSource
 

@@ -4,6 +4,7 @@ the gate (the client sends the cap; the emulator stops at vllm_xargs.saber_outpu
 import json
 
 import pytest
+
 from saber_bench.grid import RunKey
 from saber_bench.live import run_cells
 from saber_bench.trace_bench import TraceSource, run_trace_one

@@ -8,6 +8,7 @@ import json
 
 import aiohttp
 import pytest
+
 from saber_bench.trace_live import fit_prompt, stop_at_length_vllm
 from saber_bench.vllm_cpu import build_tiny_model, find_vllm_python
 

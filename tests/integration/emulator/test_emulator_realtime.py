@@ -39,7 +39,7 @@ async def scrape(session, base) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            key = s.name + ("{%s}" % s.labels["finished_reason"] if "finished_reason" in s.labels else "")
+            key = s.name + ("{" + s.labels["finished_reason"] + "}" if "finished_reason" in s.labels else "")
             out[key] = s.value
     return out
 

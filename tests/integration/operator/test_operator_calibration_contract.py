@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from saber_emulator.engine import EngineConfig
 from saber_emulator.server import EmulatorServer, EmulatorSettings
 from saber_operator.builders import TERMINATION_LOG, Owner, build_calibration_job, build_configmap

@@ -19,8 +19,8 @@ import kmock
 import pytest
 import yaml
 
-from saber_emulator.profile import LatencyProfile
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NETWORKPOLICIES, SABER, SaberAPIEmulator
+from saber_emulator.profile import LatencyProfile
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
 from saber_operator.handlers import run_operator
 from saber_operator.settings import OperatorSettings

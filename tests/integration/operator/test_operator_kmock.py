@@ -19,6 +19,7 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+
 from operator_support import API, NS, TEST_CLIENT, condition, cr, emulated_api, eventually, running_operator
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, NETWORKPOLICIES, SABER, SERVICES
 from saber_emulator.engine import EngineConfig, OutputLengthConfig

@@ -10,6 +10,7 @@ import asyncio
 
 import aiohttp
 import pytest
+
 from sidecar_support import MODEL, emulator_url, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(60)

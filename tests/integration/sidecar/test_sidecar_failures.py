@@ -7,6 +7,7 @@ import socket
 import aiohttp
 import openai
 import pytest
+
 from sidecar_support import MODEL, emulator_url, scrape, wait_for
 
 QUEUE_OF_ONE = """

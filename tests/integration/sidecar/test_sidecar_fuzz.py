@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from saber_sidecar.upstream import MAX_HEAD_BYTES, EngineError, EnginePool, Sink
 from sidecar_support import MODEL, emulator_url
 

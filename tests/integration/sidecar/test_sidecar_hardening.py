@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 import pytest
+
 from sidecar_support import MODEL, emulator_url, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+
 from sidecar_support import MODEL, STATIC_CONFIG, emulator_url, scrape, wait_for
 
 WITH_GOLD = STATIC_CONFIG.replace("default_class: batch", """  - name: gold

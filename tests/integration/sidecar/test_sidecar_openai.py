@@ -4,6 +4,7 @@ import asyncio
 
 import aiohttp
 import openai
+
 from sidecar_support import MODEL, emulator_url, scrape
 
 

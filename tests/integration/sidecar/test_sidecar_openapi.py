@@ -17,8 +17,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from saber_emulator.server import EmulatorServer
 from schemathesis import GenerationMode
+
+from saber_emulator.server import EmulatorServer
 from sidecar_support import MODEL, emulator_settings, emulator_url
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+
 from sidecar_support import MODEL, STATIC_CONFIG, emulator_url, wait_for
 
 CAP8 = STATIC_CONFIG.replace("static_max_concurrency: 64", "static_max_concurrency: 8")

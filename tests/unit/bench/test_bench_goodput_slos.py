@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from saber_bench.metrics import RequestRecord, best_static_key, cv_comparison, run_stats
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest
 from saber_emulator.profile import load_profile

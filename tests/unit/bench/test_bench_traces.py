@@ -8,6 +8,7 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
+
 from saber_bench.policies import request_builder
 from saber_bench.sim import default_engine, simulate
 from saber_bench.trace_bench import TraceSource, capacity_rps

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from saber_bench.workloads import (
+    HUMANEVAL_TASK,
     MIXES,
     PAPER_TASKS,
-    HUMANEVAL_TASK,
     code_tokens,
     make_workload,
     mix_classes,

@@ -18,12 +18,12 @@ from saber_operator.builders import (
     build_calibration_configmap,
     build_calibration_job,
     build_children,
-    build_networkpolicy,
-    calibration_key,
     build_configmap,
     build_deployment,
+    build_networkpolicy,
     build_service,
     build_servicemonitor,
+    calibration_key,
     render_sidecar_config,
 )
 from saber_operator.spec import parse_spec

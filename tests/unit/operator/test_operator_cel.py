@@ -17,6 +17,7 @@ from typing import Any
 import celpy
 import pytest
 import yaml
+
 from saber_operator.crd import CRD_FILE
 from saber_operator.spec import parse_spec
 

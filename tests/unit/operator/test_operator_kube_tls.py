@@ -17,6 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 from kubernetes_asyncio.config import incluster_config
+
 from saber_operator.kube import KubeClient, KubeError, load_configuration
 
 CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "ns"}, "data": {"k": "v"}}

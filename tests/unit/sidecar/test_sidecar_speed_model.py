@@ -5,10 +5,9 @@ import sys
 
 import pytest
 
+from paper_data import PAPER_CSV
 from saber_sidecar.config import SpeedModelConfig
 from saber_sidecar.speed_model import FORMS, SpeedModel, fit_all, read_samples_csv
-
-from paper_data import PAPER_CSV
 
 # The paper's R² per form (SABER.md): usl 0.992, logistic 0.956, linear 0.913.
 PAPER_R2 = {"usl": 0.992, "logistic": 0.956, "linear": 0.913}
