@@ -535,3 +535,23 @@ def test_the_gate_never_plans_past_the_engines_seats():
     d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
     assert d.pol._seats_seen is None
+
+
+def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slower_one():
+    """The slow-start cap guards against an optimistic model only: requests that ran faster than
+    predicted confirm the plan is safe (a fast engine under a slow prior must not be held at 8);
+    ones that ran slower than predicted keep the cap."""
+    from saber_sidecar.policy.saber import INF_SEATS
+
+    fast = learning_driver()
+    for i in range(8):
+        fast.submit("loose", f"r{i}", 0.0, 20)
+    # Twice as fast as the curve predicts (19 tokens at v(8) = 92 would take 19 / 92 s).
+    fast.pol.finished("r0", 0.01 + 0.5 * 19 / 92, 20, 0.01)
+    assert fast.pol._cap == INF_SEATS
+    slow = learning_driver()
+    for i in range(8):
+        slow.submit("loose", f"r{i}", 0.0, 20)
+    for i in range(8):  # twice as slow: the model was optimistic, the cap holds
+        slow.pol.finished(f"r{i}", 0.01 + 2.0 * 19 / 92, 20, 0.01)
+    assert slow.pol._cap < INF_SEATS
