@@ -21,8 +21,9 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
   running request late when priced at `max_tokens` (the cautious side for the others) and leaves
   the room best effort leaves for fresh requests; it is demoted only when its deadline passes.
   Protecting it at `max_tokens` would hold every later admission back until it ends. Once its
-  class has an estimate, a still-queued cold request takes it. Reject classes keep the strict
-  reading of `max_tokens`.
+  class has an estimate, a still-queued cold request takes it. A reject class explores the same
+  way with at most `output_min_samples` cold requests running at once, so an honest `max_tokens`
+  that cannot be met costs a few probes and then gets the strict reading.
 - The engine: planned with `EngineModel` (engine_model.py), step time t0 + t1 L + t2 L^2 + c P
   learned online from completed requests' decode spans and times to first token and from the
   engine's step counters, starting from the configured prior (`engine_profile`, else the speed
@@ -145,10 +146,17 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._log: list[tuple[float, float, float]] = []
         self._counters: tuple[float, float, float, float, float] | None = None
         self.classes = {c.name: c for c in config.classes}
-        # Demote classes that state no output length: until they have learned one, their requests
-        # are cold. (A reject class keeps the strict reading of `max_tokens`: its clients asked
-        # for a 429 rather than a gamble.)
-        self._unsized = {c.name: c.output_tokens is None and c.on_miss == "demote" for c in config.classes}
+        # Classes that state no output length: until they have learned one, their requests are
+        # cold (`max_tokens` is only a bound). A reject class explores with at most
+        # `output_min_samples` cold requests running at once (`_probes`): enough to learn its
+        # lengths, and a bounded cost when the client's `max_tokens` is honest and cannot be met
+        # (those probes finish at max_tokens, the class learns that, and the rest get the strict
+        # reading at once). Read strictly from the start, a cap far above the real lengths
+        # (an IDE sending 256 for ~13-token completions) would have it reject everything and
+        # never learn a length.
+        self._unsized = {c.name: c.output_tokens is None for c in config.classes}
+        self._probe_limit = p.output_min_samples
+        self._probes: dict[str, str] = {}  # id -> class of the cold reject-class requests running
         self._estimates = {
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
@@ -275,6 +283,8 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         run = self._running.pop(request_id, None)
         if run is None:
             return self._dispatch(now)
+        if self._probes:
+            self._probes.pop(request_id, None)
         # Its entry: the first with its k (a float bisection: cheaper than comparing tuples), then
         # past any others with the same k.
         by_finish = self._by_finish

@@ -105,6 +105,8 @@ class _AdmitMixin:
             if reason:
                 self._miss(q, now, reason, out)
             else:
+                if q.cold and q.req.on_miss == "reject":
+                    self._probes[q.req.id] = q.req.sla_class
                 self._admit(q.req, q.expected, q.tpot_speed, now, out, protect=not q.cold)
         if not order:
             return
@@ -140,6 +142,10 @@ class _AdmitMixin:
                 if hurt and shape in hurt:
                     i += 1
                     continue
+                probe = q.cold and q.req.on_miss == "reject"
+                if probe and self._probing(q.req.sla_class) >= self._probe_limit:
+                    i += 1  # enough of its class are exploring already: it waits for what they teach
+                    continue
                 if plan is None:
                     if self._replays <= 0:  # `_replay`, inlined
                         self._resume_at = now + self.min_recheck
@@ -158,6 +164,8 @@ class _AdmitMixin:
                 elif verdict is FITS:
                     del order[i]
                     del queued[req.id]
+                    if probe:
+                        self._probes[req.id] = req.sla_class
                     self._admit(req, q.expected, q.tpot_speed, now, out, protect=not self._thin)
                     stale = True
                     tried -= 1
@@ -167,6 +175,10 @@ class _AdmitMixin:
                 break  # the window was tried (or the queue ended) with no one leaving it
         if order:
             self._blocked_at = self._version
+
+    def _probing(self, sla_class: str) -> int:
+        """Cold requests of a reject class running now (a handful at most)."""
+        return sum(1 for c in self._probes.values() if c == sla_class)
 
     def _admit_best_effort(self, now: float, out: list[Action]) -> None:
         """FIFO, and only while a fresh SLA arrival would still find room (see module docstring)."""

@@ -10,12 +10,14 @@ from policy_support import fmt
 
 # `output_tokens` far above any max_tokens used here: each request is expected to produce its
 # max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
-# `est` states none (it learns); `cold` states none and has never finished a request.
+# `est` states none (it learns); `cold` states none and has never finished a request; `rejcold`
+# is a reject class that states none.
 SIZED = 1_000_000
 CLASSES = [
     {"name": "loose", "deadline_seconds": 100, "output_tokens": SIZED},
     {"name": "tight", "deadline_seconds": 1.0, "output_tokens": SIZED},
-    {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject"},
+    {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject", "output_tokens": SIZED},
+    {"name": "rejcold", "deadline_seconds": 1.0, "on_miss": "reject"},
     {"name": "ttft", "deadline_seconds": 10, "ttft_seconds": 0.5, "output_tokens": SIZED},
     {"name": "tpot", "deadline_seconds": 100, "tpot_seconds": 0.0103, "output_tokens": SIZED},  # needs 97.09 tok/s
     {"name": "est", "deadline_seconds": 1.0},
@@ -555,3 +557,30 @@ def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slow
     for i in range(8):  # twice as slow: the model was optimistic, the cap holds
         slow.pol.finished(f"r{i}", 0.01 + 2.0 * 19 / 92, 20, 0.01)
     assert slow.pol._cap < INF_SEATS
+
+
+def test_a_reject_class_that_states_no_length_explores_then_reads_an_honest_max_tokens_strictly():
+    """`rejcold` states no output length: its max_tokens (500 in 1 s: 5x the engine's speed) is
+    only a bound. Read strictly, it would reject everything and never learn a length; instead at
+    most `output_min_samples` (4) run at once as probes. When they end at their max_tokens (an
+    honest cap), the class has learned that length and the rest are rejected at once."""
+    d = Driver()
+    out = [d.submit("rejcold", f"p{i}", 0.0, 500) for i in range(10)]
+    assert sum(o.startswith("admit") for o in out) == 4
+    assert not any(o.startswith("reject") for o in out)
+    assert d.pol.stats().queued_sla == 6
+    decided = [d.finish(f"p{i}", 0.5, 500) for i in range(4)]
+    assert "reject:p9" in " ".join(decided) and d.pol.stats().queued_sla == 0
+    assert d.pol.expected_tokens("rejcold") == 500
+    assert d.submit("rejcold", "late", 0.6, 500) == "reject:late"
+
+
+def test_a_reject_class_learns_short_lengths_under_a_high_cap_and_then_admits_by_them():
+    d = Driver()
+    for i in range(4):
+        assert d.submit("rejcold", f"p{i}", 0.0, 500) == f"admit:p{i}"
+    for i in range(4):
+        d.finish(f"p{i}", 0.2, 10)
+    assert d.pol.expected_tokens("rejcold") == 10
+    # Priced at its learned 10 tokens, not the 500 it may ask for: admitted, protected.
+    assert d.submit("rejcold", "next", 0.3, 500) == "admit:next"
