@@ -171,6 +171,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._counters_first: tuple[float, float] | None = None
         self._prefill = PlanPrefill(self.model.per_token)  # per_token and seconds(), on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
+        self._prefill_end = -INF  # when the engine is predicted to have prefilled every admitted prompt
         self._burst_at = -INF
         self._replays = REPLAYS_PER_DECISION
         self._resume_at: float | None = None  # a decision stopped at its work bound goes on then

@@ -584,3 +584,16 @@ def test_a_reject_class_learns_short_lengths_under_a_high_cap_and_then_admits_by
     assert d.pol.expected_tokens("rejcold") == 10
     # Priced at its learned 10 tokens, not the 500 it may ask for: admitted, protected.
     assert d.submit("rejcold", "next", 0.3, 500) == "admit:next"
+
+
+def test_a_burst_of_long_prompts_waits_for_the_prefill_backlog_ahead_of_it():
+    """Prompts are prefilled in turn: the third 200-token prompt at 1 ms a token sees its first
+    token after ~0.6 s of prefill ahead of it, past its 0.5 s TTFT target, so it is not admitted
+    with the first two (as if its prefill began at once); it goes in once the backlog drained."""
+    d = Driver(initial_prefill_seconds_per_token=1e-3)
+    out = [fmt(d.pol.submit(request_for(d.cfg, "ttft", f"r{i}", 0.0, 10, prompt_tokens=200), 0.0)) for i in range(4)]
+    assert out[:2] == ["admit:r0", "admit:r1"]
+    assert out[2:] == ["", ""]
+    assert d.pol._prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
+    # A request arriving at 0.3 s has 0.1 s of backlog ahead: first token by ~0.6 s, within 0.8 s.
+    assert fmt(d.pol.submit(request_for(d.cfg, "ttft", "late", 0.3, 10, prompt_tokens=200), 0.3)) == "admit:late"
