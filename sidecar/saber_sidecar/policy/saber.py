@@ -94,6 +94,14 @@ COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
 
+def _seat_bound(prev: EngineSnapshot, cur: EngineSnapshot) -> bool:
+    """Whether requests waited between two scrapes for a seat, not for the token budget: the
+    engine made steps and prefilled no prompt tokens meanwhile (True when it exports no counters)."""
+    if cur.steps is None or prev.steps is None or cur.prompt_tokens is None or prev.prompt_tokens is None:
+        return True
+    return cur.steps > prev.steps and cur.prompt_tokens <= prev.prompt_tokens
+
+
 class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
     name = "saber"
 
@@ -411,10 +419,14 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             # (vLLM's max_num_seqs, or fewer when its KV cache is full).
             # A request just handed over waits until the engine's next step, so one scrape with
             # waiting > 0 says nothing; two in a row with the same running count do.
+            # Where the engine exports its counters, only an interval in which it ran steps and
+            # prefilled nothing says so: a request also waits while another's long prompt takes
+            # the step's whole token budget (a slow engine spends seconds in one such step), and
+            # reading that as the seat limit held a CPU-like engine at 2 running.
             seen = self._seats_seen
             prev = self._last_snapshot
             if (snapshot.waiting > 0 and snapshot.running > 0 and prev is not None and prev.waiting > 0
-                    and prev.running == snapshot.running):
+                    and prev.running == snapshot.running and _seat_bound(prev, snapshot)):
                 seen = snapshot.running
             elif seen is not None and snapshot.running > seen:
                 seen = snapshot.running

@@ -597,3 +597,17 @@ def test_a_burst_of_long_prompts_waits_for_the_prefill_backlog_ahead_of_it():
     assert d.pol._prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
     # A request arriving at 0.3 s has 0.1 s of backlog ahead: first token by ~0.6 s, within 0.8 s.
     assert fmt(d.pol.submit(request_for(d.cfg, "ttft", "late", 0.3, 10, prompt_tokens=200), 0.3)) == "admit:late"
+
+
+def test_requests_waiting_behind_a_long_prefill_do_not_read_as_the_engines_seats():
+    """A request waits inside the engine while another's long prompt takes the step's token
+    budget: running stays put and waiting > 0 across scrapes, but the engine's counters show it
+    prefilling (or still in one long step). That is not its seat limit; steps made with no prompt
+    tokens prefilled and a request still waiting are."""
+    d = learning_driver()
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.1)
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.6)
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=11, prompt_tokens=9192, generation_tokens=21), 1.1)
+    assert d.pol._seats_seen is None
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=15, prompt_tokens=9192, generation_tokens=29), 1.6)
+    assert d.pol._seats_seen == 2
