@@ -608,8 +608,11 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             return
         dt = now - prev[0]
         dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
-        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and dt < COUNTER_SPAN_S:
-            return  # busy so far: the span grows (the engine publishes its counters in bursts)
+        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and (dt < COUNTER_SPAN_S or dsteps < COUNTER_MIN_STEPS):
+            # Busy so far: the span grows (the engine publishes its counters in bursts), and until
+            # it holds enough steps: on a slow engine one step prefilling a full token budget
+            # takes seconds, and cutting spans at a fixed length left it no counter rows at all.
+            return
         self._counters = cur
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return  # too few steps, a counter reset, or the engine idle part of the time

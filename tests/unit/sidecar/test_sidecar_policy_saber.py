@@ -611,3 +611,16 @@ def test_requests_waiting_behind_a_long_prefill_do_not_read_as_the_engines_seats
     assert d.pol._seats_seen is None
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=15, prompt_tokens=9192, generation_tokens=29), 1.6)
     assert d.pol._seats_seen == 2
+
+
+def test_a_slow_engines_step_counters_still_teach_the_model():
+    """One step every 3 s (a CPU engine prefilling a full token budget): a span of the counters
+    grows until it holds enough steps instead of being cut at a fixed length with too few."""
+    d = learning_driver()
+    assert d.submit("loose", "long", 0.0, 5000) == "admit:long"  # keeps the engine busy throughout
+    for i in range(1, 80):
+        t = 0.5 * i
+        steps = float(int(t / 3.0))
+        d.pol.observe_engine(EngineSnapshot(running=1, waiting=0, steps=steps, prompt_tokens=0.0,
+                                            generation_tokens=steps), t)
+    assert d.pol.model.observations >= 1
