@@ -120,10 +120,14 @@ class _ReplayMixin:
         # for more running than the engine runs at once), or a running TPOT target binds.
         full = n + 2 >= len(table) or n >= self._cap or max_tpot * self.headroom > table[n + 1]
         dues_sorted = self._dues_sorted
-        return _Plan(
+        plan = _Plan(
             now, n, self._W, ks, self._dues, light, full, 0.0 if full else table[n + 1],
-            dues_sorted[0] if dues_sorted else INF, not n, ahead=self._prefill_ahead(now),
+            dues_sorted[0] if dues_sorted else INF, not n,
         )
+        end = self._prefill_end  # `_prefill_ahead`, inlined
+        if end > now:
+            plan.ahead = end - now
+        return plan
 
     def _slices(self, n: int) -> tuple[list[float], list[float]]:
         """headroom / v at the batch size each of n requests, in finishing order, runs at: alone
