@@ -21,8 +21,9 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
   running request late when priced at `max_tokens` (the cautious side for the others) and leaves
   the room best effort leaves for fresh requests; it is demoted only when its deadline passes.
   Protecting it at `max_tokens` would hold every later admission back until it ends. Once its
-  class has an estimate, a still-queued cold request takes it. Reject classes keep the strict
-  reading of `max_tokens`.
+  class has an estimate, a still-queued cold request takes it. A reject class explores the same
+  way with at most `output_min_samples` cold requests running at once, so an honest `max_tokens`
+  that cannot be met costs a few probes and then gets the strict reading.
 - The engine: planned with `EngineModel` (engine_model.py), step time t0 + t1 L + t2 L^2 + c P
   learned online from completed requests' decode spans and times to first token and from the
   engine's step counters, starting from the configured prior (`engine_profile`, else the speed
@@ -81,8 +82,8 @@ INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
 SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
 # Observations (completed requests, busy scrape intervals of the engine's step counters) that
-# must confirm the model before the slow-start cap lifts, within this |log(observed / predicted)|
-# (about 25%); one within a quarter of that is enough.
+# must confirm the model before the slow-start cap lifts, within this log(observed / predicted)
+# (about 25% slower than predicted; faster counts as 0); one within a quarter of that is enough.
 SLOW_START_CONFIRM = 4
 SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
@@ -91,6 +92,14 @@ COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
 CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that a decode span is taken to include
 COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
+
+
+def _seat_bound(prev: EngineSnapshot, cur: EngineSnapshot) -> bool:
+    """Whether requests waited between two scrapes for a seat, not for the token budget: the
+    engine made steps and prefilled no prompt tokens meanwhile (True when it exports no counters)."""
+    if cur.steps is None or prev.steps is None or cur.prompt_tokens is None or prev.prompt_tokens is None:
+        return True
+    return cur.steps > prev.steps and cur.prompt_tokens <= prev.prompt_tokens
 
 
 class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
@@ -145,10 +154,17 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._log: list[tuple[float, float, float]] = []
         self._counters: tuple[float, float, float, float, float] | None = None
         self.classes = {c.name: c for c in config.classes}
-        # Demote classes that state no output length: until they have learned one, their requests
-        # are cold. (A reject class keeps the strict reading of `max_tokens`: its clients asked
-        # for a 429 rather than a gamble.)
-        self._unsized = {c.name: c.output_tokens is None and c.on_miss == "demote" for c in config.classes}
+        # Classes that state no output length: until they have learned one, their requests are
+        # cold (`max_tokens` is only a bound). A reject class explores with at most
+        # `output_min_samples` cold requests running at once (`_probes`): enough to learn its
+        # lengths, and a bounded cost when the client's `max_tokens` is honest and cannot be met
+        # (those probes finish at max_tokens, the class learns that, and the rest get the strict
+        # reading at once). Read strictly from the start, a cap far above the real lengths
+        # (an IDE sending 256 for ~13-token completions) would have it reject everything and
+        # never learn a length.
+        self._unsized = {c.name: c.output_tokens is None for c in config.classes}
+        self._probe_limit = p.output_min_samples
+        self._probes: dict[str, str] = {}  # id -> class of the cold reject-class requests running
         self._estimates = {
             c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
         }
@@ -163,6 +179,7 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._counters_first: tuple[float, float] | None = None
         self._prefill = PlanPrefill(self.model.per_token)  # per_token and seconds(), on the hot paths
         self._P = 0.0  # prompt tokens admitted so far
+        self._prefill_end = -INF  # when the engine is predicted to have prefilled every admitted prompt
         self._burst_at = -INF
         self._replays = REPLAYS_PER_DECISION
         self._resume_at: float | None = None  # a decision stopped at its work bound goes on then
@@ -275,6 +292,8 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         run = self._running.pop(request_id, None)
         if run is None:
             return self._dispatch(now)
+        if self._probes:
+            self._probes.pop(request_id, None)
         # Its entry: the first with its k (a float bisection: cheaper than comparing tuples), then
         # past any others with the same k.
         by_finish = self._by_finish
@@ -400,10 +419,14 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             # (vLLM's max_num_seqs, or fewer when its KV cache is full).
             # A request just handed over waits until the engine's next step, so one scrape with
             # waiting > 0 says nothing; two in a row with the same running count do.
+            # Where the engine exports its counters, only an interval in which it ran steps and
+            # prefilled nothing says so: a request also waits while another's long prompt takes
+            # the step's whole token budget (a slow engine spends seconds in one such step), and
+            # reading that as the seat limit held a CPU-like engine at 2 running.
             seen = self._seats_seen
             prev = self._last_snapshot
             if (snapshot.waiting > 0 and snapshot.running > 0 and prev is not None and prev.waiting > 0
-                    and prev.running == snapshot.running):
+                    and prev.running == snapshot.running and _seat_bound(prev, snapshot)):
                 seen = snapshot.running
             elif seen is not None and snapshot.running > seen:
                 seen = snapshot.running
@@ -465,9 +488,14 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         return min(seats, slow)
 
     def _check_prediction(self, predicted: float, observed: float) -> None:
-        """Track how well the model predicted a completed request's times (before learning from it)."""
+        """Track how well the model predicted a completed request's times (before learning from it).
+
+        Only the unsafe side counts: the slow-start cap guards against a model that is too
+        optimistic (an engine slower than planned: admissions that miss). An engine that ran as
+        fast or faster than predicted confirms the plan is safe; holding the cap there starves a
+        fast engine (a GPU-class engine under the paper prior ran 81% where static caps ran 99%)."""
         if predicted > 0 and observed > 0:
-            err = abs(math.log(observed / predicted))
+            err = max(0.0, math.log(observed / predicted))
             self._model_error = err if not self._confirmed else self._model_error + ERROR_EWMA * (err - self._model_error)
             self._confirmed += 1
 
@@ -580,8 +608,11 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
             return
         dt = now - prev[0]
         dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
-        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and dt < COUNTER_SPAN_S:
-            return  # busy so far: the span grows (the engine publishes its counters in bursts)
+        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and (dt < COUNTER_SPAN_S or dsteps < COUNTER_MIN_STEPS):
+            # Busy so far: the span grows (the engine publishes its counters in bursts), and until
+            # it holds enough steps: on a slow engine one step prefilling a full token budget
+            # takes seconds, and cutting spans at a fixed length left it no counter rows at all.
+            return
         self._counters = cur
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return  # too few steps, a counter reset, or the engine idle part of the time

@@ -28,7 +28,7 @@ from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
 
 from saber_sidecar.policy.base import Action, Admit, Request
-from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, _Plan
+from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, MISSES_OWN, _Plan
 
 REPLAYS_PER_DECISION = 1  # batch replays one decision may do; bounds its cost
 CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
@@ -105,6 +105,8 @@ class _AdmitMixin:
             if reason:
                 self._miss(q, now, reason, out)
             else:
+                if q.cold and q.req.on_miss == "reject":
+                    self._probes[q.req.id] = q.req.sla_class
                 self._admit(q.req, q.expected, q.tpot_speed, now, out, protect=not q.cold)
         if not order:
             return
@@ -140,6 +142,10 @@ class _AdmitMixin:
                 if hurt and shape in hurt:
                     i += 1
                     continue
+                probe = q.cold and q.req.on_miss == "reject"
+                if probe and self._probing(q.req.sla_class) >= self._probe_limit:
+                    i += 1  # enough of its class are exploring already: it waits for what they teach
+                    continue
                 if plan is None:
                     if self._replays <= 0:  # `_replay`, inlined
                         self._resume_at = now + self.min_recheck
@@ -148,16 +154,22 @@ class _AdmitMixin:
                     plan, stale = self._plan(now), False
                 req = q.req
                 verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, 0.0, q.cold)
+                if verdict is FITS and not self._ttft_fits(plan, req):
+                    verdict = MISSES_OWN
                 if verdict is FITS and stale:
                     plan, stale = self._replay(now), False
                     if plan is None:
                         return
                     verdict = fits(plan, q.expected, req.deadline, q.tpot_speed, req.prompt_tokens, 0.0, q.cold)
+                    if verdict is FITS and not self._ttft_fits(plan, req):
+                        verdict = MISSES_OWN
                 if verdict is HURTS_BATCH:
                     hurt.add(shape)
                 elif verdict is FITS:
                     del order[i]
                     del queued[req.id]
+                    if probe:
+                        self._probes[req.id] = req.sla_class
                     self._admit(req, q.expected, q.tpot_speed, now, out, protect=not self._thin)
                     stale = True
                     tried -= 1
@@ -167,6 +179,31 @@ class _AdmitMixin:
                 break  # the window was tried (or the queue ended) with no one leaving it
         if order:
             self._blocked_at = self._version
+
+    def _prefill_seconds(self, prompt: int, L: int) -> float:
+        """Engine time to prefill a prompt (estimated tokens) with L decoding: its tokens' cost and
+        the decode part of the steps it is chunked over."""
+        model = self.model
+        tokens = prompt * self._ratio
+        return self._prefill.seconds(prompt) + tokens / model.chunk * model.step_seconds(L if L > 0 else 1)
+
+    def _prefill_ahead(self, now: float) -> float:
+        """Seconds until the prompts admitted so far are predicted to be prefilled."""
+        end = self._prefill_end
+        return end - now if end > now else 0.0
+
+    def _ttft_fits(self, plan: _Plan, req: Request) -> bool:
+        """Whether a candidate admitted now would see its first token by its TTFT target: the
+        prefill backlog ahead of it, its own prefill, and the model's fixed overhead."""
+        ttft = req.ttft_deadline
+        if ttft is None:
+            return True
+        first = plan.now + plan.ahead + self._prefill_seconds(req.prompt_tokens, plan.n) + self.model.ttft_overhead
+        return first <= ttft - self.margin
+
+    def _probing(self, sla_class: str) -> int:
+        """Cold requests of a reject class running now (a handful at most)."""
+        return sum(1 for c in self._probes.values() if c == sla_class)
 
     def _admit_best_effort(self, now: float, out: list[Action]) -> None:
         """FIFO, and only while a fresh SLA arrival would still find room (see module docstring)."""
@@ -235,6 +272,8 @@ class _AdmitMixin:
                 del self._cluster_tokens[next(iter(self._cluster_tokens))]
             # Its prefill holds up every running request (itself included) for a moment.
             self._P += req.prompt_tokens
+            start = self._prefill_end if self._prefill_end > now else now
+            self._prefill_end = start + self._prefill_seconds(req.prompt_tokens, len(running))
             self._W -= self.model.speed(len(self._running)) * self._prefill.seconds(req.prompt_tokens)
         if sla:
             self._sla_running += 1

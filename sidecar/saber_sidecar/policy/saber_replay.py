@@ -10,6 +10,12 @@
   keeps every admitted request on time as far as the model can tell, without assuming the batch
   stays at L+1 for ever (which throttles the engine well below what it can carry). TPOT targets
   cap the batch at the L where v(L) still gives 1/tpot tokens per second.
+- Prefill backlog: the engine prefills admitted prompts in turn (a chunk of its token budget a
+  step), so a candidate's first token waits for the prompts admitted before it that are not
+  prefilled yet (`_prefill_ahead`): its own finish, and its TTFT target (`_ttft_fits`), count
+  that wait. The running requests already carry those stalls (charged at each admission).
+  Without it a burst of long prompts (a code trace: 1.5k-5k tokens) was admitted as if each
+  prefill began at once, and most of the burst missed.
 - Slack reserve: an admission must leave every running SLA request (and itself)
   `slack_reserve_share` x the candidate's own time to deadline as slack, so long requests stop
   taking the batch's last slack while short, urgent ones can still get in.
@@ -79,6 +85,9 @@ class _Plan:
     a1: list[float] | None = None
     prefix_min: list[float] | None = None
     lenient: list[float] | None = None
+    # Seconds until the engine has prefilled the prompts admitted before (`_prefill_ahead`): a
+    # candidate's first token, and so its whole run, waits for them.
+    ahead: float = 0.0
 
 
 
@@ -111,10 +120,14 @@ class _ReplayMixin:
         # for more running than the engine runs at once), or a running TPOT target binds.
         full = n + 2 >= len(table) or n >= self._cap or max_tpot * self.headroom > table[n + 1]
         dues_sorted = self._dues_sorted
-        return _Plan(
+        plan = _Plan(
             now, n, self._W, ks, self._dues, light, full, 0.0 if full else table[n + 1],
             dues_sorted[0] if dues_sorted else INF, not n,
         )
+        end = self._prefill_end  # `_prefill_ahead`, inlined
+        if end > now:
+            plan.ahead = end - now
+        return plan
 
     def _slices(self, n: int) -> tuple[list[float], list[float]]:
         """headroom / v at the batch size each of n requests, in finishing order, runs at: alone
@@ -275,7 +288,7 @@ class _ReplayMixin:
         now = plan.now
         if deadline is not None:
             reserve = self.reserve_share * (deadline - now)
-            own = deadline - self.margin - reserve - now - finish
+            own = deadline - self.margin - reserve - now - finish - plan.ahead
             if own < 0.0 and not cold:
                 return MISSES_OWN
             # A cold candidate's `expected` is its `max_tokens`, a bound most requests stop far
@@ -378,7 +391,7 @@ class _ReplayMixin:
         thin = False
         if deadline is not None:
             reserve = self.reserve_share * (deadline - now)
-            room = deadline - self.margin - reserve - now  # `own` is room - finish
+            room = deadline - self.margin - reserve - now - plan.ahead  # `own` is room - finish
             if cold:
                 thin = True
             else:

@@ -12,6 +12,7 @@ classes:
   - name: interactive
     deadline_seconds: 1
     on_miss: reject
+    output_tokens: 1000  # a stated length: max_tokens is read strictly (a class that states none explores first)
   - name: batch
     deadline_seconds: 60
 default_class: batch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from saber_bench.grid import RunKey, run_one
 from saber_bench.policies import STATIC_CAPS
 from saber_bench.trace_bench import TraceSource, rates_for, run_trace_one
@@ -52,9 +51,6 @@ def test_slower_engine_than_the_prior_w3_at_3(tmp_path):
     _check({p: run_one(RunKey("W3", 3.0, p, 0), profile=prof).stats.goodput for p in POLICIES})
 
 
-@pytest.mark.xfail(strict=True, reason="saber keeps the paper profile's speed as its prior and lags an engine 30% "
-                   "faster (85% vs static-70's 99% on main at 0ec310f); the online engine learning being built "
-                   "should lift it: flip this mark when it does")
 def test_faster_engine_than_the_prior_w1_at_10(tmp_path):
     prof = _engine(tmp_path, "fast", 0.7, 2.5e-5)
     _check({p: run_one(RunKey("W1", 10.0, p, 0), profile=prof).stats.goodput for p in POLICIES})

@@ -10,12 +10,14 @@ from policy_support import fmt
 
 # `output_tokens` far above any max_tokens used here: each request is expected to produce its
 # max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
-# `est` states none (it learns); `cold` states none and has never finished a request.
+# `est` states none (it learns); `cold` states none and has never finished a request; `rejcold`
+# is a reject class that states none.
 SIZED = 1_000_000
 CLASSES = [
     {"name": "loose", "deadline_seconds": 100, "output_tokens": SIZED},
     {"name": "tight", "deadline_seconds": 1.0, "output_tokens": SIZED},
-    {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject"},
+    {"name": "rej", "deadline_seconds": 1.0, "on_miss": "reject", "output_tokens": SIZED},
+    {"name": "rejcold", "deadline_seconds": 1.0, "on_miss": "reject"},
     {"name": "ttft", "deadline_seconds": 10, "ttft_seconds": 0.5, "output_tokens": SIZED},
     {"name": "tpot", "deadline_seconds": 100, "tpot_seconds": 0.0103, "output_tokens": SIZED},  # needs 97.09 tok/s
     {"name": "est", "deadline_seconds": 1.0},
@@ -535,3 +537,90 @@ def test_the_gate_never_plans_past_the_engines_seats():
     d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
     assert d.pol._seats_seen is None
+
+
+def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slower_one():
+    """The slow-start cap guards against an optimistic model only: requests that ran faster than
+    predicted confirm the plan is safe (a fast engine under a slow prior must not be held at 8);
+    ones that ran slower than predicted keep the cap."""
+    from saber_sidecar.policy.saber import INF_SEATS
+
+    fast = learning_driver()
+    for i in range(8):
+        fast.submit("loose", f"r{i}", 0.0, 20)
+    # Twice as fast as the curve predicts (19 tokens at v(8) = 92 would take 19 / 92 s).
+    fast.pol.finished("r0", 0.01 + 0.5 * 19 / 92, 20, 0.01)
+    assert fast.pol._cap == INF_SEATS
+    slow = learning_driver()
+    for i in range(8):
+        slow.submit("loose", f"r{i}", 0.0, 20)
+    for i in range(8):  # twice as slow: the model was optimistic, the cap holds
+        slow.pol.finished(f"r{i}", 0.01 + 2.0 * 19 / 92, 20, 0.01)
+    assert slow.pol._cap < INF_SEATS
+
+
+def test_a_reject_class_that_states_no_length_explores_then_reads_an_honest_max_tokens_strictly():
+    """`rejcold` states no output length: its max_tokens (500 in 1 s: 5x the engine's speed) is
+    only a bound. Read strictly, it would reject everything and never learn a length; instead at
+    most `output_min_samples` (4) run at once as probes. When they end at their max_tokens (an
+    honest cap), the class has learned that length and the rest are rejected at once."""
+    d = Driver()
+    out = [d.submit("rejcold", f"p{i}", 0.0, 500) for i in range(10)]
+    assert sum(o.startswith("admit") for o in out) == 4
+    assert not any(o.startswith("reject") for o in out)
+    assert d.pol.stats().queued_sla == 6
+    decided = [d.finish(f"p{i}", 0.5, 500) for i in range(4)]
+    assert "reject:p9" in " ".join(decided) and d.pol.stats().queued_sla == 0
+    assert d.pol.expected_tokens("rejcold") == 500
+    assert d.submit("rejcold", "late", 0.6, 500) == "reject:late"
+
+
+def test_a_reject_class_learns_short_lengths_under_a_high_cap_and_then_admits_by_them():
+    d = Driver()
+    for i in range(4):
+        assert d.submit("rejcold", f"p{i}", 0.0, 500) == f"admit:p{i}"
+    for i in range(4):
+        d.finish(f"p{i}", 0.2, 10)
+    assert d.pol.expected_tokens("rejcold") == 10
+    # Priced at its learned 10 tokens, not the 500 it may ask for: admitted, protected.
+    assert d.submit("rejcold", "next", 0.3, 500) == "admit:next"
+
+
+def test_a_burst_of_long_prompts_waits_for_the_prefill_backlog_ahead_of_it():
+    """Prompts are prefilled in turn: the third 200-token prompt at 1 ms a token sees its first
+    token after ~0.6 s of prefill ahead of it, past its 0.5 s TTFT target, so it is not admitted
+    with the first two (as if its prefill began at once); it goes in once the backlog drained."""
+    d = Driver(initial_prefill_seconds_per_token=1e-3)
+    out = [fmt(d.pol.submit(request_for(d.cfg, "ttft", f"r{i}", 0.0, 10, prompt_tokens=200), 0.0)) for i in range(4)]
+    assert out[:2] == ["admit:r0", "admit:r1"]
+    assert out[2:] == ["", ""]
+    assert d.pol._prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
+    # A request arriving at 0.3 s has 0.1 s of backlog ahead: first token by ~0.6 s, within 0.8 s.
+    assert fmt(d.pol.submit(request_for(d.cfg, "ttft", "late", 0.3, 10, prompt_tokens=200), 0.3)) == "admit:late"
+
+
+def test_requests_waiting_behind_a_long_prefill_do_not_read_as_the_engines_seats():
+    """A request waits inside the engine while another's long prompt takes the step's token
+    budget: running stays put and waiting > 0 across scrapes, but the engine's counters show it
+    prefilling (or still in one long step). That is not its seat limit; steps made with no prompt
+    tokens prefilled and a request still waiting are."""
+    d = learning_driver()
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.1)
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.6)
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=11, prompt_tokens=9192, generation_tokens=21), 1.1)
+    assert d.pol._seats_seen is None
+    d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=15, prompt_tokens=9192, generation_tokens=29), 1.6)
+    assert d.pol._seats_seen == 2
+
+
+def test_a_slow_engines_step_counters_still_teach_the_model():
+    """One step every 3 s (a CPU engine prefilling a full token budget): a span of the counters
+    grows until it holds enough steps instead of being cut at a fixed length with too few."""
+    d = learning_driver()
+    assert d.submit("loose", "long", 0.0, 5000) == "admit:long"  # keeps the engine busy throughout
+    for i in range(1, 80):
+        t = 0.5 * i
+        steps = float(int(t / 3.0))
+        d.pol.observe_engine(EngineSnapshot(running=1, waiting=0, steps=steps, prompt_tokens=0.0,
+                                            generation_tokens=steps), t)
+    assert d.pol.model.observations >= 1

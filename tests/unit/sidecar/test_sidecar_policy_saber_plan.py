@@ -63,7 +63,7 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
     reserve = pol.reserve_share * (deadline - now if deadline is not None else span)
     thin = False
     if deadline is not None:
-        own = deadline - pol.margin - reserve - now - finish
+        own = deadline - pol.margin - reserve - now - finish - pol._prefill_ahead(now)
         if own < 0.0 and not cold:
             return MISSES_OWN, None
         thin = cold or (light and own < pol.at_risk * finish)
