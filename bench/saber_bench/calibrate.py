@@ -42,6 +42,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+
 from saber_emulator.profile import LatencyProfile, profile_from_speeds
 
 # Kubernetes caps a container's termination message at 4096 bytes.

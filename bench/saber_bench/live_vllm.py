@@ -416,8 +416,8 @@ def agreement_table(agree: dict, agree_table: dict | None) -> str:
 
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,
                 requests, warmup, sim_table: dict | None = None) -> dict:
-    from .machine import describe_machine
     from .live import write_live
+    from .machine import describe_machine
 
     command = ("saber bench live --engine vllm"
                + f" --loads {','.join(f'{x:g}' for x in loads)} --policies {','.join(policies)}"
