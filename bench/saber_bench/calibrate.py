@@ -39,9 +39,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import numpy as np
+
 from saber_emulator.profile import LatencyProfile, profile_from_speeds
 
 # Kubernetes caps a container's termination message at 4096 bytes.
@@ -289,12 +291,14 @@ async def calibrate(
                         break
                     decodes = [_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)]
                     sent: list[float] = []
+                    streams: list[_Stream]
                     if kind == "decode-loaded":
                         # Spread over the wave as the unloaded level predicts it lasts.
                         wave_s = decode_tokens * step_of(n)
 
-                        *streams, _ = await asyncio.gather(*decodes, asyncio.gather(
+                        *decoded, _ = await asyncio.gather(*decodes, asyncio.gather(
                             *(arrival(wave_s * (i + 0.5) / n_arrivals, sent) for i in range(n_arrivals))))
+                        streams = cast("list[_Stream]", decoded)  # the decodes' results (gather mixes the types)
                     else:
                         streams = await asyncio.gather(*decodes)
                     spans = window_spans(streams)
@@ -340,6 +344,7 @@ async def calibrate(
                 s = await _stream(session, url, model, prompt, 1)
                 if rep < 0:
                     continue
+                assert s.first is not None, "the engine streamed no token"
                 samples.append(Sample("prefill", 1, count, rep, s.first - t_send, 1, p))
                 if bar:
                     bar.update()
@@ -402,10 +407,10 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
     loaded = [s for s in samples if s.kind == "decode-loaded" and s.concurrency in short]
     req_step = 0.0
     if loaded:
-        extra = sum(s.tokens / s.value - s.tokens * short[s.concurrency] for s in loaded)
+        extra_s = sum(s.tokens / s.value - s.tokens * short[s.concurrency] for s in loaded)
         arrivals = sum(s.injected for s in loaded)
         if arrivals:
-            req_step = float(min(max(extra / arrivals - DECODE_PROMPT_TOKENS * slope, 0.0), 1.0))
+            req_step = float(min(max(extra_s / arrivals - DECODE_PROMPT_TOKENS * slope, 0.0), 1.0))
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
     text = (
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "

@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from saber_emulator.profile import LatencyProfile
 
@@ -214,7 +215,7 @@ def policy_config(policy: str, scaled: Scaled, profile: LatencyProfile, max_num_
     cfg = sidecar_config(base, scaled.classes)
     cfg = cfg.model_copy(update={"classes": [SLAClass(**(c.model_dump() | {"on_miss": "reject"})) for c in cfg.classes]})
     if base.startswith("saber"):
-        upd = {"engine_max_num_seqs": max_num_seqs}
+        upd: dict[str, Any] = {"engine_max_num_seqs": max_num_seqs}
         if policy == "saber-calibrated":
             upd["engine_profile"] = profile
         cfg = cfg.model_copy(update={"scheduling": cfg.scheduling.model_copy(update=upd)})
@@ -277,7 +278,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
             async def counter(text):
                 return await count_tokens(session, engine_url, model, text)
 
-            arrivals = {}
+            arrivals: dict[tuple[Any, ...], list[RequestSpec]] = {}  # (load, seed), ("warm", load, seed)
             for load in loads:
                 rate = round(load * scaled.capacity_rps, 3)
                 for seed in range(seeds):
@@ -313,7 +314,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                     _dump_records(out / "requests" / f"{load:g}x-{policy}-{seed}.jsonl", records)
                     runs[policy].append(run_stats(records))
                     lags[policy].append(info["send_lag_max_s"])
-                    ratios[policy] += [r.e2e / r.sla_s if r.served else math.inf for r in records]
+                    ratios[policy] += [e2e / r.sla_s if (e2e := r.e2e) is not None else math.inf for r in records]  # e2e: None unless served
             for policy in policies:
                 cell = {"workload": "vllm-scaled", "load": load, "rate": rate, "policy": policy, "seeds": seeds,
                         "mode": "live"}
@@ -416,8 +417,8 @@ def agreement_table(agree: dict, agree_table: dict | None) -> str:
 
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,
                 requests, warmup, sim_table: dict | None = None) -> dict:
-    from .machine import describe_machine
     from .live import write_live
+    from .machine import describe_machine
 
     command = ("saber bench live --engine vllm"
                + f" --loads {','.join(f'{x:g}' for x in loads)} --policies {','.join(policies)}"
@@ -471,7 +472,7 @@ def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, 
 async def run_cli(args) -> int:
     from .live import LiveError
 
-    kw = {"loads": LOADS, "policies": POLICIES, "seeds": SEEDS, "requests": REQUESTS, "warmup": WARMUP}
+    kw: dict[str, Any] = {"loads": LOADS, "policies": POLICIES, "seeds": SEEDS, "requests": REQUESTS, "warmup": WARMUP}
     cal_args = None
     if args.quick:
         kw |= QUICK

@@ -16,6 +16,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest
 from saber_emulator.profile import LatencyProfile
@@ -123,7 +124,7 @@ def simulate(
         now = max(now, now_next)
         if t_ready <= now_next and t_ready < min(t_step, t_wake, t_event):
             step = engine.step(now)
-        elif t_step <= now_next:
+        elif step is not None and t_step <= now_next:  # (t_step is finite only with a step)
             done, step = step, None
             for f in done.finished:
                 rec = records[f.id]
@@ -171,7 +172,7 @@ def simulate(
     )
 
 
-def default_engine(profile: LatencyProfile | None = None, seed: int = 0, **config: object) -> EngineCore:
+def default_engine(profile: LatencyProfile | None = None, seed: int = 0, **config: Any) -> EngineCore:
     """The emulator's engine with its default limits (a large `max_num_seqs`: the gate decides)."""
     from saber_emulator.profile import load_profile
 

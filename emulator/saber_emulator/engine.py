@@ -69,7 +69,7 @@ class EngineConfig(BaseModel):
     output_len: OutputLengthConfig = Field(default_factory=OutputLengthConfig)
 
     @model_validator(mode="after")
-    def _fits_cache(self) -> "EngineConfig":
+    def _fits_cache(self) -> EngineConfig:
         capacity = self.num_gpu_blocks * self.block_size
         if self.max_model_len > capacity:
             raise ValueError(

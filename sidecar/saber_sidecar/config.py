@@ -8,7 +8,7 @@ for each simulated policy). Keep it free of I/O other than `load_config`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -282,7 +282,7 @@ def load_config(path: str | Path) -> SidecarConfig:
     return parse_config(text, str(path))
 
 
-def paper_config(policy: PolicyName = "saber", **scheduling: object) -> SidecarConfig:
+def paper_config(policy: PolicyName = "saber", **scheduling: Any) -> SidecarConfig:
     """The paper's four code tasks as SLA classes (SABER.md table)."""
     classes = [
         SLAClass(name="qna", deadline_seconds=1.0, output_tokens=51),

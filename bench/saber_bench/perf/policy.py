@@ -42,8 +42,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from saber_sidecar.config import paper_config
+from saber_sidecar.config import PolicyName, paper_config
 from saber_sidecar.policy import Admit, make_policy, request_for
 
 TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
@@ -77,7 +78,7 @@ def _timed_submits(pol, ops: int, now: float, new_request, apply, kept) -> tuple
     return samples, now
 
 
-def measure(policy_name: str, queued: int, ops: int) -> dict:
+def measure(policy_name: PolicyName, queued: int, ops: int) -> dict[str, Any]:
     cfg = paper_config(policy_name, max_queue=max(10 * queued, 1024))
     cfg.scheduling.speed_model.online_refit = False
     pol = make_policy(cfg, seed=1)
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--running must be between 1 and 4000")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {
+    report: dict[str, Any] = {
         "budget_ns": BUDGET_NS,
         "python": sys.version.split()[0],
         "machine": platform.machine(),

@@ -154,7 +154,7 @@ class Policy(ABC):
         reload): count it as running from `now`, as if admitted then, with no action. Its
         `finished` comes to this instance."""
 
-    def inherit(self, old: Policy) -> None:
+    def inherit(self, old: Policy) -> None:  # noqa: B027 -- a deliberate do-nothing hook, not abstract
         """On a reload, before any `adopt`: take over what `old` learned that still holds under
         this instance's config (default: nothing)."""
 

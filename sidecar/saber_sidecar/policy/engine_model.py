@@ -38,8 +38,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from saber_sidecar.config import SchedulingConfig
 
 TABLE_SIZE = 4097  # speed(L) for integer L below this is one list lookup
 MIN_SPEED = 1e-3  # tokens/s; keeps required-time arithmetic finite
@@ -128,7 +132,7 @@ class EngineModel:
             self._table_array = np.asarray(self._table)
 
     @classmethod
-    def from_speed_table(cls, table: Sequence[float], prefill_s_per_token: float, **kw) -> EngineModel:
+    def from_speed_table(cls, table: Sequence[float], prefill_s_per_token: float, **kw: Any) -> EngineModel:
         """From a per-request speed curve (e.g. `SpeedModel.table`), fitted at the design's batch sizes."""
         Ls = [L for L in _DESIGN_L if L < len(table)]
         return cls(prior_from_speeds(Ls, [table[L] for L in Ls]), prefill_s_per_token, table=table, **kw)
@@ -306,7 +310,7 @@ class EngineModel:
             self.error_ratio = math.sqrt(sse / self._wsum_rows) if self._wsum_rows > 0 else None
             self.r2 = 1.0 - sse / sst if sst > 0 else None
         try:
-            self._Ainv = np.linalg.inv(A)
+            self._Ainv: np.ndarray | None = np.linalg.inv(A)
         except np.linalg.LinAlgError:
             self._Ainv = None
         self._update_confidence()
@@ -350,7 +354,7 @@ class EngineModel:
     def _prior_precision(self, theta: np.ndarray | None = None) -> np.ndarray:
         """PRIOR_WEIGHT times each parameter's mean weighted square over the design rows, the
         weights (1/y^2) taken at `theta`'s step times (default: the prior's)."""
-        rows = []
+        rows: list[tuple[float, float, float, float, float]] = []
         for L in _DESIGN_L:
             rows.append((1.0, L, L * L, 0.0, 0.0))
         for L in (1, 8):
@@ -364,7 +368,8 @@ class EngineModel:
         y = np.array([max(1e-4, x[0] * t0 + x[1] * t1 + x[2] * t2 + x[3] * c) for x in X])
         w = 1.0 / (y * y)
         lam = PRIOR_WEIGHT * (w[:, None] * X * X).mean(axis=0)
-        return np.maximum(lam, 1e-300)
+        out: np.ndarray = np.maximum(lam, 1e-300)
+        return out
 
     def _set_table(self) -> None:
         t0, t1, t2, c, _ = (float(x) for x in self.theta)
@@ -411,7 +416,7 @@ class EngineModel:
         return self._row(row, duration, weight)
 
 
-def engine_model_for(sched) -> EngineModel:
+def engine_model_for(sched: SchedulingConfig) -> EngineModel:
     """The engine model a `SchedulingConfig` starts from: its `engine_profile` when set (a
     calibrated engine: decode table and prefill cost), else the speed curve of `speed_model` and
     `saber.initial_prefill_seconds_per_token`. Raises ValueError for a prior that gives no

@@ -42,7 +42,7 @@ class OutputEstimate:
         return changed
 
 
-def _push(window: deque, ordered: list, value: float) -> None:
+def _push(window: deque[int], ordered: list[int], value: int) -> None:
     """Append to a bounded window and keep `ordered` equal to `sorted(window)`."""
     if len(window) == window.maxlen:
         del ordered[bisect_left(ordered, window[0])]

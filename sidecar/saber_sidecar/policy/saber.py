@@ -45,8 +45,6 @@ import math
 from bisect import bisect_left, bisect_right
 
 from saber_sidecar.config import SidecarConfig
-from saber_sidecar.policy.engine_model import engine_model_for
-from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.base import (
     QUEUE_FULL,
     Action,
@@ -56,6 +54,8 @@ from saber_sidecar.policy.base import (
     Reject,
     Request,
 )
+from saber_sidecar.policy.engine_model import engine_model_for
+from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber_admit import REPLAYS_PER_DECISION, _AdmitMixin, _Run
 from saber_sidecar.policy.saber_load import _LoadMixin
 from saber_sidecar.policy.saber_queue import _Queued, _QueueMixin

@@ -26,9 +26,15 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from saber_sidecar.policy.base import Action, Admit, Request
 from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, MISSES_OWN, _Plan
+
+if TYPE_CHECKING:
+    from saber_sidecar.policy.saber_state import _SaberState
+else:
+    _SaberState = object  # at run time the mixin's base is object, as before
 
 REPLAYS_PER_DECISION = 1  # batch replays one decision may do; bounds its cost
 CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
@@ -50,7 +56,7 @@ class _Run:
 
 
 
-class _AdmitMixin:
+class _AdmitMixin(_SaberState):
     """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
     mixin rather than a helper object, so a decision stays method calls on one object."""
 

@@ -11,14 +11,20 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from saber_sidecar.policy.saber_state import _SaberState
+else:
+    _SaberState = object  # at run time the mixin's base is object, as before
 
 LOAD_RECHECK_S = 0.25  # the offered load moves on a 10 s scale: re-checking it every decision is waste
 _LS = np.arange(1025, dtype=float)  # L = 0 .. 1024, for `_fresh_limit_cached`
 
 
-class _LoadMixin:
+class _LoadMixin(_SaberState):
     """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
     mixin rather than a helper object, so a decision stays method calls on one object."""
 

@@ -24,9 +24,15 @@ import heapq
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from saber_sidecar.policy.base import Action, Demote, Reject, Request
 from saber_sidecar.policy.saber_replay import INF
+
+if TYPE_CHECKING:
+    from saber_sidecar.policy.saber_state import _SaberState
+else:
+    _SaberState = object  # at run time the mixin's base is object, as before
 
 BE_STUCK_SHARE = 0.25
 
@@ -46,7 +52,7 @@ class _Queued:
 
 
 
-class _QueueMixin:
+class _QueueMixin(_SaberState):
     """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
     mixin rather than a helper object, so a decision stays method calls on one object."""
 

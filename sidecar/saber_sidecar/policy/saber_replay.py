@@ -38,8 +38,14 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from saber_sidecar.policy.saber_load import LOAD_RECHECK_S
+
+if TYPE_CHECKING:
+    from saber_sidecar.policy.saber_state import _SaberState
+else:
+    _SaberState = object  # at run time the mixin's base is object, as before
 
 INF = math.inf
 FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a running request late"
@@ -78,7 +84,7 @@ class _Plan:
     least: float = INF
     # Per (expected tokens, prompt tokens): where a candidate of that shape lands in the finishing
     # order and when it would finish. Candidates are priced by shape, and the window repeats shapes.
-    shapes: dict = field(default_factory=dict)
+    shapes: dict[tuple[float, int], tuple[int, float, float, float, float]] = field(default_factory=dict)
     # Per running request, in finishing order (see `_plan_lists`, which builds them on first need:
     # only a candidate that finishes inside the batch needs them, and few do).
     a0: list[float] | None = None
@@ -91,7 +97,7 @@ class _Plan:
 
 
 
-class _ReplayMixin:
+class _ReplayMixin(_SaberState):
     """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
     mixin rather than a helper object, so a decision stays method calls on one object."""
 
@@ -309,6 +315,8 @@ class _ReplayMixin:
             return HURTS_BATCH if plan.least < before else FITS
         if plan.a0 is None:
             self._plan_lists(plan)
+        if TYPE_CHECKING:  # `_plan_lists` set them (no run-time check on this path)
+            assert plan.prefix_min is not None and plan.lenient is not None
         if plan.prefix_min[pos] < before:
             return HURTS_BATCH
         # Requests finishing after it, except those already within the model's error of
@@ -437,6 +445,8 @@ class _ReplayMixin:
                 r_prev = 1.0
             if plan.a0 is None:
                 self._plan_lists(plan)
+            if TYPE_CHECKING:  # `_plan_lists` set them (no run-time check on this path)
+                assert plan.a0 is not None and plan.a1 is not None
             before0, before1 = plan.a0[pos - 1], plan.a1[pos - 1]
         else:
             before0 = before1 = r_prev = 0.0

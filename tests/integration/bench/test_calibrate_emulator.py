@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import yaml
+
 from saber_bench.calibrate import MAX_PROFILE_BYTES
 from saber_bench.live import Proc, _spawn, wait_ready
 from saber_emulator.profile import load_profile

@@ -17,6 +17,7 @@ import time
 
 import aiohttp
 import pytest
+
 from saber_bench.calibrate import (
     _Prompts,
     _stream,

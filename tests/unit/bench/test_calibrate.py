@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import yaml
+
 from saber_bench.calibrate import (
     MAX_PROFILE_BYTES,
     Sample,

@@ -2,10 +2,9 @@
 
 import pytest
 
+from paper_data import PAPER_CSV as CSV
 from saber_emulator.engine import EngineConfig, EngineCore, EngineRequest, OutputLengthConfig
 from saber_emulator.profile import LatencyProfile, load_profile, read_speed_csv
-
-from paper_data import PAPER_CSV as CSV
 
 
 def run(engine: EngineCore, t: float = 0.0, limit: int = 100_000):

@@ -3,9 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from saber_emulator.profile import LatencyProfile, builtin_profile_path, calibrate, load_profile, read_speed_csv
-
 from paper_data import PAPER_CSV as CSV
+from saber_emulator.profile import LatencyProfile, builtin_profile_path, calibrate, load_profile, read_speed_csv
 
 
 def test_builtin_profile_is_the_calibration_of_the_paper_csv():

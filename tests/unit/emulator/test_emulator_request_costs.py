@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+
 from saber_bench.policies import build_policy, config_for_workload, request_builder
 from saber_bench.sim import simulate
 from saber_bench.workloads import PAPER_TASKS, RequestSpec

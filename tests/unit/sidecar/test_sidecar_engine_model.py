@@ -12,10 +12,10 @@ import random
 
 import pytest
 
+from saber_emulator.profile import LatencyProfile
 from saber_sidecar.config import ConfigError, SidecarConfig, paper_config
 from saber_sidecar.policy import make_policy
 from saber_sidecar.policy.engine_model import EngineModel, engine_model_for
-from saber_emulator.profile import LatencyProfile
 
 PAPER = (1 / 102.55, 0.03 / 102.55, -0.0001 / 102.55)
 CPU = (0.008, 0.004, 0.0)

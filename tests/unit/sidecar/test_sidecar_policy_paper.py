@@ -2,10 +2,10 @@
 
 import pytest
 
+from policy_support import fmt
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import make_policy, request_for
 from saber_sidecar.policy.paper import PaperPolicy
-from policy_support import fmt
 
 
 def config(**paper):

@@ -3,10 +3,10 @@ so each expected decision can be checked by hand."""
 
 import pytest
 
+from policy_support import fmt
 from saber_sidecar.config import SidecarConfig
 from saber_sidecar.policy import Admit, EngineSnapshot, Reject, make_policy, request_for
 from saber_sidecar.policy.saber import SaberPolicy
-from policy_support import fmt
 
 # `output_tokens` far above any max_tokens used here: each request is expected to produce its
 # max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
