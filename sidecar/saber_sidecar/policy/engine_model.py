@@ -93,6 +93,7 @@ class EngineModel:
         online: bool = True,
         chunk_tokens: int = CHUNK_TOKENS,
         table: Sequence[float] | None = None,
+        overhead_s: float = 0.0,
     ) -> None:
         t0, t1, t2 = (float(x) for x in step)
         if not all(math.isfinite(x) for x in (t0, t1, t2, prefill_s_per_token)):
@@ -101,7 +102,7 @@ class EngineModel:
             raise ValueError(f"engine model prior gives no positive step time at L=1: {step}")
         self.online = online
         self.chunk = max(1, chunk_tokens)
-        self.prior = np.array([t0, t1, t2, float(prefill_s_per_token), 0.0])
+        self.prior = np.array([t0, t1, t2, float(prefill_s_per_token), float(overhead_s)])
         self.theta = self.prior.copy()
         self._th = tuple(float(x) for x in self.theta)  # theta as floats, for the per-row paths
         self._conf_cache: dict[int, float] = {}
@@ -427,7 +428,9 @@ def engine_model_for(sched: SchedulingConfig) -> EngineModel:
         Ls = sorted({*_DESIGN_L, *profile.decode_batch_sizes})
         Ls = [L for L in Ls if L <= max(64, profile.decode_batch_sizes[-1])]
         step = prior_from_speeds(Ls, [profile.speed(L) for L in Ls])
-        return EngineModel(step, profile.prefill_s_per_token, online=online)
+        # A calibrated profile also measured the fixed latency outside the engine (HTTP, the relay,
+        # tokenising): the TTFT overhead term starts there instead of at 0.
+        return EngineModel(step, profile.prefill_s_per_token, online=online, overhead_s=profile.request_overhead_s)
     from saber_sidecar.speed_model import SpeedModel
 
     curve = SpeedModel.from_config(sched.speed_model, online_refit=False)

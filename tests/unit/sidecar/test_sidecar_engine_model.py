@@ -90,13 +90,15 @@ def test_engine_step_counters_alone_teach_the_step_curve():
 
 def test_the_engine_profile_is_the_prior():
     profile = LatencyProfile(name="cpu", decode_batch_sizes=[1, 8, 32], decode_step_s=[0.012, 0.04, 0.136],
-                             prefill_s_per_token=1.4e-3)
+                             prefill_s_per_token=1.4e-3, request_overhead_s=0.004)
     cfg = paper_config("saber")
     cfg.scheduling.engine_profile = profile
     model = engine_model_for(cfg.scheduling)
     for L in (1, 8, 32):
         assert model.speed(L) == pytest.approx(profile.speed(L), rel=0.02)
     assert model.per_token == 1.4e-3
+    assert model.ttft_overhead == pytest.approx(0.004)  # the measured latency outside the engine
+    assert engine_model_for(paper_config("saber").scheduling).ttft_overhead == 0.0
 
 
 def test_a_policy_the_model_refuses_is_a_config_error():
