@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -40,6 +40,7 @@ from saber_sidecar.upstream import EnginePool
 
 log = logging.getLogger(__name__)
 
+MAX_JSON_DEPTH = 64  # an OpenAI request nests a few levels (messages, content parts, tool schemas)
 NO_CLASS = "none"  # class label for requests refused before a class was known
 
 
@@ -199,6 +200,11 @@ async def _read_request(sc: Sidecar, request: web.Request):
     except RecursionError:
         raise Fail(400, "request body nests JSON too deeply; send a flatter JSON object", m.BAD_REQUEST,
                    "invalid_json") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        # Whether json.loads hits its recursion limit depends on the stack depth it starts at, so a
+        # body near that limit must be refused by a fixed bound, not by chance.
+        raise Fail(400, f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels; send a flatter JSON object",
+                   m.BAD_REQUEST, "invalid_json")
     chat = request.path.endswith("/chat/completions")
     try:
         info = body_info(body, chat)
@@ -206,6 +212,23 @@ async def _read_request(sc: Sidecar, request: web.Request):
     except RequestError as exc:
         raise Fail(400, str(exc), m.BAD_REQUEST, exc.code) from None
     return raw, body, info, classified
+
+
+def json_depth(value: object) -> int:
+    """How deeply containers nest in a parsed JSON value (iterative: no recursion to run out of)."""
+    depth = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children)
+    return depth
 
 
 def _engine_down(sc: Sidecar, message: str) -> web.Response:

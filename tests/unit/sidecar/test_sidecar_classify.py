@@ -92,3 +92,14 @@ def test_body_info_completion_and_chat():
 def test_body_info_rejects(body, chat, fragment):
     with pytest.raises(RequestError, match=fragment):
         body_info(body, chat)
+
+
+def test_json_depth_counts_nesting_without_recursion():
+    from saber_sidecar.proxy import MAX_JSON_DEPTH, json_depth
+
+    assert json_depth("text") == 0
+    assert json_depth({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}) == 5
+    deep: object = []
+    for _ in range(10_000):  # far past any recursion limit: the check itself must not recurse
+        deep = [deep]
+    assert json_depth(deep) == 10_001 > MAX_JSON_DEPTH
