@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-import time
 from typing import Any
 
 import aiohttp
@@ -19,6 +18,8 @@ import kmock
 import pytest
 import yaml
 
+from operator_support import condition
+from operator_support import eventually as _eventually
 from saber_bench.perf.kubeapi import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NETWORKPOLICIES, SABER, SaberAPIEmulator
 from saber_emulator.profile import LatencyProfile
 from saber_operator.builders import ENGINE_HASH_ANNOTATION
@@ -77,19 +78,8 @@ class API:
         return [e for e in self.all(EVENTS) if e["regarding"]["name"] == name]
 
 
-def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    return next((c for c in ((body or {}).get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
-async def eventually(check, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -140,6 +130,12 @@ async def finish_job(api: API, job: dict[str, Any], exit_code: int, message: str
         status = {"failed": 2, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                                                "message": "Job has reached the specified backoff limit"}]}
     await api.patch(JOBS, job["metadata"]["name"], {"status": status}, sub="status")
+
+
+
+async def eventually(check, timeout: float = 15.0, what: str = "condition") -> Any:
+    """operator_support's wait, with this file's longer default (a Job round trip takes a few ticks)."""
+    return await _eventually(check, timeout, what)
 
 
 def calibration(api: API) -> dict[str, Any]:
