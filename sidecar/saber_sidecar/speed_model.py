@@ -41,6 +41,21 @@ TABLE_SIZE = 4097  # speed(L) for integer L below this is one list lookup
 ANCHOR_POINTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def table_speed(table: list[float], L: float) -> float:
+    """speed(L) read off a per-request speed table (index = running requests, TABLE_SIZE entries):
+    exact at integers, interpolated between them (a time-averaged load), and past the table's end
+    at the last entry's total throughput shared by L."""
+    i = int(L)
+    if i == L and 0 <= i < TABLE_SIZE:
+        return table[i]
+    if L <= 1:
+        return table[1]
+    if L >= TABLE_SIZE - 1:
+        return max(MIN_SPEED, table[-1] * (TABLE_SIZE - 1) / L)
+    lo = table[i]
+    return lo + (table[i + 1] - lo) * (L - i)
+
+
 def _usl(L, a, s, k):
     return a / (1.0 + s * L + k * L * L)
 
@@ -334,7 +349,6 @@ class SpeedModel:
         self.valid_up_to = float(limit)
         self._table_array = table
         self._table: list[float] = table.tolist()
-        self._tail_throughput = self._table[-1] * (TABLE_SIZE - 1)
 
     @property
     def table(self) -> list[float]:
@@ -348,16 +362,7 @@ class SpeedModel:
 
     def speed(self, L: float) -> float:
         """Predicted per-request speed (tokens/s) with L requests running."""
-        i = int(L)
-        if i == L and 0 <= i < TABLE_SIZE:
-            return self._table[i]
-        if L <= 1:
-            return self._table[1]
-        if L >= TABLE_SIZE - 1:
-            return max(MIN_SPEED, self._tail_throughput / L)
-        # Fractional L (a time-averaged load): interpolate between neighbours.
-        lo = self._table[i]
-        return lo + (self._table[i + 1] - lo) * (L - i)
+        return table_speed(self._table, L)
 
     @property
     def samples(self) -> int:

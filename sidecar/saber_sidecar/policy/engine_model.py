@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from saber_sidecar.speed_model import MIN_SPEED, TABLE_SIZE, table_speed
+
 if TYPE_CHECKING:
     from saber_sidecar.config import SchedulingConfig
 
-TABLE_SIZE = 4097  # speed(L) for integer L below this is one list lookup
-MIN_SPEED = 1e-3  # tokens/s; keeps required-time arithmetic finite
 MIN_STEP_S = 1e-5
 MAX_PREFILL_S_PER_TOKEN = 0.05
 N = 5  # t0, t1, t2, c, o
@@ -149,15 +149,7 @@ class EngineModel:
         return self._table_array
 
     def speed(self, L: float) -> float:
-        i = int(L)
-        if i == L and 0 <= i < TABLE_SIZE:
-            return self._table[i]
-        if L <= 1:
-            return self._table[1]
-        if L >= TABLE_SIZE - 1:
-            return max(MIN_SPEED, self._table[-1] * (TABLE_SIZE - 1) / L)
-        lo = self._table[i]
-        return lo + (self._table[i + 1] - lo) * (L - i)
+        return table_speed(self._table, L)
 
     def step_seconds(self, L: float, prefill_tokens: float = 0.0) -> float:
         t0, t1, t2, c, _ = self._th
