@@ -203,7 +203,7 @@ async def _read_request(sc: Sidecar, request: web.Request):
     if json_depth(body) > MAX_JSON_DEPTH:
         # Whether json.loads hits its recursion limit depends on the stack depth it starts at, so a
         # body near that limit must be refused by a fixed bound, not by chance.
-        raise Fail(400, f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels; send a flatter JSON object",
+        raise Fail(400, f"request body nests JSON too deeply (over {MAX_JSON_DEPTH} levels); send a flatter JSON object",
                    m.BAD_REQUEST, "invalid_json")
     chat = request.path.endswith("/chat/completions")
     try:
