@@ -364,13 +364,26 @@ class EngineModel:
         out: np.ndarray = np.maximum(lam, 1e-300)
         return out
 
+    def data_range(self) -> tuple[float, float] | None:
+        """The batch sizes the decode data cover: their weighted mean L, and (weighted mean of
+        L^4)^(1/4), which leans to the top of their range; None before any decode row."""
+        s00, s01, s22 = self._S[0][0], self._S[0][1], self._S[2][2]
+        return (s01 / s00, (s22 / s00) ** 0.25) if s00 > 0 and s22 > 0 else None
+
     def _set_table(self) -> None:
         t0, t1, t2, c, _ = (float(x) for x in self.theta)
         Ls = np.arange(TABLE_SIZE, dtype=float)
         Ls[0] = 1.0
         step = t0 + t1 * Ls + t2 * Ls * Ls
-        # Past where the step time stops growing (t2 < 0) or breaks, hold total throughput flat:
-        # the step grows in proportion to L, so per-request speed falls as 1/L.
+        covered = self.data_range()
+        peak = -t1 / (2.0 * t2) if t2 < 0 else math.inf
+        if covered is not None and 0.5 * covered[0] < peak <= covered[1]:
+            # The data show the step time levelling off inside their own range (a flat engine:
+            # a small model bound by per-step overhead), so past the peak it holds there, rather
+            # than growing with L as the throughput-flat rule below assumes of a range no data
+            # reach. A peak below the bulk of the data (t1 pinned at 0 by a fit confounded with
+            # prefill) is not such evidence and keeps the cautious rule.
+            step[Ls > peak] = t0 + t1 * peak + t2 * peak * peak
         ok = np.isfinite(step) & (step > MIN_STEP_S)
         limit = TABLE_SIZE - 1
         bad = np.nonzero(~ok[1:])[0]

@@ -3,13 +3,15 @@ or above best static - 1 point and at or above saber-paper.
 
 Cells: a paper cell; a code-trace cell with hidden output lengths (the client sends the cap, the
 engine stops at the trace's length); and engines whose speed differs from the gate's prior (the
-paper profile): one 25% slower to decode with twice the prefill cost, one 30% faster with half.
+paper profile): one 25% slower to decode with twice the prefill cost, one 30% faster with half, and
+the robustness suite's flat engine (step time independent of the batch).
 """
 
 from __future__ import annotations
 
 import json
 
+from saber_bench import robustness
 from saber_bench.grid import RunKey, run_one
 from saber_bench.policies import STATIC_CAPS
 from saber_bench.trace_bench import TraceSource, rates_for, run_trace_one
@@ -54,3 +56,11 @@ def test_slower_engine_than_the_prior_w3_at_3(tmp_path):
 def test_faster_engine_than_the_prior_w1_at_10(tmp_path):
     prof = _engine(tmp_path, "fast", 0.7, 2.5e-5)
     _check({p: run_one(RunKey("W1", 10.0, p, 0), profile=prof).stats.goodput for p in POLICIES})
+
+
+def test_flat_engine_w1_at_its_middle_rate():
+    # The gate must learn that bigger batches cost nothing here (saber 74% against static-100's 93%
+    # before the engine model believed a peak inside its own data).
+    rate = round(robustness.BASE_RATES[1] / robustness.slowdown("flat", "W1"), 2)
+    _check({p: robustness.run_one(robustness.Key("flat", "W1", rate, p, 0))[1].goodput
+            for p in robustness.POLICIES})

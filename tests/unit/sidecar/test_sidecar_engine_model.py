@@ -111,3 +111,39 @@ def test_a_policy_the_model_refuses_is_a_config_error():
         SidecarConfig.model_validate({
             "classes": [{"name": "a", "deadline_seconds": 1}], "default_class": "a",
             "scheduling": {"speed_model": {"form": "usl", "params": [float("nan"), 0, 0]}}})
+
+
+def _flat_engine_model(seed, truth, batches=(5, 45), requests=150):
+    model = engine_model_for(paper_config().scheduling)  # the shipped prior: the paper's curve
+    feed(model, truth, 5e-5, requests, random.Random(seed), batches)
+    return model
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_flat_engine_is_believed_past_the_batches_it_was_seen_at(seed):
+    # Step time independent of the batch (robustness suite's `flat`): the fit peaks inside the
+    # data, and beyond them the table holds the step instead of the cautious throughput-flat rule
+    # (which predicted 2-3x the step at L=64 and kept the gate from ever running such batches).
+    flat = (0.0105, 0.0, 0.0)
+    model = _flat_engine_model(seed, flat)
+    for L in (32, 64, 128):
+        assert 1 / model.speed(L) == pytest.approx(0.0105, rel=0.2), L
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_rising_engine_is_not_read_as_flat_past_its_data(seed):
+    # The paper's curve seen over the same batches: the step keeps rising past them, and the
+    # table must not flatten it there (that would be optimistic: late requests, not a lost gain).
+    model = _flat_engine_model(seed, PAPER)
+    for L in (64, 128):
+        assert 1 / model.speed(L) >= 0.9 * step(PAPER, L), L
+
+
+def test_a_peak_below_the_data_keeps_the_cautious_rule():
+    # A fit confounded with prefill can pin t1 at 0 with t2 < 0: "the step falls from L = 0".
+    # That is no evidence of a flat engine, and the table falls back to throughput held flat.
+    model = EngineModel((0.03, 0.0, -1e-5), 5e-5)
+    model._S[0][0], model._S[0][1], model._S[2][2] = 1.0, 10.0, 20.0**4  # data at L ~ 10..20
+    model._set_table()
+    assert model.data_range() == pytest.approx((10.0, 20.0))
+    assert 1 / model.speed(64) > 10 * 0.03
