@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
+from .argtypes import positive_ints
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,11 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=64,
                    help="largest wave: set it to the engine's own cap (vLLM --max-num-seqs); waves are "
                    "1, 2, 4, ... and this (default 64)")
-    p.add_argument("--concurrency", type=_ints, default=None,
+    p.add_argument("--concurrency", type=positive_ints, default=None,
                    help="comma-separated wave sizes instead of the powers of two")
     p.add_argument("--decode-tokens", type=int, default=192, help="tokens per request in a decode wave (default 192)")
     p.add_argument("--rounds", type=int, default=2, help="waves per concurrency level (default 2)")
-    p.add_argument("--prompt-lengths", type=_ints, default=None,
+    p.add_argument("--prompt-lengths", type=positive_ints, default=None,
                    help="comma-separated prompt lengths in tokens for the prefill measurement "
                    "(default 16,256,512,1024,1536; keep them under the engine's max-model-len)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="requests per prompt length (default 3)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .argtypes import names, positive_floats
 from .machine import describe_machine
 
 COMPONENT_PERF = {
@@ -14,25 +15,11 @@ COMPONENT_PERF = {
 }
 
 
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rates must be comma-separated numbers, got {text!r}") from None
-    if not rates or any(not r > 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be positive numbers, got {text!r}")
-    return rates
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _add_demo_parser(parent: argparse._SubParsersAction) -> None:
     d = parent.add_parser("demo", help="live: one heavy cell, static caps vs saber, table and plot (< 3 min)")
     d.add_argument("--workload", default="W1", help="workload (default W1, the heavy mix)")
     d.add_argument("--rate", type=float, default=15.0, help="request rate (default 15 req/s)")
-    d.add_argument("--static", type=_names, default=["static-256", "best"],
+    d.add_argument("--static", type=names, default=["static-256", "best"],
                    help="comma-separated static caps to compare with; `best` is the best cap 10..100 for this "
                    "cell, picked in simulation after the fact (default static-256,best: vLLM's default cap "
                    "and the best tuned one)")
@@ -58,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="paper, humaneval, shapes, all, smoke or robustness (default paper)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     s.add_argument("--out", default="out/bench-sim", help="output folder (default out/bench-sim)")
-    s.add_argument("--workloads", type=_names, default=None, help="comma-separated subset of the suite's workloads")
-    s.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (req/s) instead of the suite's")
-    s.add_argument("--policies", type=_names, default=None,
+    s.add_argument("--workloads", type=names, default=None, help="comma-separated subset of the suite's workloads")
+    s.add_argument("--rates", type=positive_floats, default=None, help="comma-separated rates (req/s) instead of the suite's")
+    s.add_argument("--policies", type=names, default=None,
                    help="comma-separated policies: static-N, saber-paper, saber, saber-oracle")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     s.add_argument("--profile", default=None,
@@ -74,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lv.add_argument("--workload", default=None,
                     help="W1, W2, W3, humaneval, bursty, ramp, steady (default W1); with --engine vllm it selects "
                     "the old functional run on that workload instead of the scaled proof")
-    lv.add_argument("--rates", type=_rates, default=None, help="comma-separated rates (default 15)")
-    lv.add_argument("--policies", type=_names, default=None,
+    lv.add_argument("--rates", type=positive_floats, default=None, help="comma-separated rates (default 15)")
+    lv.add_argument("--policies", type=names, default=None,
                     help="comma-separated policies (default static-50,saber-paper,saber; with --engine vllm: "
                     "static-8,16,32,64, saber-paper, saber, saber-warm, saber-calibrated)")
     lv.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 1; --engine vllm: 3)")
@@ -85,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="emulator (paper-calibrated, default) or a real vLLM CPU server: then, without --workload, "
                     "the real-engine proof (calibrate it, scale the workload to it, loads 0.5x..2x its capacity; "
                     "docs/BENCHMARKS.md)")
-    lv.add_argument("--loads", type=_rates, default=None,
+    lv.add_argument("--loads", type=positive_floats, default=None,
                     help="--engine vllm: comma-separated loads in multiples of the calibrated capacity "
                     "(default 0.5,1,1.5,2)")
     lv.add_argument("--warmup", type=int, default=None,

@@ -8,15 +8,14 @@ policy of a (workload, rate, seed) sees the same arrivals. The capacity referenc
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .metrics import RunStats, best_static_key, coefficient_of_variation, combine_seeds, cv_comparison, run_stats
+from .parallel import chunk_for, workers
 from .policies import BOUND, PAPER_POLICIES, REFERENCES, check_policy
 from .workloads import PAPER_RATES, WORKLOADS
 
@@ -158,46 +157,21 @@ def run_grid(
     profile: str | None = None,
 ) -> tuple[list[RunOutput], dict[tuple[str, float, int], float]]:
     """Run every key (in parallel when jobs > 1) and the capacity reference of each arrival set."""
-    jobs = jobs or os.cpu_count() or 1
     tasks = [(k, cdf_rate is not None and k.rate == cdf_rate, profile) for k in keys]
     # Longest runs first (steady, then heavy low-rate ones), so the pool does not idle at the end.
     weight = {"steady": 100.0, "bursty": 6.0, "ramp": 6.0}
     tasks.sort(key=lambda t: -weight.get(t[0].workload, 1.0) / math.sqrt(t[0].rate))
     arrival_sets = [(*s, profile) for s in sorted({(k.workload, k.rate, k.seed) for k in keys})]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks) + len(arrival_sets), unit="run", desc="saber bench sim", smoothing=0.05)
     outputs: list[RunOutput] = []
     bounds: dict[tuple[str, float, int], float] = {}
-    results: Iterator[RunOutput]
-    bound_results: Iterator[tuple[tuple[str, float, int], float]]
-    try:
-        if jobs == 1:
-            results = map(_task, tasks)
-            bound_results = map(_bound_task, arrival_sets)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(max_workers=jobs)
-            chunk = max(1, min(16, len(tasks) // (jobs * 8) or 1))
-            results = pool.map(_task, tasks, chunksize=chunk)
-            bound_results = pool.map(_bound_task, arrival_sets, chunksize=max(1, len(arrival_sets) // (jobs * 4) or 1))
+    with workers(jobs, len(tasks) + len(arrival_sets), "saber bench sim", progress) as w:
+        results = w.map(_task, tasks, chunk_for(len(tasks), jobs, 8, most=16))
+        bound_results = w.map(_bound_task, arrival_sets, chunk_for(len(arrival_sets), jobs, 4))
         for out in results:
             outputs.append(out)
             if on_done:
                 on_done(out)
-            if bar:
-                bar.update()
-        for key, value in bound_results:
-            bounds[key] = value
-            if bar:
-                bar.update()
-        if pool:
-            pool.shutdown()
-    finally:
-        if bar:
-            bar.close()
+        bounds.update(bound_results)
     return outputs, bounds
 
 

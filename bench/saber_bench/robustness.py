@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from saber_emulator.profile import LatencyProfile, load_profile
 
 from .metrics import combine_seeds, run_stats
+from .parallel import chunk_for, workers
 
 BASE_RATES = (3.0, 8.0, 15.0)
 WORKLOADS = ("W1", "W2", "W3")
@@ -163,31 +162,9 @@ def keys(seeds: int, variants=None, workloads=None, policies=None) -> list[Key]:
 
 
 def run(ks: list[Key], jobs: int | None = None, progress: bool = True) -> dict:
-    jobs = jobs or os.cpu_count() or 1
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ks), unit="run", desc="robustness", smoothing=0.05)
-    results = []
     t0 = time.perf_counter()
-    it: Iterator[tuple[Key, object]]
-    try:
-        if jobs == 1:
-            it = map(run_one, ks)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(max_workers=jobs)
-            it = pool.map(run_one, ks, chunksize=max(1, len(ks) // (jobs * 16)))
-        for r in it:
-            results.append(r)
-            if bar:
-                bar.update()
-        if pool:
-            pool.shutdown()
-    finally:
-        if bar:
-            bar.close()
+    with workers(jobs, len(ks), "robustness", progress) as w:
+        results = list(w.map(run_one, ks, chunk_for(len(ks), jobs, 16)))
     return summarize(results, time.perf_counter() - t0)
 
 

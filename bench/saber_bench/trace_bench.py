@@ -16,9 +16,8 @@ they deploy) or the default code-completion class below; `--class-rule` puts eac
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +27,7 @@ from saber_sidecar.config import SchedulingConfig, SidecarConfig, SLAClass, load
 
 from .grid import RunKey, RunOutput
 from .metrics import run_stats
+from .parallel import workers
 from .traces import (
     DEFAULT_MAX_TOKENS_CAP,
     SYNTHETIC_CODE_TRACE,
@@ -162,34 +162,10 @@ def _task(args) -> RunOutput:
 
 def run_trace_grid(source: TraceSource, rates: Sequence[float], policies: Sequence[str], seeds: int = 1,
                    jobs: int | None = None, profile: str | None = None, progress: bool = True) -> list[RunOutput]:
-    from concurrent.futures import ProcessPoolExecutor
-
     keys = [RunKey(source.label, float(r), p, s) for r in rates for p in policies for s in range(seeds)]
     tasks = [(source, k, profile) for k in keys]
-    jobs = jobs or os.cpu_count() or 1
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), unit="run", desc="saber bench sim (trace)")
-    outputs = []
-    it: Iterator[RunOutput]
-    try:
-        if jobs == 1:
-            it = map(_task, tasks)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(max_workers=jobs)
-            it = pool.map(_task, tasks)
-        for o in it:
-            outputs.append(o)
-            if bar:
-                bar.update()
-        if pool:
-            pool.shutdown()
-    finally:
-        if bar:
-            bar.close()
+    with workers(jobs, len(tasks), "saber bench sim (trace)", progress) as w:
+        outputs = list(w.map(_task, tasks))
     return outputs
 
 

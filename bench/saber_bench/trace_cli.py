@@ -7,15 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals or any(not v > 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return vals
+from .argtypes import positive_floats
 
 
 def add_trace_args(p: argparse.ArgumentParser) -> None:
@@ -32,9 +24,9 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace (default 0)")
     g.add_argument("--count", type=int, default=None, help="requests in the window (default 1000 unless --duration)")
     g.add_argument("--duration", type=float, default=None, help="window length in trace seconds")
-    g.add_argument("--speedup", type=_floats, default=None,
+    g.add_argument("--speedup", type=positive_floats, default=None,
                    help="comma-separated time compression factors (instead of --rates target mean rates)")
-    g.add_argument("--load", type=_floats, default=None,
+    g.add_argument("--load", type=positive_floats, default=None,
                    help="comma-separated target rates as multiples of the engine's capacity for this mix, e.g. 0.5,1,2,3")
     g.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP,
                    help=f"max_tokens every request sends (default {DEFAULT_MAX_TOKENS_CAP}); true lengths above it are cut")
