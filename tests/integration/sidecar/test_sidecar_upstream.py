@@ -55,6 +55,51 @@ async def send_pieces(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
+EVENT = b"data: " + b"x" * 20_000 + b"\n\n"
+FLOOD = 400  # events of 20 kB: 8 MB, far more than the sidecar's high-water mark plus the sockets' buffers
+
+
+def flood_script(backed_up: list[int] | None = None):
+    """An engine that answers a streamed completion with FLOOD big events at once (and the
+    sidecar's /metrics scrapes with an idle engine). With `backed_up`, it then records its own
+    write backlog ten times over a second: what it could not send yet."""
+
+    async def script(reader, writer):
+        if not (await read_request(reader)).startswith(b"POST"):
+            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%b" % (len(metrics), metrics))
+            writer.close()
+            return
+        writer.write(HEAD)
+        for _ in range(FLOOD):
+            writer.write(b"%x\r\n%b\r\n" % (len(EVENT), EVENT))
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        if backed_up is not None:
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                backed_up.append(writer.transport.get_write_buffer_size())
+        await writer.drain()
+        await reader.read()
+
+    return script
+
+
+async def slow_client(sidecar_url: str, version: str = "1.1"):
+    """A client with a 4 kB receive buffer that sends a streamed completion and stops reading."""
+    host, port = sidecar_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so it sticks
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
+    writer.write(b"POST /v1/completions HTTP/%b\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (version.encode(), len(body), body))
+    writer.transport.pause_reading()
+    return reader, writer
+
+
 
 async def test_chunked_body_split_anywhere_is_decoded_exactly():
     pieces = [HEAD + b"7\r\ndata: a", b"\r", b"\n1", b"0;ext=1\r\n", b"data: bbbbbbbbbb\r\n",
@@ -197,35 +242,9 @@ async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_
     the direct path; HTTP/1.0: the queued one)."""
     from sidecar_support import scrape, wait_for
 
-    event = b"data: " + b"x" * 20_000 + b"\n\n"
-    count = 400  # 8 MB: far more than the sidecar's high-water mark plus the kernel's socket buffers
-
-    async def script(reader, writer):
-        if not (await read_request(reader)).startswith(b"POST"):  # the sidecar's /metrics scrapes
-            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%b" % (len(metrics), metrics))
-            writer.close()
-            return
-        writer.write(HEAD)
-        for _ in range(count):
-            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
-        done = b"data: [DONE]\n\n"
-        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
-        await writer.drain()
-        await reader.read()
-
-    server, url = await scripted_server(script)
+    server, url = await scripted_server(flood_script())
     sidecar = await start_sidecar(url)
-    host, port = sidecar.url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so it sticks
-    sock.connect((host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
-    body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
-    writer.write(b"POST /v1/completions HTTP/%b\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%b" % (version.encode(), len(body), body))
-    writer.transport.pause_reading()  # the client stops reading
+    reader, writer = await slow_client(sidecar.url, version)
     try:
         pool = sidecar.sidecar.pool
         assert await wait_for(lambda: any(not c.transport.is_reading() for c in pool._busy), timeout=10)
@@ -234,7 +253,7 @@ async def test_slow_client_pauses_the_engine_connection_and_loses_nothing(start_
             received = await reader.readuntil(b"\r\n0\r\n\r\n")
         else:
             received = await reader.read()  # an HTTP/1.0 response ends with the connection
-        assert received.count(b"data: ") == count + 1 and b"data: [DONE]" in received
+        assert received.count(b"data: ") == FLOOD + 1 and b"data: [DONE]" in received
         metrics = await scrape(sidecar.url)
         assert metrics[("saber_requests_total", (("class", "batch"), ("outcome", "met")))] == 1
     finally:
@@ -341,29 +360,8 @@ async def test_slow_client_flow_control_under_uvloop(tmp_path):
     pytest.importorskip("uvloop")  # the sidecar extra installs it; the in-process test covers asyncio
     from sidecar_support import STATIC_CONFIG, wait_for
 
-    event = b"data: " + b"x" * 20_000 + b"\n\n"
-    count = 400
     backed_up: list[int] = []
-
-    async def script(reader, writer):
-        if not (await read_request(reader)).startswith(b"POST"):  # the sidecar's /metrics scrapes
-            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%b" % (len(metrics), metrics))
-            writer.close()
-            return
-        writer.write(HEAD)
-        for _ in range(count):
-            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
-        done = b"data: [DONE]\n\n"
-        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
-        for _ in range(10):  # while the client does not read: what the engine could not send yet
-            await asyncio.sleep(0.1)
-            backed_up.append(writer.transport.get_write_buffer_size())
-        await writer.drain()
-        await reader.read()
-
-    server, url = await scripted_server(script)
+    server, url = await scripted_server(flood_script(backed_up))
     config = tmp_path / "sidecar.yaml"
     config.write_text(STATIC_CONFIG)
     log = tmp_path / "sidecar.log"
@@ -376,15 +374,7 @@ async def test_slow_client_flow_control_under_uvloop(tmp_path):
     try:
         assert await wait_for(lambda: "saber sidecar listening on http" in log.read_text(), timeout=20)
         sidecar_url = re.search(r"saber sidecar listening on (http://\S+)", log.read_text()).group(1)
-        host, port = sidecar_url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
-        body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-        writer.transport.pause_reading()  # the client stops reading
+        reader, writer = await slow_client(sidecar_url)
         assert await wait_for(lambda: len(backed_up) == 10, timeout=15)
         # 8 MB on its way: the sidecar stopped reading the engine once its high-water mark and
         # the sockets' buffers were full, so the engine's own backlog stays put for a second (with
@@ -392,7 +382,7 @@ async def test_slow_client_flow_control_under_uvloop(tmp_path):
         assert min(backed_up) > 0 and len(set(backed_up)) == 1, backed_up
         writer.transport.resume_reading()
         received = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 20)
-        assert received.count(b"data: ") == count + 1 and b"data: [DONE]" in received
+        assert received.count(b"data: ") == FLOOD + 1 and b"data: [DONE]" in received
         writer.close()
     finally:
         proc.terminate()
