@@ -54,12 +54,13 @@ from saber_sidecar.policy.base import (
     Reject,
     Request,
 )
-from saber_sidecar.policy.engine_model import engine_model_for
+from saber_sidecar.policy.engine_model import EngineModel, engine_model_for
 from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber_admit import REPLAYS_PER_DECISION, _AdmitMixin, _Run
 from saber_sidecar.policy.saber_load import _LoadMixin
 from saber_sidecar.policy.saber_queue import _Queued, _QueueMixin
 from saber_sidecar.policy.saber_replay import FITS, HURTS_BATCH, INF, MISSES_OWN, _ReplayMixin
+from saber_sidecar.policy.saber_tuning import DEFAULT_TUNING, Tuning
 
 __all__ = ["FITS", "HURTS_BATCH", "INF", "MISSES_OWN", "SaberPolicy"]
 
@@ -105,22 +106,25 @@ def _seat_bound(prev: EngineSnapshot, cur: EngineSnapshot) -> bool:
 class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
     name = "saber"
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, tuning: Tuning = DEFAULT_TUNING, model: EngineModel | None = None) -> None:
+        """`tuning`: the internal constants (saber_tuning.py), varied by tests and benchmarks only;
+        `model`: an engine model to start from instead of the one the config's prior gives."""
         sched = config.scheduling
         p = sched.saber
+        t = tuning
         self.margin = p.deadline_margin_seconds
-        self.headroom = 1.0 + p.speed_headroom
-        self.lookahead = p.lookahead
+        self.headroom = 1.0 + t.speed_headroom
+        self.lookahead = t.lookahead
         self.reserve = p.best_effort_reserve
         self.kv_high = p.kv_cache_high
-        self.min_recheck = p.min_recheck_seconds
+        self.min_recheck = t.min_recheck_seconds
         self.shed = p.shed_batch_fraction
-        self.reserve_share = p.slack_reserve_share
-        self.at_risk = p.at_risk_slack_share
+        self.reserve_share = t.slack_reserve_share
+        self.at_risk = t.at_risk_slack_share
         self.be_wait = p.best_effort_max_wait_slas
-        self.light_load = p.light_load
+        self.light_load = t.light_load
         self._thin = False  # the last candidate `_fits` passed would be admitted with thin slack
-        self.load_tau = p.load_window_seconds
+        self.load_tau = t.load_window_seconds
         self._offered = 0.0  # expected tokens per second arriving (exponentially weighted)
         self._offered_t = 0.0
         self._offered_start: float | None = None
@@ -128,9 +132,9 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         self._light_at: float | None = None
         self._capacity = 1.0
         self.max_queue = sched.max_queue
-        self.model = engine_model_for(sched)
+        self.model = engine_model_for(sched) if model is None else model
         # What the engine model's prior rests on: a reload that keeps it keeps what was learned.
-        self._prior_key = (sched.speed_model, sched.engine_profile, p.initial_prefill_seconds_per_token)
+        self._prior_key = (sched.speed_model, sched.engine_profile, self.model.per_token)
         # The engine's seats: vLLM runs at most max_num_seqs at once and queues the rest inside
         # (where no deadline is watched). From the config (the operator sets it from the engine's
         # spec), else learned from the engine's metrics (running while requests wait).
@@ -163,12 +167,12 @@ class SaberPolicy(_AdmitMixin, _ReplayMixin, _QueueMixin, _LoadMixin, Policy):
         # (an IDE sending 256 for ~13-token completions) would have it reject everything and
         # never learn a length.
         self._unsized = {c.name: c.output_tokens is None for c in config.classes}
-        self._probe_limit = p.output_min_samples
+        self._probe_limit = t.output_min_samples
         self._probes: dict[str, str] = {}  # id -> class of the cold reject-class requests running
         self._estimates = {
-            c.name: OutputEstimate(p.output_window, p.output_quantile, p.output_min_samples) for c in config.classes
+            c.name: OutputEstimate(t.output_window, p.output_quantile, t.output_min_samples) for c in config.classes
         }
-        self.ttft_estimate = p.initial_ttft_seconds
+        self.ttft_estimate = t.initial_ttft_seconds
         # Prompt tokens are the sidecar's estimate (characters / 4); the engine's model is in the
         # engine's tokens. `_ratio` (engine tokens per estimated token) is learned from `usage`
         # (finished(prompt_tokens=...)) or, without it, from the engine's prompt-token counter.

@@ -59,3 +59,16 @@ def test_paper_config_round_trips():
     again = SidecarConfig.model_validate(cfg.model_dump())
     assert again == cfg
     assert [c.deadline_seconds for c in cfg.classes] == [1.0, 1.0, 8.0, 12.0]
+
+
+def test_a_removed_saber_setting_says_it_is_no_longer_one():
+    text = ("classes: [{name: a, deadline_seconds: 1}]\ndefault_class: a\n"
+            "scheduling: {saber: {light_load: 0.5, initial_prefill_seconds_per_token: 0.001, kv_cache_high: 0.9}}\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    msg = str(err.value)
+    assert "light_load is no longer a setting" in msg and "remove it" in msg
+    assert "initial_prefill_seconds_per_token is no longer a setting" in msg and "engine_profile" in msg
+    assert "kv_cache_high" not in msg  # still a setting
+    cfg = parse_config(text.replace("light_load: 0.5, initial_prefill_seconds_per_token: 0.001, ", ""))
+    assert cfg.scheduling.saber.kv_cache_high == 0.9

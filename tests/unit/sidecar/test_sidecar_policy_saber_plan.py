@@ -16,6 +16,7 @@ from saber_sidecar.config import paper_config
 from saber_sidecar.policy import Admit, request_for
 from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber import FITS, HURTS_BATCH, INF, MISSES_OWN, SaberPolicy
+from saber_sidecar.policy.saber_tuning import Tuning
 
 TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
 
@@ -76,13 +77,12 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
     return FITS, thin
 
 
-def busy_policy(seed, steps=260, **saber):
+def busy_policy(seed, steps=260, **tuning):
     """A saber policy run through random paper traffic; yields (policy, now) between events."""
     cfg = paper_config("saber", max_queue=400)
-    cfg.scheduling.saber = cfg.scheduling.saber.model_copy(update=saber)
     # The plan's arithmetic on a fixed curve: no learning, so no slow-start cap either.
     cfg.scheduling.speed_model.online_refit = False
-    pol = SaberPolicy(cfg)
+    pol = SaberPolicy(cfg, Tuning(**tuning))
     rng = random.Random(seed)
     now, running = 0.0, []
     for i in range(steps):
@@ -99,11 +99,11 @@ def busy_policy(seed, steps=260, **saber):
             yield pol, now, rng
 
 
-@pytest.mark.parametrize("seed, saber", [(1, {}), (2, {"light_load": 0.0}), (3, {"light_load": 10.0}),
+@pytest.mark.parametrize("seed, tuning", [(1, {}), (2, {"light_load": 0.0}), (3, {"light_load": 10.0}),
                                          (4, {"slack_reserve_share": 0.0, "at_risk_slack_share": 0.3})])
-def test_fits_matches_the_per_position_plan(seed, saber):
+def test_fits_matches_the_per_position_plan(seed, tuning):
     checked = {FITS: 0, HURTS_BATCH: 0, MISSES_OWN: 0}
-    for pol, now, rng in busy_policy(seed, **saber):
+    for pol, now, rng in busy_policy(seed, **tuning):
         plans = {"lean": pol._plan(now)}
         for _ in range(12):
             expected = rng.choice((1, 2, rng.randint(1, 700), 51, 387))
