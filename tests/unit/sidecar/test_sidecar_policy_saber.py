@@ -203,7 +203,7 @@ def test_ttft_estimate_is_measured():
     d = Driver()
     d.submit("loose", "a", 0.0, 10)
     d.finish("a", 1.0, 10, first_token_at=0.3)
-    assert d.pol.ttft_estimate == pytest.approx(0.05 + 0.2 * (0.3 - 0.05))
+    assert d.pol.engine.ttft_estimate == pytest.approx(0.05 + 0.2 * (0.3 - 0.05))
 
 
 def test_tpot_target_limits_the_batch():
@@ -545,7 +545,7 @@ def test_an_unlearned_gate_slow_starts_and_opens_when_observations_confirm_the_m
     for i in range(8):
         first = 0.01
         d.pol.finished(f"r{i}", first + 19 / 92, 20, first)
-    assert d.pol._confirmed >= 4 and d.pol._cap > 8
+    assert d.pol.engine.confirmed >= 4 and d.pol.engine.cap > 8
 
 
 def test_the_gate_never_plans_past_the_engines_seats():
@@ -557,13 +557,13 @@ def test_the_gate_never_plans_past_the_engines_seats():
     d = learning_driver()
     for t in (0.1, 0.2):
         d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), t)
-    assert d.pol._seats_seen == 3 and d.pol.stats().admission_limit <= 3
+    assert d.pol.engine.seats_seen == 3 and d.pol.stats().admission_limit <= 3
     assert sum(d.submit("loose", f"r{i}", 0.3, 20).startswith("admit") for i in range(10)) == 3
     # One scrape with a request just handed over (waiting, running not yet stable) says nothing.
     d = learning_driver()
     d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
-    assert d.pol._seats_seen is None
+    assert d.pol.engine.seats_seen is None
 
 
 def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slower_one():
@@ -577,13 +577,13 @@ def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slow
         fast.submit("loose", f"r{i}", 0.0, 20)
     # Twice as fast as the curve predicts (19 tokens at v(8) = 92 would take 19 / 92 s).
     fast.pol.finished("r0", 0.01 + 0.5 * 19 / 92, 20, 0.01)
-    assert fast.pol._cap == INF_SEATS
+    assert fast.pol.engine.cap == INF_SEATS
     slow = learning_driver()
     for i in range(8):
         slow.submit("loose", f"r{i}", 0.0, 20)
     for i in range(8):  # twice as slow: the model was optimistic, the cap holds
         slow.pol.finished(f"r{i}", 0.01 + 2.0 * 19 / 92, 20, 0.01)
-    assert slow.pol._cap < INF_SEATS
+    assert slow.pol.engine.cap < INF_SEATS
 
 
 def test_a_reject_class_that_states_no_length_explores_then_reads_an_honest_max_tokens_strictly():
@@ -621,7 +621,7 @@ def test_a_burst_of_long_prompts_waits_for_the_prefill_backlog_ahead_of_it():
     out = [fmt(d.pol.submit(request_for(d.cfg, "ttft", f"r{i}", 0.0, 10, prompt_tokens=200), 0.0)) for i in range(4)]
     assert out[:2] == ["admit:r0", "admit:r1"]
     assert out[2:] == ["", ""]
-    assert d.pol._prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
+    assert d.pol.batch.prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
     # A request arriving at 0.3 s has 0.1 s of backlog ahead: first token by ~0.6 s, within 0.8 s.
     assert fmt(d.pol.submit(request_for(d.cfg, "ttft", "late", 0.3, 10, prompt_tokens=200), 0.3)) == "admit:late"
 
@@ -635,9 +635,9 @@ def test_requests_waiting_behind_a_long_prefill_do_not_read_as_the_engines_seats
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.6)
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=11, prompt_tokens=9192, generation_tokens=21), 1.1)
-    assert d.pol._seats_seen is None
+    assert d.pol.engine.seats_seen is None
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=15, prompt_tokens=9192, generation_tokens=29), 1.6)
-    assert d.pol._seats_seen == 2
+    assert d.pol.engine.seats_seen == 2
 
 
 def test_a_slow_engines_step_counters_still_teach_the_model():
