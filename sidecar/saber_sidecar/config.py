@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
 
 from saber_emulator.profile import LatencyProfile
 
@@ -190,8 +191,8 @@ class SaberSchedulingConfig(BaseModel):
             removed = [k for k in data if k in REMOVED_SABER_SETTINGS]
             if removed:
                 raise ValueError(
-                    "; ".join(f"{k} is no longer a setting: it is an internal constant now, remove it from the "
-                              f"config{REMOVED_SABER_SETTINGS[k]}" for k in removed)
+                    "; ".join(f"{k} ({to_camel(k)} in a SaberService) is no longer a setting: it is an internal "
+                              f"constant now, remove it from the config{REMOVED_SABER_SETTINGS[k]}" for k in removed)
                 )
         return data
 

@@ -249,7 +249,7 @@ class Queues:
     def best_effort_has_room(self, wait: float, now: float) -> bool:
         """Whether a request joining the best-effort queue now is predicted to be admitted within
         `wait` seconds: the requests already queued there, at the rate best effort has been
-        admitted recently (over `load_window_seconds`). Before any best-effort admission has been
+        admitted recently (over `Tuning.load_window_seconds`). Before any best-effort admission has been
         seen, up to one batch (the fresh limit) may queue."""
         ahead = len(self.be_reqs)
         if not ahead:
@@ -261,7 +261,7 @@ class Queues:
         return rate <= 0.0 or ahead / rate <= wait
 
     def be_rate(self, now: float) -> float:
-        """Best-effort admissions per second, exponentially weighted over `load_window_seconds`."""
+        """Best-effort admissions per second, exponentially weighted over `Tuning.load_window_seconds`."""
         if self.be_since is None:
             return 0.0
         tau = self.tau

@@ -13,15 +13,15 @@ admission test (`fits`), which returns its verdict with its flag (`Fit`).
   cap the batch at the L where v(L) still gives 1/tpot tokens per second.
 - Prefill backlog: the engine prefills admitted prompts in turn (a chunk of its token budget a
   step), so a candidate's first token waits for the prompts admitted before it that are not
-  prefilled yet (`Batch.prefill_ahead`): its own finish, and its TTFT target (`ttft_fits`), count
+  prefilled yet (`Batch.prefill_ahead`): its own finish, and its TTFT target (`Admission.ttft_fits`), count
   that wait. The running requests already carry those stalls (charged at each admission).
   Without it a burst of long prompts (a code trace: 1.5k-5k tokens) was admitted as if each
   prefill began at once, and most of the burst missed.
 - Slack reserve: an admission must leave every running SLA request (and itself)
-  the slack reserve share (saber_tuning.py) x the candidate's own time to deadline as slack, so long requests stop
+  `Tuning.slack_reserve_share` x the candidate's own time to deadline as slack, so long requests stop
   taking the batch's last slack while short, urgent ones can still get in.
 - Within the model's error: a running request predicted to finish with less slack than
-  the at-risk share of its remaining time may be overtaken by a shorter candidate (one that
+  `Tuning.at_risk_slack_share` of its remaining time may be overtaken by a shorter candidate (one that
   finishes first). Holding every arrival back for a request whose fate is a coin toss stalls the
   batch for its whole remaining life, and the requests held back are then admitted with thin
   slack themselves and hold back the next ones: under sustained load the gate ran the engine at
@@ -80,7 +80,7 @@ class Plan:
     # planned: `Batch.add` inserts into copies of the live lists, so these stay put.
     ks: list[float]
     dues: list[float]
-    light: bool  # offered load below `light_load`
+    light: bool  # offered load below `Tuning.light_load`
     # No candidate fits at all: the batch is at the model's size limit or a running TPOT target binds.
     full: bool
     v_more: float  # v(n + 1): the speed with the candidate alongside
@@ -241,7 +241,7 @@ class FeasibilityCheck:
         `least` to the bit), keeping for each running request its finishing time alone and with
         one more alongside, the least slack among the requests up to it once slowed by one more
         (`prefix_min[j]`: before request j), and its lenient slack: INF where it is late anyway or
-        within the model's error of missing (slack under `at_risk_slack_share` of its time), which
+        within the model's error of missing (slack under `Tuning.at_risk_slack_share` of its time), which
         a shorter candidate may overtake.
         """
         now = plan.now

@@ -67,8 +67,9 @@ def test_a_removed_saber_setting_says_it_is_no_longer_one():
     with pytest.raises(ConfigError) as err:
         parse_config(text)
     msg = str(err.value)
-    assert "light_load is no longer a setting" in msg and "remove it" in msg
-    assert "initial_prefill_seconds_per_token is no longer a setting" in msg and "engine_profile" in msg
+    assert "light_load (lightLoad in a SaberService) is no longer a setting" in msg and "remove it" in msg
+    assert "initial_prefill_seconds_per_token (initialPrefillSecondsPerToken in a SaberService) is no longer" in msg
+    assert "engine_profile" in msg
     assert "kv_cache_high" not in msg  # still a setting
     cfg = parse_config(text.replace("light_load: 0.5, initial_prefill_seconds_per_token: 0.001, ", ""))
     assert cfg.scheduling.saber.kv_cache_high == 0.9
