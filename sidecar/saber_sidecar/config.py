@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
 
 from saber_emulator.profile import LatencyProfile
 
@@ -104,59 +105,49 @@ class PaperSchedulingConfig(BaseModel):
     sweep_every: int = Field(default=10, ge=1, le=10_000, description="Demote expired HPQ entries every N cycles.")
 
 
+# The prefill cost the built-in prior assumes (seconds of engine time per prompt token): ~20k prompt
+# tokens/s, a 3B fp16 model on one datacenter GPU. Not a setting: an engine that differs is measured
+# (`saber calibrate`, then `scheduling.engine_profile`), and the gate learns it online either way.
+DEFAULT_PREFILL_SECONDS_PER_TOKEN = 5e-5
+
+# Settings saber's policy once had that are internal constants now (saber_sidecar/policy/saber_tuning.py),
+# each with what a config that still sets one should do instead.
+REMOVED_SABER_SETTINGS = {
+    "speed_headroom": "",
+    "lookahead": "",
+    "output_window": "",
+    "output_min_samples": "",
+    "initial_ttft_seconds": " (the gate measures it from the first requests)",
+    "initial_prefill_seconds_per_token": " (give the engine's measured prefill cost as scheduling.engine_profile, "
+    "the file `saber calibrate` writes; the gate also learns it online)",
+    "slack_reserve_share": "",
+    "min_recheck_seconds": "",
+    "at_risk_slack_share": "",
+    "light_load": "",
+    "load_window_seconds": "",
+}
+
+
 class SaberSchedulingConfig(BaseModel):
-    """Parameters of saber's own event-driven policy."""
+    """The settings of saber's own event-driven policy: the few with a clear trade a user may want to
+    move. Everything else it uses is an internal constant (saber_sidecar/policy/saber_tuning.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
     deadline_margin_seconds: float = Field(
-        default=0.02, ge=0, le=60, description="Plan to finish this long before each deadline."
-    )
-    speed_headroom: float = Field(
-        default=0.02, ge=0, le=1, description="Predicted speed must exceed the needed speed by this fraction."
-    )
-    lookahead: int = Field(
-        default=8, ge=0, le=64, description="Queued requests tried past an EDF head that needs a lighter batch."
+        default=0.02,
+        ge=0,
+        le=60,
+        description="Plan to finish this long before each deadline. Raising it covers latency the gate does "
+        "not see (network to the client, a slow relay) and model error; it costs throughput, since every "
+        "request is planned against a shorter deadline.",
     )
     best_effort_reserve: int = Field(
-        default=1, ge=0, le=1024, description="Batch slots best-effort admission keeps free for SLA arrivals."
-    )
-    kv_cache_high: float = Field(
-        default=0.95, gt=0, le=1, description="Engine KV-cache usage above which best effort is held back."
-    )
-    output_quantile: float = Field(
-        default=0.9, gt=0, le=1, description="Quantile of a class's recent output lengths used as its estimate."
-    )
-    output_window: int = Field(default=256, ge=8, le=100_000, description="Recent output lengths kept per class.")
-    output_min_samples: int = Field(
-        default=8, ge=1, le=100_000, description="Finished requests of a class before its online estimate is used."
-    )
-    initial_ttft_seconds: float = Field(
-        default=0.05, ge=0, le=60, description="Time from admission to first token assumed until measured."
-    )
-    initial_prefill_seconds_per_token: float = Field(
-        default=5e-5,
+        default=1,
         ge=0,
-        le=0.01,
-        description="Engine seconds one prompt token's prefill stalls the batch, assumed until learned from "
-        "time to first token (default: ~20k prompt tokens/s, a 3B fp16 model on one datacenter GPU).",
-    )
-    shed_batch_fraction: float = Field(
-        default=0.5,
-        ge=0,
-        le=1,
-        description="Under contention, shed a queued request that needs a batch smaller than this share of "
-        "the requests contending (capped by the batch fresh requests fit in); 0 sheds only the hopeless.",
-    )
-    slack_reserve_share: float = Field(
-        default=0.01,
-        ge=0,
-        le=0.5,
-        description="An admission must leave every running request this share of the candidate's own time to "
-        "deadline as slack, so long requests leave room for short, urgent ones.",
-    )
-    min_recheck_seconds: float = Field(
-        default=0.005, gt=0, le=10, description="Shortest interval between prediction-driven re-checks."
+        le=1024,
+        description="Batch slots best-effort (demoted) admission keeps free for fresh SLA arrivals. Raising "
+        "it lets bursts of SLA requests in at once; it costs best-effort throughput.",
     )
     best_effort_max_wait_slas: float = Field(
         default=1.0,
@@ -165,33 +156,50 @@ class SaberSchedulingConfig(BaseModel):
         description="The bound on how long a demoted request waits for best effort: it is rejected (429 with "
         "Retry-After) at the latest this many of its SLAs after arrival, and at once when the best-effort "
         "queue is not predicted to drain within that time (or has not moved for a quarter of it), so a "
-        "request that will not be served hears so fast and demotion never becomes starvation. 0: no bound.",
+        "request that will not be served hears so fast and demotion never becomes starvation. Raising it "
+        "serves more demoted requests late; it costs clients a longer wait before a 429. 0: no bound.",
     )
-    at_risk_slack_share: float = Field(
-        default=0.05,
+    output_quantile: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Quantile of a class's recent output lengths used as its expected length (for classes "
+        "that state none, once it has learned some). Raising it plans for longer outputs: fewer requests "
+        "run past their plan and miss, at the cost of a smaller batch and more shedding.",
+    )
+    kv_cache_high: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="Engine KV-cache usage above which best effort is held back. Lowering it keeps the cache "
+        "clear of preemptions for SLA requests; it costs best-effort throughput.",
+    )
+    shed_batch_fraction: float = Field(
+        default=0.5,
         ge=0,
         le=1,
-        description="A running request predicted to finish with less slack than this share of its remaining "
-        "time is within the model's error of missing anyway: a shorter candidate may overtake it. Under light "
-        "load, a candidate admitted with less slack than this is not protected (it would block admissions).",
-    )
-    light_load: float = Field(
-        default=0.9,
-        ge=0,
-        le=10,
-        description="Offered load (expected tokens per second arriving, over the most the engine delivers "
-        "within the batch a fresh request fits in) below which the gate is lenient (see at_risk_slack_share "
-        "and slack_reserve_share); 0 never.",
-    )
-    load_window_seconds: float = Field(
-        default=10.0, gt=0, le=3600, description="Time constant of the offered-load estimate."
+        description="Under contention, shed (demote or reject) a queued request that needs a batch smaller "
+        "than this share of the requests contending (capped by the batch fresh requests fit in): admitted "
+        "late, it would throttle the engine for everyone. Raising it sheds sooner and keeps the batch large; "
+        "it costs late requests their chance. 0 sheds only the hopeless.",
     )
 
-    @model_validator(mode="after")
-    def _window_holds_min(self) -> SaberSchedulingConfig:
-        if self.output_min_samples > self.output_window:
-            raise ValueError("saber.output_min_samples must not exceed saber.output_window")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            removed = [k for k in data if k in REMOVED_SABER_SETTINGS]
+            if removed:
+                raise ValueError(
+                    "; ".join(f"{k} ({to_camel(k)} in a SaberService) is no longer a setting: it is an internal "
+                              f"constant now, remove it from the config{REMOVED_SABER_SETTINGS[k]}" for k in removed)
+                )
+        return data
+
+    @property
+    def initial_prefill_seconds_per_token(self) -> float:
+        """The built-in prior's prefill cost; not a setting (kept for `engine_model_for`)."""
+        return DEFAULT_PREFILL_SECONDS_PER_TOKEN
 
 
 class SchedulingConfig(BaseModel):

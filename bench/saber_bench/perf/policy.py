@@ -162,17 +162,19 @@ def _loose_config(name: str, output_tokens: int, queued: int):
 
 def measure_running(running: int, queued: int, ops: int) -> dict:
     """`saber` with `running` requests running: batch held there by deadlines, and a closed loop."""
+    from saber_sidecar.policy.saber_tuning import Tuning
     from saber_sidecar.speed_model import SpeedModel
 
     # Tight: the longest output that still fits `running` requests in a one-hour deadline with
     # the slack reserve: T x headroom / v(N) <= deadline - margin - reserve.
     probe = _loose_config("bulk", 1, queued)
     p = probe.scheduling.saber
+    tuning = Tuning()  # the internal constants the policy runs with
     table = SpeedModel.from_config(probe.scheduling.speed_model).table
     if running + 3 >= len(table):
         raise ValueError(f"--running must be below {len(table) - 3}")
-    budget = 3600.0 - p.deadline_margin_seconds - p.slack_reserve_share * 3600.0
-    T = max(1, math.floor(budget * table[running] / (1.0 + p.speed_headroom)))
+    budget = 3600.0 - p.deadline_margin_seconds - tuning.slack_reserve_share * 3600.0
+    T = max(1, math.floor(budget * table[running] / (1.0 + tuning.speed_headroom)))
     cfg = _loose_config("bulk", T, queued)
     pol = make_policy(cfg, seed=1)
     now = 0.0

@@ -1,6 +1,6 @@
-"""The queue's bookkeeping for `SaberPolicy` (saber.py): hopeless requests and their timers,
-demotion and rejection, the best-effort wait bound (see saber_admit.py), and the Retry-After
-estimate.
+"""The queues of `SaberPolicy` (saber.py): queued SLA requests in EDF order, best effort, the
+timers at which queued requests become hopeless; demotion and rejection, the best-effort wait
+bound (see saber_admit.py), and the Retry-After estimate.
 
 - Hopeless requests: a queued request is hopeless when it could not make its deadline even
   alone on the engine (needed speed above v(1)), or, under contention, only in a batch smaller than
@@ -22,23 +22,22 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from saber_sidecar.config import SaberSchedulingConfig
 from saber_sidecar.policy.base import Action, Demote, Reject, Request
-from saber_sidecar.policy.saber_replay import INF
-
-if TYPE_CHECKING:
-    from saber_sidecar.policy.saber_state import _SaberState
-else:
-    _SaberState = object  # at run time the mixin's base is object, as before
+from saber_sidecar.policy.estimates import OutputEstimate
+from saber_sidecar.policy.saber_batch import INF, Batch
+from saber_sidecar.policy.saber_engine import EngineView
+from saber_sidecar.policy.saber_load import Load
+from saber_sidecar.policy.saber_tuning import Tuning
 
 BE_STUCK_SHARE = 0.25
 
 
 @dataclass(slots=True)
-class _Queued:
+class Queued:
     req: Request
     expected: int
     key: tuple[float, int, str]  # position in the EDF order
@@ -46,17 +45,88 @@ class _Queued:
     due: float  # deadline less the margin: copied out of `req` for the decision's inner loop
     shape: tuple[int, int]  # (expected tokens, prompt tokens): candidates priced alike
     # Its class states no output length and has not learned one yet: `expected` is only
-    # `max_tokens`, an upper bound (see `_cold`).
+    # `max_tokens`, an upper bound.
     cold: bool = False
     timer: int = 0  # generation of this request's current timer; older timers are stale
 
 
+class Queues:
+    """The queued requests and everything that takes them out of the queue other than admission."""
 
-class _QueueMixin(_SaberState):
-    """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
-    mixin rather than a helper object, so a decision stays method calls on one object."""
+    def __init__(self, batch: Batch, engine: EngineView, load: Load, estimates: dict[str, OutputEstimate],
+                 p: SaberSchedulingConfig, t: Tuning) -> None:
+        self.batch = batch
+        self.engine = engine
+        self.load = load
+        self.estimates = estimates
+        self.margin = p.deadline_margin_seconds
+        self.shed = p.shed_batch_fraction
+        self.be_wait = p.best_effort_max_wait_slas
+        self.headroom = 1.0 + t.speed_headroom
+        self.min_recheck = t.min_recheck_seconds
+        self.tau = t.load_window_seconds
+        self.queued: dict[str, Queued] = {}
+        # Queued SLA requests, EDF: (deadline, seq, id, the Queued). `q.key` (the first three)
+        # bisects to a request's entry; seq is unique, so the Queued is never compared.
+        self.order: list[tuple[float, int, str, Queued]] = []
+        self.timers: list[tuple[float, int, str, int]] = []  # (when, seq, id, timer generation)
+        # Best effort, shortest weighted job first: (expected tokens x SLA seconds, seq, id).
+        self.be: list[tuple[float, int, str]] = []
+        self.be_reqs: dict[str, Queued] = {}
+        # (when its wait runs out, seq, id) of best-effort requests, for the wait bound.
+        self.be_expiry: list[tuple[float, int, str]] = []
+        self.seq = 0
+        # Best-effort admissions, exponentially weighted (for the best-effort wait bound).
+        self.be_admits = 0.0
+        self.be_t = 0.0
+        self.be_since: float | None = None
+        self.be_moved = 0.0  # when a request last left the best-effort queue (or it was empty)
 
-    def _shed_speed(self) -> float:
+    def __len__(self) -> int:
+        return len(self.queued) + len(self.be_reqs)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.queued or request_id in self.be_reqs
+
+    def enqueue(self, q: Queued, now: float) -> int:
+        """Queue an SLA request in EDF order, with its timer; its place in the order."""
+        self.queued[q.req.id] = q
+        entry = (*q.key, q)
+        at = bisect_right(self.order, entry)
+        self.order.insert(at, entry)
+        self.set_timer(q, now)
+        return at
+
+    def cancel(self, request_id: str) -> int | None:
+        """Drop a queued request (SLA or best effort); its place in the EDF order, if it had one."""
+        q = self.queued.pop(request_id, None)
+        if q is not None:
+            i = bisect_left(self.order, q.key)
+            del self.order[i]
+            return i
+        if self.be_reqs.pop(request_id, None) is not None and not self.be_reqs:
+            self.be.clear()
+            self.be_expiry.clear()
+        return None
+
+    def next_wake(self) -> float | None:
+        """The earliest live timer or best-effort wait bound (stale entries are dropped)."""
+        timers = self.timers
+        while timers:
+            when, _, rid, gen = timers[0]
+            q = self.queued.get(rid)
+            if q is not None and q.timer == gen:
+                break
+            heapq.heappop(timers)
+        first = timers[0][0] if timers else None
+        expiry = self.be_expiry
+        while expiry and expiry[0][2] not in self.be_reqs:
+            heapq.heappop(expiry)
+        if expiry and (first is None or expiry[0][0] < first):
+            first = expiry[0][0]
+        return first
+
+    def shed_speed(self) -> float:
         """The most speed a queued request may still need and be kept waiting for.
 
         A request admitted late needs a fast, hence small, batch until it is done, and every
@@ -66,49 +136,50 @@ class _QueueMixin(_SaberState):
         (demoted or rejected) rather than admitted; with nothing else around, the floor is one
         request alone on the engine, as in the paper.
         """
-        table = self.model.table
+        table = self.engine.model.table
         if self.shed <= 0.0:
             return table[1]
-        contenders = len(self._queued) + self._sla_running
-        if self._limit_table is table and self._limit_need == self._fresh_need:
-            limit = self._limit
+        contenders = len(self.queued) + self.batch.sla_running
+        load = self.load
+        if load.limit_table is table and load.limit_need == load.fresh_need:
+            limit = load.limit
         else:
-            limit = self._fresh_limit_cached()
+            limit = load.fresh_limit_cached()
         floor = int(self.shed * (contenders if contenders < limit else limit))
         return table[floor] if floor > 1 else table[1]
 
-    def _hopeless(self, q: _Queued, now: float) -> str | None:
+    def hopeless(self, q: Queued, now: float) -> str | None:
         if q.due <= now:
             return "deadline cannot be met"
-        if q.cold and not self._warm_up(q):
+        if q.cold and not self.warm_up(q):
             ttft = q.req.ttft_deadline
-            if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+            if ttft is not None and now + self.engine.ttft_estimate > ttft - self.margin:
                 return "time-to-first-token target cannot be met"
             return None
         # The speed it needs: its tokens over the time left (ahead here), or its TPOT speed if higher.
         need = q.expected / (q.due - now)
         if need <= q.tpot_speed:
             need = q.tpot_speed
-        if need > self.model.table[1]:
+        if need > self.engine.model.table[1]:
             return "deadline needs more than the engine's single-request speed"
-        if need > self._shed_speed():
+        if need > self.shed_speed():
             return "deadline needs a batch too small for the load"
         ttft = q.req.ttft_deadline
-        if ttft is not None and now + self.ttft_estimate > ttft - self.margin:
+        if ttft is not None and now + self.engine.ttft_estimate > ttft - self.margin:
             return "time-to-first-token target cannot be met"
         return None
 
-    def _hopeless_at(self, q: _Queued) -> float:
-        t = q.due if q.cold else q.due - q.expected / self._shed_speed()
-        if q.tpot_speed > self.model.table[1]:
+    def hopeless_at(self, q: Queued) -> float:
+        t = q.due if q.cold else q.due - q.expected / self.shed_speed()
+        if q.tpot_speed > self.engine.model.table[1]:
             t = -INF
         if q.req.ttft_deadline is not None:
-            t = min(t, q.req.ttft_deadline - self.margin - self.ttft_estimate)
+            t = min(t, q.req.ttft_deadline - self.margin - self.engine.ttft_estimate)
         return t
 
-    def _warm_up(self, q: _Queued) -> bool:
+    def warm_up(self, q: Queued) -> bool:
         """A cold request whose class has learned its output length since it queued takes that estimate."""
-        value = self._estimates[q.req.sla_class].value
+        value = self.estimates[q.req.sla_class].value
         if value is None:
             return False
         q.expected = max(1, min(q.req.max_tokens, value))
@@ -116,129 +187,129 @@ class _QueueMixin(_SaberState):
         q.cold = False
         return True
 
-    def _set_timer(self, q: _Queued, now: float, when: float | None = None) -> None:
+    def set_timer(self, q: Queued, now: float, when: float | None = None) -> None:
         q.timer += 1
-        at = self._hopeless_at(q) if when is None else when
-        heapq.heappush(self._timers, (max(at, now), q.key[1], q.req.id, q.timer))
+        at = self.hopeless_at(q) if when is None else when
+        heapq.heappush(self.timers, (max(at, now), q.key[1], q.req.id, q.timer))
 
-    def _fire_timers(self, now: float, out: list[Action]) -> None:
-        timers = self._timers
+    def fire_timers(self, now: float, out: list[Action]) -> None:
+        timers = self.timers
         while timers and timers[0][0] <= now:
             _, _, rid, gen = heapq.heappop(timers)
-            q = self._queued.get(rid)
+            q = self.queued.get(rid)
             if q is None or q.timer != gen:
                 continue
-            reason = self._hopeless(q, now)
-            if not reason and now >= self._hopeless_at(q) - 1e-9:
+            reason = self.hopeless(q, now)
+            if not reason and now >= self.hopeless_at(q) - 1e-9:
                 # Its last chance has come and it is still queued: by the next event it is late.
                 reason = "deadline cannot be met"
-                if q.req.ttft_deadline is not None and now >= q.req.ttft_deadline - self.margin - self.ttft_estimate - 1e-9:
+                if q.req.ttft_deadline is not None and now >= q.req.ttft_deadline - self.margin - self.engine.ttft_estimate - 1e-9:
                     reason = "time-to-first-token target cannot be met"
             if reason:
-                self._dequeue(q)
-                self._miss(q, now, reason, out)
+                self.dequeue(q)
+                self.miss(q, now, reason, out)
             elif q.req.on_miss == "reject":
-                self._reject_if_late(q, now, out)
+                self.reject_if_late(q, now, out)
             else:
-                self._set_timer(q, now, max(self._hopeless_at(q), now + self.min_recheck))
+                self.set_timer(q, now, max(self.hopeless_at(q), now + self.min_recheck))
 
-    def _expire_best_effort(self, now: float, out: list[Action]) -> None:
+    def expire_best_effort(self, now: float, out: list[Action]) -> None:
         """Reject best-effort requests that have waited `best_effort_max_wait_slas` SLAs: a bounded wait."""
-        expiry = self._be_expiry
+        expiry = self.be_expiry
         while expiry and expiry[0][0] <= now:
             _, _, rid = heapq.heappop(expiry)
-            if self._be_reqs.pop(rid, None) is not None:
-                out.append(Reject(rid, "best-effort wait bound reached", retry_after_s=self._retry_after(now)))
-        if not self._be_reqs:
-            self._be.clear()
+            if self.be_reqs.pop(rid, None) is not None:
+                out.append(Reject(rid, "best-effort wait bound reached", retry_after_s=self.retry_after(now)))
+        if not self.be_reqs:
+            self.be.clear()
 
-    def _dequeue(self, q: _Queued) -> None:
-        del self._queued[q.req.id]
-        del self._order[bisect_left(self._order, q.key)]
+    def dequeue(self, q: Queued) -> None:
+        del self.queued[q.req.id]
+        del self.order[bisect_left(self.order, q.key)]
 
-    def _miss(self, q: _Queued, now: float, reason: str, out: list[Action]) -> None:
+    def miss(self, q: Queued, now: float, reason: str, out: list[Action]) -> None:
         req = q.req
         if req.on_miss == "reject":
-            out.append(Reject(req.id, reason, retry_after_s=self._retry_after(now)))
+            out.append(Reject(req.id, reason, retry_after_s=self.retry_after(now)))
             return
         if self.be_wait > 0.0:
             expiry = req.arrival + self.be_wait * (req.deadline - req.arrival)
-            if not self._best_effort_has_room(expiry - now, now):
+            if not self.best_effort_has_room(expiry - now, now):
                 # Best effort is backed up past its wait bound: say so now, not at the bound.
                 out.append(Reject(req.id, f"{reason}; best effort is backed up beyond the wait bound",
-                                  retry_after_s=self._retry_after(now)))
+                                  retry_after_s=self.retry_after(now)))
                 return
         req.best_effort = True
-        heapq.heappush(self._be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
-        self._be_reqs[req.id] = q
+        heapq.heappush(self.be, (q.expected * (req.deadline - req.arrival), q.key[1], req.id))
+        self.be_reqs[req.id] = q
         if self.be_wait > 0.0:
-            heapq.heappush(self._be_expiry, (max(expiry, now), q.key[1], req.id))
+            heapq.heappush(self.be_expiry, (max(expiry, now), q.key[1], req.id))
         out.append(Demote(req.id, reason))
 
-    def _best_effort_has_room(self, wait: float, now: float) -> bool:
+    def best_effort_has_room(self, wait: float, now: float) -> bool:
         """Whether a request joining the best-effort queue now is predicted to be admitted within
         `wait` seconds: the requests already queued there, at the rate best effort has been
-        admitted recently (over `load_window_seconds`). Before any best-effort admission has been
+        admitted recently (over `Tuning.load_window_seconds`). Before any best-effort admission has been
         seen, up to one batch (the fresh limit) may queue."""
-        ahead = len(self._be_reqs)
+        ahead = len(self.be_reqs)
         if not ahead:
-            self._be_moved = now
+            self.be_moved = now
             return wait > 0.0
-        if now - self._be_moved > BE_STUCK_SHARE * wait:
+        if now - self.be_moved > BE_STUCK_SHARE * wait:
             return False  # nothing has left the best-effort queue for a good part of the bound
-        rate = self._be_rate(now)
+        rate = self.be_rate(now)
         return rate <= 0.0 or ahead / rate <= wait
 
-    def _be_rate(self, now: float) -> float:
-        """Best-effort admissions per second, exponentially weighted over `load_window_seconds`."""
-        if self._be_since is None:
+    def be_rate(self, now: float) -> float:
+        """Best-effort admissions per second, exponentially weighted over `Tuning.load_window_seconds`."""
+        if self.be_since is None:
             return 0.0
-        tau = self.load_tau
-        span = max(now - self._be_since, 0.1 * tau)
+        tau = self.tau
+        span = max(now - self.be_since, 0.1 * tau)
         weight = tau * (1.0 - math.exp(-span / tau))
-        return self._be_admits * math.exp(-max(0.0, now - self._be_t) / tau) / weight
+        return self.be_admits * math.exp(-max(0.0, now - self.be_t) / tau) / weight
 
-    def _note_best_effort_admit(self, now: float) -> None:
-        if self._be_since is None:
-            self._be_since = now
-        dt = now - self._be_t
+    def note_best_effort_admit(self, now: float) -> None:
+        if self.be_since is None:
+            self.be_since = now
+        dt = now - self.be_t
         if dt > 0:
-            self._be_admits *= math.exp(-dt / self.load_tau)
-            self._be_t = now
-        self._be_admits += 1.0
-        self._be_moved = now
+            self.be_admits *= math.exp(-dt / self.tau)
+            self.be_t = now
+        self.be_admits += 1.0
+        self.be_moved = now
 
-    def _reject_if_late(self, q: _Queued, now: float, out: list[Action]) -> None:
+    def reject_if_late(self, q: Queued, now: float, out: list[Action]) -> None:
         """For reject classes: reject now if the request is predicted not to get in in time."""
-        if q.cold and not self._warm_up(q):
-            self._set_timer(q, now)  # its length is unknown: it waits for its chance until its deadline
+        if q.cold and not self.warm_up(q):
+            self.set_timer(q, now)  # its length is unknown: it waits for its chance until its deadline
             return
-        eta = self._admission_eta(q, now)
+        eta = self.admission_eta(q, now)
         if eta is None:
-            self._dequeue(q)
-            out.append(Reject(q.req.id, "predicted to miss its deadline", retry_after_s=self._retry_after(now)))
+            self.dequeue(q)
+            out.append(Reject(q.req.id, "predicted to miss its deadline", retry_after_s=self.retry_after(now)))
             return
-        hopeless = self._hopeless_at(q)
+        hopeless = self.hopeless_at(q)
         when = eta if now + self.min_recheck < eta < hopeless else hopeless
-        self._set_timer(q, now, max(when, now + self.min_recheck))
+        self.set_timer(q, now, max(when, now + self.min_recheck))
 
-    def _admission_eta(self, q: _Queued, now: float) -> float | None:
+    def admission_eta(self, q: Queued, now: float) -> float | None:
         """Earliest time the running batch will have drained enough to admit `q`, or None if too late.
 
         SLA requests queued ahead of `q` are counted as taking slots and never leaving (a
         deliberately cautious view); running requests drain at the model's speed.
         """
-        speed = self.model.speed
-        cap = self._cap
-        ahead = bisect_left(self._order, q.key)
-        L_eff = len(self._running) + ahead
-        W = self._W
+        speed = self.engine.model.speed
+        cap = self.engine.cap
+        ahead = bisect_left(self.order, q.key)
+        L_eff = len(self.batch.running) + ahead
+        W = self.batch.W
         D = q.req.deadline - self.margin
         v1 = speed(1)
         latest = D - q.expected / v1
         t = now
         gen = 0.0
-        for k, _, _ in self._by_finish:
+        for k, _, _ in self.batch.by_finish:
             if t > latest:
                 return None
             need = max(q.expected / (D - t), q.tpot_speed)
@@ -256,13 +327,13 @@ class _QueueMixin(_SaberState):
             return t
         return None
 
-    def _retry_after(self, now: float) -> float:
+    def retry_after(self, now: float) -> float:
         """Seconds until the engine is predicted to have room, counting the queued SLA requests."""
-        L = len(self._running)
+        L = len(self.batch.running)
         if not L:
             return 0.1
-        v = self.model.speed(L)
-        first = max(self._by_finish[0][0] - self._W, 0.0) / v
-        drain = max(self._by_finish[-1][0] - self._W, 0.0) / v
-        estimate = first + drain / L * len(self._queued)
+        v = self.engine.model.speed(L)
+        first = max(self.batch.by_finish[0][0] - self.batch.W, 0.0) / v
+        drain = max(self.batch.by_finish[-1][0] - self.batch.W, 0.0) / v
+        estimate = first + drain / L * len(self.queued)
         return min(60.0, max(0.1, estimate))

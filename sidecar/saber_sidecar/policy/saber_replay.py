@@ -1,10 +1,11 @@
-"""The batch replay and the admission test, for `SaberPolicy` (saber.py): `_plan` and `_fits`.
+"""The feasibility check, for `SaberPolicy` (saber.py): the batch replay (`plan`) and the
+admission test (`fits`), which returns its verdict with its flag (`Fit`).
 
 - The batch: every running request's progress is tracked. All running requests advance at the
   model's v(L) while L run, so one running integral W(t) = ∫ v(L) dt gives each one's tokens so
   far (W(now) - W(admitted)) and so its remaining tokens. A decision plays the batch forward
-  (`_plan`): requests finish in order of remaining tokens and the survivors speed up as L falls
-  (v(n) less `speed_headroom` while n run). A candidate is admitted only if, with it added now,
+  (`plan`): requests finish in order of remaining tokens and the survivors speed up as L falls
+  (v(n) less the speed headroom while n run). A candidate is admitted only if, with it added now,
   it finishes by its deadline (less `deadline_margin_seconds`) and no running SLA request that
   would otherwise be on time is pushed late. Admissions are the only way the batch grows, so this
   keeps every admitted request on time as far as the model can tell, without assuming the batch
@@ -12,67 +13,87 @@
   cap the batch at the L where v(L) still gives 1/tpot tokens per second.
 - Prefill backlog: the engine prefills admitted prompts in turn (a chunk of its token budget a
   step), so a candidate's first token waits for the prompts admitted before it that are not
-  prefilled yet (`_prefill_ahead`): its own finish, and its TTFT target (`_ttft_fits`), count
+  prefilled yet (`Batch.prefill_ahead`): its own finish, and its TTFT target (`Admission.ttft_fits`), count
   that wait. The running requests already carry those stalls (charged at each admission).
   Without it a burst of long prompts (a code trace: 1.5k-5k tokens) was admitted as if each
   prefill began at once, and most of the burst missed.
 - Slack reserve: an admission must leave every running SLA request (and itself)
-  `slack_reserve_share` x the candidate's own time to deadline as slack, so long requests stop
+  `Tuning.slack_reserve_share` x the candidate's own time to deadline as slack, so long requests stop
   taking the batch's last slack while short, urgent ones can still get in.
 - Within the model's error: a running request predicted to finish with less slack than
-  `at_risk_slack_share` of its remaining time may be overtaken by a shorter candidate (one that
+  `Tuning.at_risk_slack_share` of its remaining time may be overtaken by a shorter candidate (one that
   finishes first). Holding every arrival back for a request whose fate is a coin toss stalls the
   batch for its whole remaining life, and the requests held back are then admitted with thin
   slack themselves and hold back the next ones: under sustained load the gate ran the engine at
   a third of the batch it could carry.
 - Bounds: in a large batch with loose deadlines (the sidecar under a steady load with a long SLA),
-  bounds on the replay settle most candidates without it (`_fits_by_bounds`; the verdict is the
+  bounds on the replay settle most candidates without it (`fits_by_bounds`; the verdict is the
   one the replay would reach), so such a decision costs O(1) in the batch size, not O(n).
 
 Under light load (`saber_load.py`) the reserve is not asked of requests finishing before the
-candidate, and a candidate that fits only with thin slack is admitted unprotected (`_thin`).
+candidate, and a candidate that fits only with thin slack is admitted unprotected (`Fit.thin`).
 """
 
 from __future__ import annotations
 
-import math
+import enum
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from saber_sidecar.policy.saber_load import LOAD_RECHECK_S
+from saber_sidecar.config import SaberSchedulingConfig
+from saber_sidecar.policy.saber_batch import INF, Batch
+from saber_sidecar.policy.saber_engine import EngineView
+from saber_sidecar.policy.saber_load import LOAD_RECHECK_S, Load
+from saber_sidecar.policy.saber_tuning import Tuning
 
-if TYPE_CHECKING:
-    from saber_sidecar.policy.saber_state import _SaberState
-else:
-    _SaberState = object  # at run time the mixin's base is object, as before
 
-INF = math.inf
-FITS, MISSES_OWN, HURTS_BATCH = "fits", "misses its own deadline", "pushes a running request late"
-# `_fits_by_bounds` costs about as much as replaying ~10-15 requests: it is tried while the share of
+class Verdict(enum.Enum):
+    FITS = "fits"
+    MISSES_OWN = "misses its own deadline"
+    HURTS_BATCH = "pushes a running request late"
+
+
+class Fit(NamedTuple):
+    """`fits`'s answer: the verdict, and for FITS whether the candidate goes in unprotected (its
+    slack is thin under light load, or it is cold): protecting it would hold later admissions back."""
+
+    verdict: Verdict
+    thin: bool
+
+
+FITS, MISSES_OWN, HURTS_BATCH = Verdict.FITS, Verdict.MISSES_OWN, Verdict.HURTS_BATCH
+# The four answers, built once: `fits` runs for every candidate and allocates none.
+FIT, FIT_THIN, MISSES, HURTS = Fit(FITS, False), Fit(FITS, True), Fit(MISSES_OWN, False), Fit(HURTS_BATCH, False)
+# `fits_by_bounds` costs about as much as replaying ~10-15 requests: it is tried while the share of
 # candidates it settles times the batch size is at least BOUNDS_WORTH, and else every BOUNDS_PROBE-th.
 BOUNDS_WORTH = 16.0
 BOUNDS_PROBE = 16
 
 
 @dataclass(slots=True)
-class _Plan:
+class Plan:
     now: float
     n: int
     W: float
     # The running requests' k's and deadlines (less margin), in finishing order, as they were when
-    # planned: `_admit` inserts into copies of the live lists, so these stay put.
+    # planned: `Batch.add` inserts into copies of the live lists, so these stay put.
     ks: list[float]
     dues: list[float]
-    light: bool  # offered load below `light_load`
+    light: bool  # offered load below `Tuning.light_load`
     # No candidate fits at all: the batch is at the model's size limit or a running TPOT target binds.
     full: bool
     v_more: float  # v(n + 1): the speed with the candidate alongside
+    # The speed table, the prefill cost per estimated prompt token and the speed a fresh request of
+    # the most demanding class needs, as they were when planned (none changes within a decision).
+    table: list[float]
+    per_token: float
+    fresh_need: float
     # The earliest of `dues` (INF if none): with the speed table's ends, it bounds every slack in
     # the plan from below, which settles most candidates of a large, loose batch without the
-    # replay (`_fits_by_bounds`).
+    # replay (`fits_by_bounds`).
     min_due: float = INF
-    # The replay itself, done on first need (`_plan_loop`, `_plan_lists`): `looped` once the ends
+    # The replay itself, done on first need (`plan_loop`, `plan_lists`): `looped` once the ends
     # below are set. Seconds until the whole batch has finished, and the same had one more request
     # run alongside until then; the last request's remaining tokens (at least 1).
     looped: bool = False
@@ -85,52 +106,69 @@ class _Plan:
     # Per (expected tokens, prompt tokens): where a candidate of that shape lands in the finishing
     # order and when it would finish. Candidates are priced by shape, and the window repeats shapes.
     shapes: dict[tuple[float, int], tuple[int, float, float, float, float]] = field(default_factory=dict)
-    # Per running request, in finishing order (see `_plan_lists`, which builds them on first need:
+    # Per running request, in finishing order (see `plan_lists`, which builds them on first need:
     # only a candidate that finishes inside the batch needs them, and few do).
     a0: list[float] | None = None
     a1: list[float] | None = None
     prefix_min: list[float] | None = None
     lenient: list[float] | None = None
-    # Seconds until the engine has prefilled the prompts admitted before (`_prefill_ahead`): a
-    # candidate's first token, and so its whole run, waits for them.
+    # Seconds until the engine has prefilled the prompts admitted before (`Batch.prefill_ahead`):
+    # a candidate's first token, and so its whole run, waits for them.
     ahead: float = 0.0
 
 
+class FeasibilityCheck:
+    """Prices candidates against the running batch; owns its parameters and its caches (the
+    inverse speeds, how well the bounds have been settling candidates)."""
 
-class _ReplayMixin(_SaberState):
-    """Part of `SaberPolicy`, which holds the state these methods read (see its `__init__`); a
-    mixin rather than a helper object, so a decision stays method calls on one object."""
+    def __init__(self, batch: Batch, engine: EngineView, load: Load, p: SaberSchedulingConfig, t: Tuning) -> None:
+        self.batch = batch
+        self.engine = engine
+        self.load = load
+        self.margin = p.deadline_margin_seconds
+        self.reserve = p.best_effort_reserve  # a cold candidate leaves the room best effort leaves
+        self.headroom = 1.0 + t.speed_headroom
+        self.reserve_share = t.slack_reserve_share
+        self.at_risk = t.at_risk_slack_share
+        self.inv: list[float] = []  # headroom / v(L), for the speed table `inv_for`
+        self.inv_for: list[float] | None = None
+        self.inv_sliced: dict[int, tuple[list[float], list[float]]] = {}  # n -> `_slices(n)`
+        self.bounds_rate = 1.0  # share of recent `fits_by_bounds` tries that settled the candidate
+        self.bounds_skipped = 0
 
-    def _plan(self, now: float) -> _Plan:
-        """The running batch as it stands, for `_fits` to price candidates against; once per decision.
+    def plan(self, now: float) -> Plan:
+        """The running batch as it stands, for `fits` to price candidates against; once per decision.
 
         The replay itself (requests finish in order of remaining tokens; while n run, each advances
         at v(n), less the headroom) is the one O(n) part of a decision (n = running requests), and
-        it is done only when a candidate needs it (`_plan_loop`, or `_plan_lists` for a candidate
+        it is done only when a candidate needs it (`plan_loop`, or `plan_lists` for a candidate
         finishing inside the batch): in a large batch with loose deadlines most candidates are
-        settled by bounds on the replay that take O(1) (`_fits_by_bounds`).
+        settled by bounds on the replay that take O(1) (`fits_by_bounds`).
         """
-        table = self.model.table
-        if self._inv_for is not table:
+        batch = self.batch
+        engine = self.engine
+        load = self.load
+        table = engine.model.table
+        if self.inv_for is not table:
             self._inverse_speeds()
-        ks = self._ks
+        ks = batch.ks
         n = len(ks)
-        max_tpot = self._max_running_tpot() if self._tpot_running else 0.0
-        light_at = self._light_at
+        max_tpot = batch.max_tpot() if batch.tpot_running else 0.0
+        light_at = load.light_at
         light = (
-            self._light
+            load.light
             if light_at is not None and light_at <= now and now - light_at <= LOAD_RECHECK_S
-            else self._is_light(now)
+            else load.is_light(now)
         )
         # Full: at the model's size limit, at the engine's seats or the slow-start cap (never plan
         # for more running than the engine runs at once), or a running TPOT target binds.
-        full = n + 2 >= len(table) or n >= self._cap or max_tpot * self.headroom > table[n + 1]
-        dues_sorted = self._dues_sorted
-        plan = _Plan(
-            now, n, self._W, ks, self._dues, light, full, 0.0 if full else table[n + 1],
-            dues_sorted[0] if dues_sorted else INF, not n,
+        full = n + 2 >= len(table) or n >= engine.cap or max_tpot * self.headroom > table[n + 1]
+        dues_sorted = batch.dues_sorted
+        plan = Plan(
+            now, n, batch.W, ks, batch.dues, light, full, 0.0 if full else table[n + 1], table, engine.per_token,
+            load.fresh_need, dues_sorted[0] if dues_sorted else INF, not n,
         )
-        end = self._prefill_end  # `_prefill_ahead`, inlined
+        end = batch.prefill_end  # `Batch.prefill_ahead`, inlined
         if end > now:
             plan.ahead = end - now
         return plan
@@ -138,20 +176,20 @@ class _ReplayMixin(_SaberState):
     def _slices(self, n: int) -> tuple[list[float], list[float]]:
         """headroom / v at the batch size each of n requests, in finishing order, runs at: alone
         (inv[n - j] for request j) and with one more alongside (inv[n + 1 - j]); cached per n."""
-        sliced = self._inv_sliced.get(n)
+        sliced = self.inv_sliced.get(n)
         if sliced is None:
-            inv = self._inv
-            sliced = self._inv_sliced[n] = (inv[n:0:-1], inv[n + 1 : 1 : -1])
+            inv = self.inv
+            sliced = self.inv_sliced[n] = (inv[n:0:-1], inv[n + 1 : 1 : -1])
         return sliced
 
-    def _plan_loop(self, plan: _Plan) -> None:
+    def plan_loop(self, plan: Plan) -> None:
         """The replay, keeping only what a candidate that finishes after the whole batch needs
         (most do): when the batch is done and the least slack in it.
 
         One tight loop over flat lists, the speeds pre-sliced to the batch sizes each request runs
         at. Measured on CPython 3.11: this loop beats map/accumulate stages (which allocate a list
         each), and storing each request's finishing time here (two list appends an element) cost
-        more than building them apart for the few that need them (`_plan_lists`).
+        more than building them apart for the few that need them (`plan_lists`).
         """
         now = plan.now
         W = plan.W
@@ -196,14 +234,14 @@ class _ReplayMixin(_SaberState):
         plan.a0_end, plan.a1_end, plan.r_end, plan.least = a0, a1, prev, least
         plan.looped = True
 
-    def _plan_lists(self, plan: _Plan) -> None:
+    def plan_lists(self, plan: Plan) -> None:
         """The per-request detail of `plan`, for candidates that finish inside the batch.
 
-        `_plan_loop`'s loop (the same arithmetic, so the last elements are `a0_end`, `a1_end` and
+        `plan_loop`'s loop (the same arithmetic, so the last elements are `a0_end`, `a1_end` and
         `least` to the bit), keeping for each running request its finishing time alone and with
         one more alongside, the least slack among the requests up to it once slowed by one more
         (`prefix_min[j]`: before request j), and its lenient slack: INF where it is late anyway or
-        within the model's error of missing (slack under `at_risk_slack_share` of its time), which
+        within the model's error of missing (slack under `Tuning.at_risk_slack_share` of its time), which
         a shorter candidate may overtake.
         """
         now = plan.now
@@ -239,16 +277,16 @@ class _ReplayMixin(_SaberState):
             plan.a0_end, plan.a1_end, plan.r_end, plan.least = a0, a1, prev, least
         plan.looped = True
 
-    def _fits(
+    def fits(
         self,
-        plan: _Plan,
+        plan: Plan,
         expected: float,
         deadline: float | None,
         tpot_speed: float,
         prompt: int = 0,
         span: float = 0.0,
         cold: bool = False,
-    ) -> str:
+    ) -> Fit:
         """Would the batch, with this candidate added now, still meet its deadlines?
 
         The candidate must meet its own deadline (when it has one), and no running SLA request
@@ -260,32 +298,32 @@ class _ReplayMixin(_SaberState):
         same amount, so a suffix minimum of their slack decides them.
         """
         if plan.full:
-            return HURTS_BATCH
+            return HURTS
         if tpot_speed and tpot_speed * self.headroom > plan.v_more:
-            return MISSES_OWN
+            return MISSES
         if cold:
             # Unprotected, like best effort, so it must leave the room best effort leaves for a
             # fresh request of the most demanding class.
-            table = self.model.table
+            table = plan.table
             slot = plan.n + 1 + self.reserve
-            if slot >= len(table) or table[slot] < self._fresh_need * self.headroom:
-                return HURTS_BATCH
+            if slot >= len(table) or table[slot] < plan.fresh_need * self.headroom:
+                return HURTS
         priced = plan.shapes.get((expected, prompt))
         if priced is None:
             pos = self._position(plan, expected)
             if (not plan.looped if pos == plan.n else plan.a0 is None) and (
-                self._bounds_rate * plan.n >= BOUNDS_WORTH or self._bounds_skipped >= BOUNDS_PROBE
+                self.bounds_rate * plan.n >= BOUNDS_WORTH or self.bounds_skipped >= BOUNDS_PROBE
             ):
                 # The replay this candidate needs is not done yet: bounds on it may settle it
                 # (tried where they have been settling enough candidates for the size of the
                 # batch to pay for the try, and now and then to find out).
-                verdict = self._fits_by_bounds(plan, pos, expected, deadline, prompt, span, cold)
-                self._bounds_skipped = 0
-                self._bounds_rate += 0.125 * ((verdict is not None) - self._bounds_rate)
-                if verdict is not None:
-                    return verdict
+                fit = self.fits_by_bounds(plan, pos, expected, deadline, prompt, span, cold)
+                self.bounds_skipped = 0
+                self.bounds_rate += 0.125 * ((fit is not None) - self.bounds_rate)
+                if fit is not None:
+                    return fit
             else:
-                self._bounds_skipped += 1
+                self.bounds_skipped += 1
             priced = self._price(plan, pos, expected, prompt)
         pos, finish, stall, before0, r_prev = priced
         # The slack a candidate must leave: a share of its own time to deadline (best effort: of
@@ -296,37 +334,37 @@ class _ReplayMixin(_SaberState):
             reserve = self.reserve_share * (deadline - now)
             own = deadline - self.margin - reserve - now - finish - plan.ahead
             if own < 0.0 and not cold:
-                return MISSES_OWN
+                return MISSES
             # A cold candidate's `expected` is its `max_tokens`, a bound most requests stop far
             # short of: missing its deadline at that length says little, and protecting it at
             # that length would hold every later admission back until it ends. It goes in
             # unprotected if it pushes no running request late, priced at that length (the
             # cautious side for the others).
-            self._thin = cold or (plan.light and own < self.at_risk * finish)
+            thin = cold or (plan.light and own < self.at_risk * finish)
         else:
             reserve = self.reserve_share * span
-            self._thin = False
+            thin = False
         # Requests finishing before the candidate: its prefill stall and the one more request
         # must not push them late; under light load the reserve is not asked of them (they are
         # short next to the candidate, and holding a long request back for their sake makes it
         # wait until it can only be admitted with thin slack).
         before = stall if plan.light else stall + reserve
         if pos == plan.n:
-            return HURTS_BATCH if plan.least < before else FITS
+            return HURTS if plan.least < before else FIT_THIN if thin else FIT
         if plan.a0 is None:
-            self._plan_lists(plan)
-        if TYPE_CHECKING:  # `_plan_lists` set them (no run-time check on this path)
+            self.plan_lists(plan)
+        if TYPE_CHECKING:  # `plan_lists` set them (no run-time check on this path)
             assert plan.prefix_min is not None and plan.lenient is not None
         if plan.prefix_min[pos] < before:
-            return HURTS_BATCH
+            return HURTS
         # Requests finishing after it, except those already within the model's error of
         # missing: a candidate that is done before them may overtake them.
-        delay = finish - (before0 + (expected - r_prev) * self.headroom / self.model.table[plan.n - pos])
+        delay = finish - (before0 + (expected - r_prev) * self.headroom / plan.table[plan.n - pos])
         if min(plan.lenient[pos:]) < delay + reserve:
-            return HURTS_BATCH
-        return FITS
+            return HURTS
+        return FIT_THIN if thin else FIT
 
-    def _position(self, plan: _Plan, expected: float) -> int:
+    def _position(self, plan: Plan, expected: float) -> int:
         """Where a candidate of `expected` tokens lands in `plan`'s finishing order: before the
         first request with at least that many tokens left (r = max(k - W, 1), as in the replay)."""
         ks = plan.ks
@@ -345,10 +383,10 @@ class _ReplayMixin(_SaberState):
             pos += 1
         return pos
 
-    def _fits_by_bounds(
-        self, plan: _Plan, pos: int, expected: float, deadline: float | None, prompt: int, span: float, cold: bool
-    ) -> str | None:
-        """`_fits`'s verdict (past its first checks) where bounds on the replay settle it; None where
+    def fits_by_bounds(
+        self, plan: Plan, pos: int, expected: float, deadline: float | None, prompt: int, span: float, cold: bool
+    ) -> Fit | None:
+        """`fits`'s answer (past its first checks) where bounds on the replay settle it; None where
         they do not, and the replay decides.
 
         In the replay every request runs at the speed of a batch no larger than the one it starts
@@ -364,8 +402,8 @@ class _ReplayMixin(_SaberState):
         """
         n = plan.n
         now = plan.now
-        inv = self._inv
-        table = self.model.table
+        inv = self.inv
+        table = plan.table
         h = self.headroom
         ks = plan.ks
         W = plan.W
@@ -378,7 +416,7 @@ class _ReplayMixin(_SaberState):
             b0_lo = r_prev * inv[n + 1 - pos]
         else:
             r_prev = b1_lo = b1_hi = b0_lo = 0.0
-        stall = self._prefill.per_token * prompt
+        stall = plan.per_token * prompt
         rest = (expected - r_prev) * h / table[n + 1 - pos]
         f_lo = b1_lo + rest + stall
         f_hi = b1_hi + rest + stall
@@ -404,7 +442,7 @@ class _ReplayMixin(_SaberState):
                 thin = True
             else:
                 if room - f_lo < -tol:
-                    return MISSES_OWN
+                    return MISSES
                 if not room - f_hi > tol:
                     return None
                 if plan.light:
@@ -426,10 +464,9 @@ class _ReplayMixin(_SaberState):
                 delay_hi = f_hi - (b0_lo + (expected - r_prev) * h / table[n - pos])
                 if not base - a0_hi - delay_hi - reserve > tol:
                     return None
-        self._thin = thin
-        return FITS
+        return FIT_THIN if thin else FIT
 
-    def _price(self, plan: _Plan, pos: int, expected: float, prompt: int) -> tuple[int, float, float, float, float]:
+    def _price(self, plan: Plan, pos: int, expected: float, prompt: int) -> tuple[int, float, float, float, float]:
         """When a candidate of this shape (at `pos`) would finish, its prefill stall, and the
         finishing time and remaining tokens of the request before it; cached in `plan.shapes`."""
         ks = plan.ks
@@ -437,33 +474,31 @@ class _ReplayMixin(_SaberState):
         n = plan.n
         if pos == n and n:
             if not plan.looped:
-                self._plan_loop(plan)
+                self.plan_loop(plan)
             before0, before1, r_prev = plan.a0_end, plan.a1_end, plan.r_end
         elif pos:
             r_prev = ks[pos - 1] - W
             if r_prev < 1.0:
                 r_prev = 1.0
             if plan.a0 is None:
-                self._plan_lists(plan)
-            if TYPE_CHECKING:  # `_plan_lists` set them (no run-time check on this path)
+                self.plan_lists(plan)
+            if TYPE_CHECKING:  # `plan_lists` set them (no run-time check on this path)
                 assert plan.a0 is not None and plan.a1 is not None
             before0, before1 = plan.a0[pos - 1], plan.a1[pos - 1]
         else:
             before0 = before1 = r_prev = 0.0
-        stall = self._prefill.per_token * prompt
-        finish = before1 + (expected - r_prev) * self.headroom / self.model.table[n + 1 - pos] + stall
+        stall = plan.per_token * prompt
+        finish = before1 + (expected - r_prev) * self.headroom / plan.table[n + 1 - pos] + stall
         priced = plan.shapes[(expected, prompt)] = (pos, finish, stall, before0, r_prev)
         return priced
 
     def _inverse_speeds(self) -> list[float]:
         """headroom / v(L) for every L, rebuilt only when the speed model changes (in numpy: the
         same IEEE divisions as a list comprehension, a tenth of the time after each refit)."""
-        table = self.model.table
-        if self._inv_for is not table:
-            self._inv = (self.headroom / self.model.table_array).tolist()
-            self._inv_for = table
-            self._inv_sliced = {}
-        return self._inv
-
-    def _max_running_tpot(self) -> float:
-        return max((r.tpot_speed for r in self._running.values()), default=0.0)
+        model = self.engine.model
+        table = model.table
+        if self.inv_for is not table:
+            self.inv = (self.headroom / model.table_array).tolist()
+            self.inv_for = table
+            self.inv_sliced = {}
+        return self.inv

@@ -200,14 +200,14 @@ def test_sla_file_is_the_deployed_config(tmp_path):
     sla = tmp_path / "sla.yaml"
     sla.write_text("classes:\n  - {name: short, deadline_seconds: 1.0, ttft_seconds: 0.5}\n"
                    "  - {name: long, deadline_seconds: 4.0, tpot_seconds: 0.1}\n"
-                   "default_class: long\nscheduling: {policy: saber, saber: {light_load: 0.8}}\n")
+                   "default_class: long\nscheduling: {policy: saber, saber: {shed_batch_fraction: 0.4}}\n")
     src = TraceSource(count=50, sla_path=str(sla), class_rule="prompt_tokens:short@1000,long")
     specs = src.specs()
     assert {s.sla_class for s in specs} == {"short", "long"}
     assert all((s.ttft_s, s.tpot_s, s.sla_s) == ((0.5, None, 1.0) if s.sla_class == "short" else (None, 0.1, 4.0))
                for s in specs)
     cfg = src.config("saber")
-    assert cfg.scheduling.policy == "saber" and cfg.scheduling.saber.light_load == 0.8
+    assert cfg.scheduling.policy == "saber" and cfg.scheduling.saber.shed_batch_fraction == 0.4
     assert src.config("static-30").scheduling.static_max_concurrency == 30
     with pytest.raises(ValueError, match="not in the SLA config"):
         TraceSource(count=50, sla_path=str(sla), class_rule="prompt_tokens:tiny@10,long").check()

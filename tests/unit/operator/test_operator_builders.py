@@ -329,3 +329,12 @@ def test_engine_max_num_seqs_is_the_operators():
     raw["scheduling"]["engineMaxNumSeqs"] = 8
     with pytest.raises(ValueError, match="engineMaxNumSeqs must not be set: the operator sets it from spec.engine.maxNumSeqs"):
         parse_spec(raw)
+
+
+def test_a_removed_saber_setting_in_a_saberservice_says_what_to_do():
+    raw = sample("manifests/samples/emulator.yaml")
+    raw["scheduling"]["saber"] = {"lightLoad": 0.5, "deadlineMarginSeconds": 0.05}
+    with pytest.raises(ValueError, match=r"light_load \(lightLoad in a SaberService\) is no longer a setting"):
+        parse_spec(raw)
+    raw["scheduling"]["saber"] = {"deadlineMarginSeconds": 0.05}
+    assert parse_spec(raw).sidecar_config().scheduling.saber.deadline_margin_seconds == 0.05

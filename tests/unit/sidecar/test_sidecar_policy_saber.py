@@ -4,9 +4,12 @@ so each expected decision can be checked by hand."""
 import pytest
 
 from policy_support import fmt
-from saber_sidecar.config import SidecarConfig
+from saber_sidecar.config import SaberSchedulingConfig, SidecarConfig
 from saber_sidecar.policy import Admit, EngineSnapshot, Reject, make_policy, request_for
+from saber_sidecar.policy.engine_model import EngineModel
 from saber_sidecar.policy.saber import SaberPolicy
+from saber_sidecar.policy.saber_tuning import Tuning
+from saber_sidecar.speed_model import SpeedModel
 
 # `output_tokens` far above any max_tokens used here: each request is expected to produce its
 # max_tokens, and the class counts as sized (no cold start), so decisions can be checked by hand.
@@ -25,13 +28,24 @@ CLASSES = [
 ]
 
 
+# Margins, load shedding, slack reserve, prefill cost, the at-risk and light-load leniencies
+# and the best-effort wait bound are off unless a test turns them on, so the base decisions
+# stay checkable by hand. Settings go to the config; the internal constants (saber_tuning.py) to
+# `Tuning`; `prefill_seconds_per_token` is the engine model's prior prefill cost.
+OFF = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4,
+       "shed_batch_fraction": 0, "slack_reserve_share": 0, "prefill_seconds_per_token": 0,
+       "at_risk_slack_share": 0, "light_load": 0, "best_effort_max_wait_slas": 0}
+
+
+def _split(params):
+    params = {**OFF, **params}
+    knobs = {k: v for k, v in params.items() if k in SaberSchedulingConfig.model_fields}
+    tuning = {k: v for k, v in params.items() if k in Tuning.__dataclass_fields__}
+    assert set(knobs) | set(tuning) | {"prefill_seconds_per_token"} == set(params), params
+    return knobs, Tuning(**tuning), params["prefill_seconds_per_token"]
+
+
 def config(**saber):
-    # Margins, load shedding, slack reserve, prefill cost, the at-risk and light-load leniencies
-    # and the best-effort wait bound are off unless a test turns them on, so the base decisions
-    # stay checkable by hand.
-    params = {"deadline_margin_seconds": 0, "speed_headroom": 0, "output_min_samples": 4,
-              "shed_batch_fraction": 0, "slack_reserve_share": 0, "initial_prefill_seconds_per_token": 0,
-              "at_risk_slack_share": 0, "light_load": 0, "best_effort_max_wait_slas": 0, **saber}
     return SidecarConfig.model_validate(
         {
             "classes": CLASSES,
@@ -40,17 +54,30 @@ def config(**saber):
                 "policy": "saber",
                 "max_queue": 100,
                 "speed_model": {"form": "linear", "params": [100, -1], "online_refit": False},
-                "saber": params,
+                "saber": _split(saber)[0],
             },
         }
     )
 
 
+def policy_for(cfg, **saber):
+    """saber on `cfg` with the test's internal constants and prior prefill cost."""
+    _, tuning, prefill = _split(saber)
+    sm = cfg.scheduling.speed_model
+    model = EngineModel.from_speed_table(SpeedModel.from_config(sm, online_refit=False).table, prefill,
+                                         online=sm.online_refit)
+    return SaberPolicy(cfg, tuning, model)
+
+
 class Driver:
     def __init__(self, **saber):
+        self.saber = saber
         self.cfg = config(**saber)
-        self.pol = make_policy(self.cfg)
-        assert isinstance(self.pol, SaberPolicy)
+        self.pol = self.build()
+        assert isinstance(make_policy(self.cfg), SaberPolicy)
+
+    def build(self):
+        return policy_for(self.cfg, **self.saber)
 
     def submit(self, cls, rid, t, max_tokens, deadline=None):
         return fmt(self.pol.submit(request_for(self.cfg, cls, rid, t, max_tokens, deadline=deadline), t))
@@ -176,7 +203,7 @@ def test_ttft_estimate_is_measured():
     d = Driver()
     d.submit("loose", "a", 0.0, 10)
     d.finish("a", 1.0, 10, first_token_at=0.3)
-    assert d.pol.ttft_estimate == pytest.approx(0.05 + 0.2 * (0.3 - 0.05))
+    assert d.pol.engine.ttft_estimate == pytest.approx(0.05 + 0.2 * (0.3 - 0.05))
 
 
 def test_tpot_target_limits_the_batch():
@@ -213,11 +240,11 @@ def test_best_effort_keeps_room_for_fresh_sla_requests():
             "scheduling": {
                 "policy": "saber",
                 "speed_model": {"form": "linear", "params": [100, -1], "online_refit": False},
-                "saber": {"deadline_margin_seconds": 0, "speed_headroom": 0},
+                "saber": {"deadline_margin_seconds": 0},
             },
         }
     )
-    pol = make_policy(cfg)
+    pol = SaberPolicy(cfg, Tuning(speed_headroom=0))
     admitted = 0
     for i in range(30):  # hopeless arrivals (10000 tokens in 5 s): all become best effort
         acts = pol.submit(request_for(cfg, "bulk", f"b{i}", 0.0, 10000), 0.0)
@@ -247,7 +274,7 @@ def test_output_length_is_learned_per_class():
 def learning_driver(**saber):
     d = Driver(**saber)
     d.cfg.scheduling.speed_model.online_refit = True
-    d.pol = make_policy(d.cfg)
+    d.pol = d.build()
     return d
 
 
@@ -286,7 +313,7 @@ def test_cancel_removes_a_queued_request_and_its_timer():
 def test_queue_full_and_duplicate_ids():
     cfg = config()
     cfg.scheduling.max_queue = 2
-    pol = make_policy(cfg)
+    pol = policy_for(cfg)
     pol.submit(request_for(cfg, "loose", "A", 0.0, 990, deadline=10.00005), 0.0)
     for rid in ("q1", "q2"):
         assert pol.submit(request_for(cfg, "loose", rid, 0.0, 10), 0.0) == []
@@ -337,7 +364,7 @@ def test_cut_off_requests_free_their_slot_but_teach_nothing():
 
 def test_prefill_of_a_candidate_is_charged_to_the_batch():
     # A: 99 tokens alone take 1.0 s; deadline 1.5 s leaves 0.5 s of slack.
-    d = Driver(initial_prefill_seconds_per_token=0.01)
+    d = Driver(prefill_seconds_per_token=0.01)
     assert d.submit("loose", "A", 0.0, 99, deadline=1.5) == "admit:A"
     # A 10-token request with no prompt slows A by ~1 ms: admitted.
     assert fmt(d.pol.submit(request_for(d.cfg, "loose", "B", 0.0, 10, prompt_tokens=0), 0.0)) == "admit:B"
@@ -350,7 +377,7 @@ def test_prefill_cost_is_learned_from_ttft():
     import random
 
     rng = random.Random(1)
-    d = learning_driver(initial_prefill_seconds_per_token=0.001)
+    d = learning_driver(prefill_seconds_per_token=0.001)
     step = 1 / 99  # one engine step with one request running (v(1) = 99)
     for i in range(60):
         prompt = 100 + 50 * (i % 8)
@@ -473,7 +500,7 @@ def test_one_decision_replays_the_batch_once_then_resumes():
     # A ends: B enters the empty engine unconditionally, C is priced with the one replay this
     # decision may do, and D, which may fit too, waits for the resume timer.
     assert d.finish("A", 10.0, 990) == "admit:B admit:C"
-    assert d.pol.next_wake() == pytest.approx(10.0 + d.cfg.scheduling.saber.min_recheck_seconds)
+    assert d.pol.next_wake() == pytest.approx(10.0 + Tuning().min_recheck_seconds)
     assert d.wake(d.pol.next_wake()) == "admit:D"
     assert d.pol.next_wake() is None
 
@@ -518,25 +545,25 @@ def test_an_unlearned_gate_slow_starts_and_opens_when_observations_confirm_the_m
     for i in range(8):
         first = 0.01
         d.pol.finished(f"r{i}", first + 19 / 92, 20, first)
-    assert d.pol._confirmed >= 4 and d.pol._cap > 8
+    assert d.pol.engine.confirmed >= 4 and d.pol.engine.cap > 8
 
 
 def test_the_gate_never_plans_past_the_engines_seats():
     d = learning_driver()
     d.cfg.scheduling.engine_max_num_seqs = 4  # as the operator sets it from spec.engine.maxNumSeqs
-    d.pol = make_policy(d.cfg)
+    d.pol = d.build()
     assert sum(d.submit("loose", f"r{i}", 0.0, 20).startswith("admit") for i in range(10)) == 4
     # Learned from the engine: two scrapes in a row with requests waiting at 3 running.
     d = learning_driver()
     for t in (0.1, 0.2):
         d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), t)
-    assert d.pol._seats_seen == 3 and d.pol.stats().admission_limit <= 3
+    assert d.pol.engine.seats_seen == 3 and d.pol.stats().admission_limit <= 3
     assert sum(d.submit("loose", f"r{i}", 0.3, 20).startswith("admit") for i in range(10)) == 3
     # One scrape with a request just handed over (waiting, running not yet stable) says nothing.
     d = learning_driver()
     d.pol.observe_engine(EngineSnapshot(running=3, waiting=2), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=5, waiting=0), 0.2)
-    assert d.pol._seats_seen is None
+    assert d.pol.engine.seats_seen is None
 
 
 def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slower_one():
@@ -550,13 +577,13 @@ def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slow
         fast.submit("loose", f"r{i}", 0.0, 20)
     # Twice as fast as the curve predicts (19 tokens at v(8) = 92 would take 19 / 92 s).
     fast.pol.finished("r0", 0.01 + 0.5 * 19 / 92, 20, 0.01)
-    assert fast.pol._cap == INF_SEATS
+    assert fast.pol.engine.cap == INF_SEATS
     slow = learning_driver()
     for i in range(8):
         slow.submit("loose", f"r{i}", 0.0, 20)
     for i in range(8):  # twice as slow: the model was optimistic, the cap holds
         slow.pol.finished(f"r{i}", 0.01 + 2.0 * 19 / 92, 20, 0.01)
-    assert slow.pol._cap < INF_SEATS
+    assert slow.pol.engine.cap < INF_SEATS
 
 
 def test_a_reject_class_that_states_no_length_explores_then_reads_an_honest_max_tokens_strictly():
@@ -590,11 +617,11 @@ def test_a_burst_of_long_prompts_waits_for_the_prefill_backlog_ahead_of_it():
     """Prompts are prefilled in turn: the third 200-token prompt at 1 ms a token sees its first
     token after ~0.6 s of prefill ahead of it, past its 0.5 s TTFT target, so it is not admitted
     with the first two (as if its prefill began at once); it goes in once the backlog drained."""
-    d = Driver(initial_prefill_seconds_per_token=1e-3)
+    d = Driver(prefill_seconds_per_token=1e-3)
     out = [fmt(d.pol.submit(request_for(d.cfg, "ttft", f"r{i}", 0.0, 10, prompt_tokens=200), 0.0)) for i in range(4)]
     assert out[:2] == ["admit:r0", "admit:r1"]
     assert out[2:] == ["", ""]
-    assert d.pol._prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
+    assert d.pol.batch.prefill_ahead(0.0) == pytest.approx(0.4, rel=0.01)
     # A request arriving at 0.3 s has 0.1 s of backlog ahead: first token by ~0.6 s, within 0.8 s.
     assert fmt(d.pol.submit(request_for(d.cfg, "ttft", "late", 0.3, 10, prompt_tokens=200), 0.3)) == "admit:late"
 
@@ -608,9 +635,9 @@ def test_requests_waiting_behind_a_long_prefill_do_not_read_as_the_engines_seats
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.1)
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=10, prompt_tokens=1000, generation_tokens=20), 0.6)
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=11, prompt_tokens=9192, generation_tokens=21), 1.1)
-    assert d.pol._seats_seen is None
+    assert d.pol.engine.seats_seen is None
     d.pol.observe_engine(EngineSnapshot(running=2, waiting=3, steps=15, prompt_tokens=9192, generation_tokens=29), 1.6)
-    assert d.pol._seats_seen == 2
+    assert d.pol.engine.seats_seen == 2
 
 
 def test_a_slow_engines_step_counters_still_teach_the_model():

@@ -16,16 +16,19 @@ from saber_sidecar.config import paper_config
 from saber_sidecar.policy import Admit, request_for
 from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber import FITS, HURTS_BATCH, INF, MISSES_OWN, SaberPolicy
+from saber_sidecar.policy.saber_replay import FeasibilityCheck, Fit, Verdict
+from saber_sidecar.policy.saber_tuning import Tuning
 
 TASKS = (("qna", 51), ("summary", 48), ("generation", 387), ("translation", 617))
 
 
 def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0, cold=False):
-    """(verdict, thin) as `_fits` decided them with the full per-position plan, rebuilt here."""
+    """(verdict, thin) as `fits` decides them with the full per-position plan, rebuilt here."""
+    check, batch = pol.check, pol.batch
     table = pol.model.table
-    h = pol.headroom
+    h = check.headroom
     inv = [h / v for v in table]
-    ks, dues, W, n, tol = list(pol._ks), list(pol._dues), pol._W, len(pol._ks), pol.at_risk
+    ks, dues, W, n, tol = list(batch.ks), list(batch.dues), batch.W, len(batch.ks), check.at_risk
     a0s, a1s, lenient, prefix = [], [], [], [INF]
     a0 = a1 = prev = 0.0
     least = INF
@@ -42,15 +45,15 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
         if s >= 0.0 and s - a1 + a0 < least:
             least = s - a1 + a0
         prefix.append(least)
-    max_tpot = max((r.tpot_speed for r in pol._running.values()), default=0.0)
-    light = pol._plan(now).light  # the same cached load reading the policy's plan takes
-    if n + 2 >= len(table) or n >= pol._cap or max_tpot * h > table[n + 1]:
+    max_tpot = max((r.tpot_speed for r in batch.running.values()), default=0.0)
+    light = check.plan(now).light  # the same cached load reading the policy's plan takes
+    if n + 2 >= len(table) or n >= pol.engine.cap or max_tpot * h > table[n + 1]:
         return HURTS_BATCH, None
     if tpot_speed * h > table[n + 1]:
         return MISSES_OWN, None
     if cold:
-        slot = n + 1 + pol.reserve
-        if slot >= len(table) or table[slot] < pol._fresh_need * h:
+        slot = n + 1 + check.reserve
+        if slot >= len(table) or table[slot] < pol.load.fresh_need * h:
             return HURTS_BATCH, None
     pos = next((j for j in range(n) if max(ks[j] - W, 1.0) >= expected), n)
     if pos:
@@ -58,15 +61,15 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
         before0, before1 = a0s[pos - 1], a1s[pos - 1]
     else:
         before0 = before1 = r_prev = 0.0
-    stall = pol._prefill.per_token * prompt
+    stall = pol.engine.per_token * prompt
     finish = before1 + (expected - r_prev) * h / table[n + 1 - pos] + stall
-    reserve = pol.reserve_share * (deadline - now if deadline is not None else span)
+    reserve = check.reserve_share * (deadline - now if deadline is not None else span)
     thin = False
     if deadline is not None:
-        own = deadline - pol.margin - reserve - now - finish - pol._prefill_ahead(now)
+        own = deadline - check.margin - reserve - now - finish - batch.prefill_ahead(now)
         if own < 0.0 and not cold:
             return MISSES_OWN, None
-        thin = cold or (light and own < pol.at_risk * finish)
+        thin = cold or (light and own < check.at_risk * finish)
     if prefix[pos] < stall + (0.0 if light else reserve):
         return HURTS_BATCH, None
     if pos < n:
@@ -76,13 +79,12 @@ def reference_fits(pol, now, expected, deadline, tpot_speed, prompt=0, span=0.0,
     return FITS, thin
 
 
-def busy_policy(seed, steps=260, **saber):
+def busy_policy(seed, steps=260, **tuning):
     """A saber policy run through random paper traffic; yields (policy, now) between events."""
     cfg = paper_config("saber", max_queue=400)
-    cfg.scheduling.saber = cfg.scheduling.saber.model_copy(update=saber)
     # The plan's arithmetic on a fixed curve: no learning, so no slow-start cap either.
     cfg.scheduling.speed_model.online_refit = False
-    pol = SaberPolicy(cfg)
+    pol = SaberPolicy(cfg, Tuning(**tuning))
     rng = random.Random(seed)
     now, running = 0.0, []
     for i in range(steps):
@@ -95,16 +97,17 @@ def busy_policy(seed, steps=260, **saber):
         running += [a.request_id for a in acts if isinstance(a, Admit)]
         if pol.next_wake() is not None and pol.next_wake() <= now:
             running += [a.request_id for a in pol.wake(now) if isinstance(a, Admit)]
-        if i % 5 == 0 and pol._running:
+        if i % 5 == 0 and pol.batch.running:
             yield pol, now, rng
 
 
-@pytest.mark.parametrize("seed, saber", [(1, {}), (2, {"light_load": 0.0}), (3, {"light_load": 10.0}),
+@pytest.mark.parametrize("seed, tuning", [(1, {}), (2, {"light_load": 0.0}), (3, {"light_load": 10.0}),
                                          (4, {"slack_reserve_share": 0.0, "at_risk_slack_share": 0.3})])
-def test_fits_matches_the_per_position_plan(seed, saber):
+def test_fits_matches_the_per_position_plan(seed, tuning):
     checked = {FITS: 0, HURTS_BATCH: 0, MISSES_OWN: 0}
-    for pol, now, rng in busy_policy(seed, **saber):
-        plans = {"lean": pol._plan(now)}
+    for pol, now, rng in busy_policy(seed, **tuning):
+        check = pol.check
+        plans = {"lean": check.plan(now)}
         for _ in range(12):
             expected = rng.choice((1, 2, rng.randint(1, 700), 51, 387))
             deadline = None if rng.random() < 0.2 else now + rng.uniform(-0.5, 14.0)
@@ -113,12 +116,14 @@ def test_fits_matches_the_per_position_plan(seed, saber):
             want = reference_fits(pol, now, *args)
             # A fresh plan (bounds first, the replay on need), plans with the replay or the
             # per-request lists done up front, and the first plan again with shapes already priced.
-            looped, listed = pol._plan(now), pol._plan(now)
-            pol._plan_loop(looped)
-            pol._plan_lists(listed)
+            looped, listed = check.plan(now), check.plan(now)
+            check.plan_loop(looped)
+            check.plan_lists(listed)
             for plan in (plans["lean"], looped, listed, plans["lean"]):
-                verdict = pol._fits(plan, *args)
-                assert (verdict, pol._thin if verdict is FITS else None) == want
+                fit = check.fits(plan, *args)
+                assert isinstance(fit, Fit) and isinstance(fit.verdict, Verdict)
+                verdict, thin = fit
+                assert (verdict, thin if verdict is FITS else None) == want
             checked[want[0]] += 1
     assert min(checked.values()) > 20, checked  # every verdict was exercised
 
@@ -145,7 +150,7 @@ def loose_policy(seed, running=200):
 
 
 def test_bounds_verdicts_are_the_replays():
-    """Where `_fits_by_bounds` settles a candidate, the full replay reaches the same verdict (and
+    """Where `fits_by_bounds` settles a candidate, the full replay reaches the same verdict (and
     the same thin flag); on a large loose batch it settles most, on the paper's traffic few."""
     settled = {"loose": 0, "paper": 0}
     tried = {"loose": 0, "paper": 0}
@@ -154,11 +159,11 @@ def test_bounds_verdicts_are_the_replays():
     for kind, pol, now, rng in states:
         outcomes = []
 
-        def bounds(*args, pol=pol, outcomes=outcomes):
-            outcomes.append(SaberPolicy._fits_by_bounds(pol, *args))
+        def bounds(*args, check=pol.check, outcomes=outcomes):
+            outcomes.append(FeasibilityCheck.fits_by_bounds(check, *args))
             return outcomes[-1]
 
-        pol._fits_by_bounds = bounds
+        pol.check.fits_by_bounds = bounds
         for _ in range(40 if kind == "loose" else 12):
             expected = rng.choice((1, 2, rng.randint(1, 3000), 51, 387))
             horizon = 4000.0 if kind == "loose" else 14.0
@@ -167,14 +172,14 @@ def test_bounds_verdicts_are_the_replays():
                     rng.uniform(1, 12), rng.random() < 0.2)
             want = reference_fits(pol, now, *args)
             outcomes.clear()
-            pol._bounds_skipped = 10**9  # try the bounds whatever their recent record
-            verdict = pol._fits(pol._plan(now), *args)  # a fresh plan: bounds first
-            assert (verdict, pol._thin if verdict is FITS else None) == want
+            pol.check.bounds_skipped = 10**9  # try the bounds whatever their recent record
+            fit = pol.check.fits(pol.check.plan(now), *args)  # a fresh plan: bounds first
+            assert (fit.verdict, fit.thin if fit.verdict is FITS else None) == want
             if outcomes:
                 tried[kind] += 1
                 if outcomes[0] is not None:
                     settled[kind] += 1
-                    assert outcomes[0] == verdict
+                    assert outcomes[0] == fit
     assert settled["loose"] > 0.5 * tried["loose"], (settled, tried)
     assert settled["paper"] > 0, (settled, tried)
 
@@ -198,17 +203,17 @@ def test_bounds_at_the_verdicts_edge():
                     lo = mid
             for deadline in (lo, hi, math.nextafter(lo, -INF), math.nextafter(hi, INF), hi + 1e-9 * hi, hi + 1e-6 * hi):
                 want = reference_fits(pol, now, expected, deadline, 0.0, prompt)
-                pol._bounds_skipped = 10**9
-                verdict = pol._fits(pol._plan(now), expected, deadline, 0.0, prompt)
-                assert (verdict, pol._thin if verdict is FITS else None) == want
+                pol.check.bounds_skipped = 10**9
+                fit = pol.check.fits(pol.check.plan(now), expected, deadline, 0.0, prompt)
+                assert (fit.verdict, fit.thin if fit.verdict is FITS else None) == want
 
 
 def test_lean_plan_ends_are_the_lists_to_the_bit():
     for pol, now, _ in busy_policy(5):
-        lean, full = pol._plan(now), pol._plan(now)
+        lean, full = pol.check.plan(now), pol.check.plan(now)
         assert not lean.looped and lean.a0 is None
-        pol._plan_loop(lean)
-        pol._plan_lists(full)
+        pol.check.plan_loop(lean)
+        pol.check.plan_lists(full)
         assert full.a0 is not None and lean.a0 is None
         assert (lean.a0_end, lean.a1_end, lean.r_end, lean.least) == (full.a0[-1], full.a1[-1], full.r_end,
                                                                      full.prefix_min[-1])

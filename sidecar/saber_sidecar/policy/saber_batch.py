@@ -1,0 +1,200 @@
+"""The running batch, for `SaberPolicy` (saber.py): every admitted request until it finishes.
+
+All running requests advance at the engine model's v(L) while L run, so one running integral
+W(t) = ∫ v(L) dt gives each one's tokens so far (W(now) - W(admitted)) and so its remaining
+tokens: a request is kept as k, the W at which it is predicted to finish, and the batch keeps the
+k's sorted (with their deadlines less the margin, INF where unprotected) as flat lists, which is
+what the feasibility check (saber_replay.py) replays. Every admission makes the engine prefill its
+prompt, which stalls every running request for `prompt tokens x c` seconds: charged to W here.
+
+It also keeps, for learning the engine (saber_engine.py), ∫ min(L, seats) dt, its square, the
+time anything ran, and a log of those integrals at each event.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from saber_sidecar.policy.base import Request
+
+if TYPE_CHECKING:
+    from saber_sidecar.policy.engine_model import EngineModel
+    from saber_sidecar.policy.saber_engine import EngineView
+
+INF = float("inf")
+LOG_MAX = 1 << 15  # events kept in the integrals' log (halved when full)
+CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
+
+
+@dataclass(slots=True)
+class Run:
+    req: Request
+    k: float  # W at which it is predicted to finish: W(admitted) + expected tokens
+    a0: float  # ∫L dt at admission, for the request's average concurrency
+    t0: float
+    sla: bool
+    tpot_speed: float
+    p0: float = 0.0  # prompt tokens admitted before it (the running total), for its prefill stalls
+    n0: int = 1  # requests running once it was admitted
+    burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
+    adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
+    cluster: float = -1.0  # when its cluster (prompts admitted within one step of each other) began
+
+
+class Batch:
+    """The running requests, in predicted finishing order, and the integrals over time they need."""
+
+    __slots__ = ("running", "by_finish", "ks", "dues", "dues_sorted", "W", "A", "t", "sla_running",
+                 "tpot_running", "P", "prefill_end", "burst_at", "burst", "cluster_tokens", "Ae", "A2",
+                 "busy", "log_t", "log")
+
+    def __init__(self) -> None:
+        self.running: dict[str, Run] = {}
+        # (k, id, deadline less margin, INF for best effort) of running requests, by k
+        self.by_finish: list[tuple[float, str, float]] = []
+        # The same k's and deadlines, as flat lists for the replay. An admission replaces them by
+        # copies (a decision's plan holds the old ones and prices later candidates against them).
+        self.ks: list[float] = []
+        self.dues: list[float] = []
+        self.dues_sorted: list[float] = []  # the finite ones, ascending: the plan's `min_due` in O(1)
+        # The running integrals: W = ∫ v(L) dt (tokens per request), A = ∫ L dt, up to `t`.
+        self.W = 0.0
+        self.A = 0.0
+        self.t: float | None = None
+        self.sla_running = 0
+        self.tpot_running = 0  # running SLA requests with a TPOT target
+        self.P = 0.0  # prompt tokens admitted so far
+        self.prefill_end = -INF  # when the engine is predicted to have prefilled every admitted prompt
+        # Prompts admitted within one engine step of each other (a cluster) are prefilled together.
+        self.burst_at = -INF
+        self.burst = 0
+        self.cluster_tokens: dict[float, int] = {}
+        # Engine-seat integrals for learning: ∫ min(L, seats) dt, ∫ min(L, seats)^2 dt, and the
+        # time the gate had something running (for the engine's step counters).
+        self.Ae = 0.0
+        self.A2 = 0.0
+        self.busy = 0.0
+        # (t, (∫min(L, seats) dt, ∫min(L, seats)^2 dt, prompt tokens admitted)) at each event.
+        self.log_t: list[float] = []
+        self.log: list[tuple[float, float, float]] = []
+
+    def advance(self, now: float, model: EngineModel, seats: int) -> None:
+        """Move the integrals on to `now` (L has been constant since the last event)."""
+        if self.t is None:
+            self.t = now
+            self.log_t.append(now)
+            self.log.append((0.0, 0.0, 0.0))
+            return
+        dt = now - self.t
+        if dt > 0:
+            L = len(self.running)
+            if L:
+                table = model.table
+                self.W += (table[L] if L < len(table) else model.speed(L)) * dt
+                self.A += L * dt
+                Le = L if L < seats else seats
+                self.Ae += Le * dt
+                self.A2 += Le * Le * dt
+                self.busy += dt
+            self.t = now
+            log_t = self.log_t
+            if len(log_t) >= LOG_MAX:
+                del log_t[: LOG_MAX // 2], self.log[: LOG_MAX // 2]
+            log_t.append(now)
+            self.log.append((self.Ae, self.A2, self.P))
+
+    def state_at(self, t: float) -> tuple[float, float, float] | None:
+        """(∫min(L, seats) dt, ∫min(L, seats)^2 dt, prompt tokens admitted) at time t, from the log."""
+        log_t = self.log_t
+        i = bisect_right(log_t, t) - 1
+        if i < 0:
+            return None
+        a = self.log[i]
+        if i + 1 >= len(log_t):
+            return a
+        b = self.log[i + 1]
+        f = (t - log_t[i]) / (log_t[i + 1] - log_t[i])
+        return a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f, b[2]
+
+    def add(self, req: Request, expected: int, tpot_speed: float, due: float, now: float, engine: EngineView) -> Run:
+        """Start `req` now: `expected` tokens to go, protected until `due` (INF: unprotected)."""
+        sla = not req.best_effort
+        k = self.W + expected
+        running = self.running
+        run = Run(req, k, self.A, now, sla, tpot_speed if sla else 0.0, self.P, len(running) + 1)
+        running[req.id] = run
+        key = (k, req.id, due)
+        by_finish = self.by_finish
+        ks = self.ks
+        # Where `key` goes in `by_finish`: a float bisection on k, and only among equal k's (rare)
+        # one on the tuples.
+        i = bisect_left(ks, k)
+        if i < len(ks) and ks[i] == k:
+            i = bisect_left(by_finish, key, i, bisect_right(ks, k, i))
+        by_finish.insert(i, key)
+        # Into copies: the decision's plan holds the old lists and prices later candidates
+        # against them (cheaper than copying at every plan; admissions are rarer).
+        self.ks = ks = ks.copy()
+        ks.insert(i, k)
+        self.dues = dues = self.dues.copy()
+        dues.insert(i, due)
+        if due < INF:
+            insort(self.dues_sorted, due)
+        prompt = req.prompt_tokens
+        if prompt:
+            model = engine.model
+            # Requests admitted within one engine step of each other are prefilled in the same
+            # step (or queue behind each other), so the first token of each waits for all their
+            # prompts: that running sum is what its TTFT is regressed on.
+            if now - self.burst_at > model.table[len(running)] ** -1:
+                self.burst_at, self.burst = now, 0
+            self.burst += prompt
+            run.burst = self.burst
+            run.cluster = self.burst_at  # the cluster's total so far is `cluster_tokens[cluster]`
+            self.cluster_tokens[self.burst_at] = self.burst
+            if len(self.cluster_tokens) > CLUSTERS_KEPT:
+                del self.cluster_tokens[next(iter(self.cluster_tokens))]
+            # Its prefill holds up every running request (itself included) for a moment.
+            self.P += prompt
+            start = self.prefill_end if self.prefill_end > now else now
+            self.prefill_end = start + engine.prefill_seconds(prompt, len(running))
+            self.W -= model.speed(len(running)) * (engine.per_token * prompt)
+        if sla:
+            self.sla_running += 1
+        if run.tpot_speed:
+            self.tpot_running += 1
+        return run
+
+    def remove(self, request_id: str) -> Run | None:
+        """Take a finished (or cut-off) request out of the batch; None if it is not running."""
+        run = self.running.pop(request_id, None)
+        if run is None:
+            return None
+        # Its entry: the first with its k (a float bisection: cheaper than comparing tuples), then
+        # past any others with the same k.
+        by_finish = self.by_finish
+        ks = self.ks
+        i = bisect_left(ks, run.k)
+        while by_finish[i][1] != request_id:
+            i += 1
+        due = self.dues[i]
+        del by_finish[i], ks[i], self.dues[i]
+        if due < INF:
+            dues_sorted = self.dues_sorted
+            del dues_sorted[bisect_left(dues_sorted, due)]
+        if run.sla:
+            self.sla_running -= 1
+        if run.tpot_speed:
+            self.tpot_running -= 1
+        return run
+
+    def max_tpot(self) -> float:
+        """The highest speed a running TPOT target needs."""
+        return max((r.tpot_speed for r in self.running.values()), default=0.0)
+
+    def prefill_ahead(self, now: float) -> float:
+        """Seconds until the prompts admitted so far are predicted to be prefilled."""
+        end = self.prefill_end
+        return end - now if end > now else 0.0

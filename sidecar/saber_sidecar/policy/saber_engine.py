@@ -1,0 +1,289 @@
+"""What `SaberPolicy` (saber.py) knows of its engine, and how it learns it: `EngineView`.
+
+- The engine model (engine_model.py): step time t0 + t1 L + t2 L^2 + c P, learned online from
+  completed requests' decode spans and times to first token and from the engine's step counters,
+  starting from the configured prior. Every admission makes the engine prefill the new prompt,
+  which stalls every running request for `prompt_tokens x c` seconds.
+- Prompt tokens are the sidecar's estimate (characters / 4); the model is in the engine's tokens.
+  `ratio` (engine tokens per estimated token) is learned from `usage` or, without it, from the
+  engine's prompt-token counter; `per_token` is c x ratio, what the plan prices an estimated
+  prompt token at.
+- Safe until learned: a slow-start cap on running (8, then 2x the largest batch completed
+  requests ran at) until observations confirm the model, and never more running than the
+  engine's seats (`engine_max_num_seqs`, or what its running/waiting metrics show).
+"""
+
+from __future__ import annotations
+
+import math
+
+from saber_sidecar.policy.base import EngineSnapshot
+from saber_sidecar.policy.engine_model import EngineModel
+from saber_sidecar.policy.saber_batch import INF, Batch, Run
+
+TTFT_EWMA = 0.2
+RATIO_EWMA = 0.1
+RATIO_MIN_TOKENS = 2000  # estimated prompt tokens before the engine's counter corrects the estimate
+INF_SEATS = 1 << 30
+SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
+SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
+# Observations (completed requests, busy scrape intervals of the engine's step counters) that
+# must confirm the model before the slow-start cap lifts, within this log(observed / predicted)
+# (about 25% slower than predicted; faster counts as 0); one within a quarter of that is enough.
+SLOW_START_CONFIRM = 4
+SLOW_START_ERROR = 0.25
+ERROR_EWMA = 0.2
+COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
+CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that a decode span is taken to include
+COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
+BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
+
+
+def _seat_bound(prev: EngineSnapshot, cur: EngineSnapshot) -> bool:
+    """Whether requests waited between two scrapes for a seat, not for the token budget: the
+    engine made steps and prefilled no prompt tokens meanwhile (True when it exports no counters)."""
+    if cur.steps is None or prev.steps is None or cur.prompt_tokens is None or prev.prompt_tokens is None:
+        return True
+    return cur.steps > prev.steps and cur.prompt_tokens <= prev.prompt_tokens
+
+
+class EngineView:
+    """The engine model, the bounds on the plan while it is unconfirmed, and the learning."""
+
+    def __init__(self, model: EngineModel, batch: Batch, seats: int | None, ttft_prior: float) -> None:
+        self.model = model
+        self.batch = batch  # its integrals and event log are what the learning reads
+        # The engine's seats: vLLM runs at most max_num_seqs at once and queues the rest inside
+        # (where no deadline is watched). From the config (the operator sets it from the engine's
+        # spec), else learned from the engine's metrics (running while requests wait).
+        self.seats_config = seats or INF_SEATS
+        self.seats_seen: int | None = None
+        self.last_snapshot: EngineSnapshot | None = None
+        self.seats = self.seats_config
+        # Slow start: until a completed request has run at a batch, the gate plans for at most
+        # SLOW_START_FACTOR x the largest batch seen (the model there is still the prior's guess).
+        self.batch_seen = 0.0
+        self.confirmed = 0  # completed requests whose times were checked against the model
+        self.model_error = INF  # their |log(observed / predicted)|, exponentially weighted
+        self.cap = self._compute_cap()
+        self.counters: tuple[float, float, float, float, float] | None = None
+        self.ttft_estimate = ttft_prior  # admission to first token, exponentially weighted
+        self.ratio = 1.0
+        self.usage_ratio_seen = False
+        self.ratio_known = False
+        self.usage_true = self.usage_est = 0.0
+        self.counters_first: tuple[float, float] | None = None
+        self.per_token = model.per_token  # seconds of engine stall per estimated prompt token
+        self.kv_usage = 0.0  # the engine's KV-cache usage, from its metrics
+
+    def adopt(self, old: EngineView) -> None:
+        """Take over what `old` learned (a reload that keeps the prior)."""
+        self.model = old.model
+        self.ratio, self.usage_ratio_seen, self.ratio_known = old.ratio, old.usage_ratio_seen, old.ratio_known
+        self.sync_prefill()
+        self.seats_seen, self.batch_seen = old.seats_seen, old.batch_seen
+        self.confirmed, self.model_error = old.confirmed, old.model_error
+        self.cap = self._compute_cap()
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    def prefill_seconds(self, prompt: int, L: int) -> float:
+        """Engine time to prefill a prompt (estimated tokens) with L decoding: its tokens' cost and
+        the decode part of the steps it is chunked over."""
+        model = self.model
+        tokens = prompt * self.ratio
+        return self.per_token * prompt + tokens / model.chunk * model.step_seconds(L if L > 0 else 1)
+
+    def set_ratio(self, ratio: float) -> None:
+        self.ratio = min(max(ratio, 0.05), 20.0)
+        self.sync_prefill()
+
+    def sync_prefill(self) -> None:
+        """The prefill cost the plan prices estimated prompt tokens at."""
+        self.per_token = self.model.per_token * self.ratio
+
+    def note_usage(self, prompt_tokens: int, estimated: int) -> None:
+        """The engine's count of a prompt against the sidecar's estimate (characters / 4).
+        Token-weighted (sums, not a mean of ratios): short prompts carry a fixed few tokens (BOS,
+        template) that would skew it, and long prompts are what prefill costs."""
+        self.usage_ratio_seen = self.ratio_known = True
+        self.usage_true = self.usage_true * (1 - RATIO_EWMA) + prompt_tokens
+        self.usage_est = self.usage_est * (1 - RATIO_EWMA) + estimated
+        self.set_ratio(self.usage_true / self.usage_est)
+
+    def note_ttft(self, seconds: float) -> None:
+        self.ttft_estimate += TTFT_EWMA * (seconds - self.ttft_estimate)
+
+    # -- the bounds on the plan ---------------------------------------------------------------
+
+    def _compute_cap(self) -> int:
+        """The most requests the gate plans to run: the engine's seats, and while learning, the
+        slow-start cap (SLOW_START_FACTOR x the largest batch completed requests ran at)."""
+        seats = self.seats_config if self.seats_seen is None else min(self.seats_config, self.seats_seen)
+        self.seats = seats
+        if not self.model.online:
+            return seats
+        if self.confirmed >= SLOW_START_CONFIRM and self.model_error < SLOW_START_ERROR or (
+            self.confirmed and self.model_error < SLOW_START_ERROR / 4
+        ):
+            return seats  # completed requests ran as the model predicted: it may be trusted
+        slow = max(SLOW_START_MIN, math.ceil(SLOW_START_FACTOR * self.batch_seen))
+        return min(seats, slow)
+
+    def update_cap(self) -> bool:
+        """Recompute the planning cap; True when it changed."""
+        cap = self._compute_cap()
+        if cap != self.cap:
+            self.cap = cap
+            return True
+        return False
+
+    def note_concurrency(self, concurrency: float) -> bool:
+        """A completed request ran at this mean batch; True when the planning cap changed."""
+        if concurrency > self.batch_seen:
+            self.batch_seen = concurrency
+            return self.update_cap()
+        return False
+
+    def observe_seats(self, snapshot: EngineSnapshot) -> bool:
+        """Requests waiting inside the engine while it runs `running`: that is its seat limit
+        (vLLM's max_num_seqs, or fewer when its KV cache is full). True when that changed.
+
+        A request just handed over waits until the engine's next step, so one scrape with
+        waiting > 0 says nothing; two in a row with the same running count do. Where the engine
+        exports its counters, only an interval in which it ran steps and prefilled nothing says
+        so: a request also waits while another's long prompt takes the step's whole token budget
+        (a slow engine spends seconds in one such step), and reading that as the seat limit held
+        a CPU-like engine at 2 running."""
+        seen = self.seats_seen
+        prev = self.last_snapshot
+        if (snapshot.waiting > 0 and snapshot.running > 0 and prev is not None and prev.waiting > 0
+                and prev.running == snapshot.running and _seat_bound(prev, snapshot)):
+            seen = snapshot.running
+        elif seen is not None and snapshot.running > seen:
+            seen = snapshot.running
+        self.last_snapshot = snapshot
+        if seen != self.seats_seen:
+            self.seats_seen = seen
+            self.cap = self._compute_cap()
+            return True
+        return False
+
+    def _check_prediction(self, predicted: float, observed: float) -> None:
+        """Track how well the model predicted a completed request's times (before learning from it).
+
+        Only the unsafe side counts: the slow-start cap guards against a model that is too
+        optimistic (an engine slower than planned: admissions that miss). An engine that ran as
+        fast or faster than predicted confirms the plan is safe; holding the cap there starves a
+        fast engine (a GPU-class engine under the paper prior ran 81% where static caps ran 99%)."""
+        if predicted > 0 and observed > 0:
+            err = max(0.0, math.log(observed / predicted))
+            self.model_error = err if not self.confirmed else self.model_error + ERROR_EWMA * (err - self.model_error)
+            self.confirmed += 1
+
+    # -- learning -----------------------------------------------------------------------------
+
+    def learn(self, run: Run, now: float, output_tokens: int, first_token_at: float | None,
+              prompt_tokens: int | None, limit: int) -> tuple[bool, bool]:
+        """Feed one completed request to the engine model; (the model changed, the cap changed).
+        `limit`: the batch fresh requests fit in (the operating point the model is sharpest at)."""
+        model = self.model
+        if not model.online:
+            return False, False
+        if run.n0 > self.seats:
+            return False, False  # it waited inside the engine for a seat: its times are not engine work
+        batch = self.batch
+        changed = False
+        # Prompt tokens in the engine's units: the estimates scaled by the learned ratio, its own
+        # prompt as the engine counted it when known.
+        ratio = self.ratio
+        own = run.req.prompt_tokens
+        burst = round((run.burst - own) * ratio + (prompt_tokens if prompt_tokens else own * ratio))
+        # A TTFT row needs its prompt tokens in the engine's units: with the engine's counters in
+        # view, only once the estimate's error is known (usage, or enough counted tokens).
+        ttft_ok = prompt_tokens is not None or self.ratio_known or self.counters_first is None
+        # And only a prompt admitted alone (no other prompt within one step of it): in a cluster
+        # the engine prefills in its own arrival order, not the gate's, so which prompts a
+        # member's first token waited for is not known.
+        ttft_ok = ttft_ok and run.burst == own
+        if first_token_at is not None and run.t0 <= first_token_at <= now:
+            if ttft_ok:
+                changed = model.observe_ttft(run.n0, burst, first_token_at - run.t0)
+            span = now - first_token_at
+            at = batch.state_at(first_token_at) if output_tokens >= 2 and span > 0 else None
+            if at is not None:
+                steps = output_tokens - 1
+                mean_L = (batch.Ae - at[0]) / span
+                mean_L2 = (batch.A2 - at[1]) / span
+                # The prompts prefilled during the span: those admitted in it, and on average half
+                # of those admitted in its own cluster after it (the engine prefills a cluster in
+                # its own order: some of them after this request's first token).
+                mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
+                p_span = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
+                per_step = p_span * ratio / steps
+                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
+                if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
+                    changed = True
+        else:
+            at = batch.state_at(run.t0)
+            duration = now - run.t0
+            if at is not None and duration > 0 and ttft_ok:
+                mean_L = (batch.Ae - at[0]) / duration
+                mean_L2 = (batch.A2 - at[1]) / duration
+                span_prefill = (batch.P - at[2] - run.burst) * ratio
+                others = run.n0 - 1
+                predicted = (model.step_seconds(others, burst) * (1.5 if others else 1.0)
+                             + (output_tokens - 1) * model.step_seconds(mean_L, span_prefill / max(1, output_tokens - 1)))
+                self._check_prediction(predicted, duration)
+                changed = model.observe_request(run.n0, burst, mean_L, mean_L2, span_prefill,
+                                                output_tokens, duration)
+        cap_changed = self.update_cap()
+        if changed:
+            model.set_operating_point(max(1, limit))
+            self.sync_prefill()
+        return changed, cap_changed
+
+    def observe_counters(self, snapshot: EngineSnapshot, now: float, limit: int) -> tuple[bool, bool]:
+        """The engine's own step counters (vLLM's iteration histogram, token counters): over an
+        interval in which the gate had requests running throughout, busy seconds per step at the
+        mean decode batch and prefill per step: a direct observation of the step-time model.
+        (The model changed, the cap changed); the batch has been advanced to `now`."""
+        if snapshot.steps is None or snapshot.prompt_tokens is None or snapshot.generation_tokens is None:
+            return False, False
+        batch = self.batch
+        batch.advance(now, self.model, self.seats)
+        if self.counters_first is None:
+            self.counters_first = (snapshot.prompt_tokens, batch.P)
+        elif not self.usage_ratio_seen:
+            # The gate is the engine's only client: prompt tokens the engine counted over those
+            # the gate estimated, since the first scrape, are the estimate's error.
+            # (Prompts admitted in the last two TTFTs may not be prefilled yet: not counted.)
+            at = batch.state_at(now - 2.0 * max(self.ttft_estimate, 0.01))
+            d_engine = snapshot.prompt_tokens - self.counters_first[0]
+            d_gate = (at[2] if at is not None else 0.0) - self.counters_first[1]
+            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0:
+                self.set_ratio(d_engine / d_gate)
+                self.ratio_known = True
+        cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, batch.busy)
+        prev = self.counters
+        if prev is None:
+            self.counters = cur
+            return False, False
+        dt = now - prev[0]
+        dsteps, dprompt, dgen, dbusy = cur[1] - prev[1], cur[2] - prev[2], cur[3] - prev[3], cur[4] - prev[4]
+        if dt > 0 and dbusy >= BUSY_SHARE * dt and dsteps >= 0 and (dt < COUNTER_SPAN_S or dsteps < COUNTER_MIN_STEPS):
+            # Busy so far: the span grows (the engine publishes its counters in bursts), and until
+            # it holds enough steps: on a slow engine one step prefilling a full token budget
+            # takes seconds, and cutting spans at a fixed length left it no counter rows at all.
+            return False, False
+        self.counters = cur
+        if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
+            return False, False  # too few steps, a counter reset, or the engine idle part of the time
+        L = max(1.0, dgen / dsteps)
+        self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps)
+        cap_changed = self.update_cap()
+        if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
+            self.model.set_operating_point(max(1, limit))
+            self.sync_prefill()
+            return True, cap_changed
+        return False, cap_changed
