@@ -196,11 +196,6 @@ class SaberSchedulingConfig(BaseModel):
                 )
         return data
 
-    @property
-    def initial_prefill_seconds_per_token(self) -> float:
-        """The built-in prior's prefill cost; not a setting (kept for `engine_model_for`)."""
-        return DEFAULT_PREFILL_SECONDS_PER_TOKEN
-
 
 class SchedulingConfig(BaseModel):
     """Which admission policy runs, and its parameters."""

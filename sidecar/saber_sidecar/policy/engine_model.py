@@ -425,7 +425,7 @@ class EngineModel:
 def engine_model_for(sched: SchedulingConfig) -> EngineModel:
     """The engine model a `SchedulingConfig` starts from: its `engine_profile` when set (a
     calibrated engine: decode table and prefill cost), else the speed curve of `speed_model` and
-    `saber.initial_prefill_seconds_per_token`. Raises ValueError for a prior that gives no
+    the built-in prefill cost `DEFAULT_PREFILL_SECONDS_PER_TOKEN`. Raises ValueError for a prior that gives no
     positive speed."""
     online = sched.speed_model.online_refit
     profile = sched.engine_profile
@@ -436,7 +436,8 @@ def engine_model_for(sched: SchedulingConfig) -> EngineModel:
         # A calibrated profile also measured the fixed latency outside the engine (HTTP, the relay,
         # tokenising): the TTFT overhead term starts there instead of at 0.
         return EngineModel(step, profile.prefill_s_per_token, online=online, overhead_s=profile.request_overhead_s)
+    from saber_sidecar.config import DEFAULT_PREFILL_SECONDS_PER_TOKEN
     from saber_sidecar.speed_model import SpeedModel
 
     curve = SpeedModel.from_config(sched.speed_model, online_refit=False)
-    return EngineModel.from_speed_table(curve.table, sched.saber.initial_prefill_seconds_per_token, online=online)
+    return EngineModel.from_speed_table(curve.table, DEFAULT_PREFILL_SECONDS_PER_TOKEN, online=online)
