@@ -65,6 +65,7 @@ class EngineView:
         self.batch_seen = 0.0
         self.confirmed = 0  # completed requests whose times were checked against the model
         self.model_error = INF  # their |log(observed / predicted)|, exponentially weighted
+        self.streak = 0  # of them in a row, the latest, within SLOW_START_ERROR
         self.cap = self._compute_cap()
         self.counters: tuple[float, float, float, float, float] | None = None
         self.ttft_estimate = ttft_prior  # admission to first token, exponentially weighted
@@ -82,7 +83,7 @@ class EngineView:
         self.ratio, self.usage_ratio_seen, self.ratio_known = old.ratio, old.usage_ratio_seen, old.ratio_known
         self.sync_prefill()
         self.seats_seen, self.batch_seen = old.seats_seen, old.batch_seen
-        self.confirmed, self.model_error = old.confirmed, old.model_error
+        self.confirmed, self.model_error, self.streak = old.confirmed, old.model_error, old.streak
         self.cap = self._compute_cap()
 
     # -- prefill ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class EngineView:
             return seats
         if self.confirmed >= SLOW_START_CONFIRM and self.model_error < SLOW_START_ERROR or (
             self.confirmed and self.model_error < SLOW_START_ERROR / 4
-        ):
+        ) or self.streak >= SLOW_START_CONFIRM:
             return seats  # completed requests ran as the model predicted: it may be trusted
         slow = max(SLOW_START_MIN, math.ceil(SLOW_START_FACTOR * self.batch_seen))
         return min(seats, slow)
@@ -179,6 +180,10 @@ class EngineView:
         if predicted > 0 and observed > 0:
             err = max(0.0, math.log(observed / predicted))
             self.model_error = err if not self.confirmed else self.model_error + ERROR_EWMA * (err - self.model_error)
+            # The average still carries the prior's first, large errors for several observations
+            # after the model has learned the engine; a run of predictions within the bound
+            # confirms the model as it is now.
+            self.streak = self.streak + 1 if err < SLOW_START_ERROR else 0
             self.confirmed += 1
 
     # -- learning -----------------------------------------------------------------------------
