@@ -123,7 +123,10 @@ class EngineModel:
         self.confidence = 0.0
         self.prefill_confidence = 0.0
         self._conf_at = 1.0
+        self._prior_step: np.ndarray | None = None
+        self._top = 0.0  # the largest mean decode batch a row has observed
         self._set_table()
+        self._prior_step = 1.0 / self._table_array  # the prior's shape, for batches past the data
         if table is not None:
             # The configured curve itself, exactly, until the first solve: with learning off (or
             # before any observation) the gate plans with the curve it was given, to the bit.
@@ -222,6 +225,8 @@ class EngineModel:
         pred = x[0] * t[0] + x[1] * t[1] + x[2] * t[2] + x[3] * t[3] + x[4] * t[4]
         if self.confidence > OUTLIER_CONFIDENCE and pred > 0 and not (pred / OUTLIER_FACTOR < y < pred * OUTLIER_FACTOR):
             return False
+        if x[0] > 0.0 and x[1] > self._top * x[0]:
+            self._top = x[1] / x[0]
         ref = y if y > 0.5 * pred else 0.5 * pred
         w = weight / (ref * ref)
         lam = FORGET
@@ -398,6 +403,15 @@ class EngineModel:
             step[limit + 1 :] = base * Ls[limit + 1 :] / limit
         step[1:] = np.maximum.accumulate(np.maximum(step[1:], MIN_STEP_S))
         step[0] = step[1]
+        if self._top > 0 and self._prior_step is not None:
+            # Past the largest batch the data have seen, the fit's curvature is a guess (a few
+            # batches' worth of data fits a knee as convexity) and so is the prior's: the step is
+            # the lower of the fit's and the prior's shape scaled to the fit at that edge. A gate
+            # whose prior has the engine's shape but not its speed (or whose fit is flat where
+            # the prior rises) still plans, and so learns, the batches it has not run yet.
+            edge = min(TABLE_SIZE - 2, max(1, math.ceil(self._top)))
+            prior = self._prior_step
+            step[edge + 1 :] = np.minimum(step[edge + 1 :], prior[edge + 1 :] * (step[edge] / prior[edge]))
         table = np.maximum(1.0 / step, MIN_SPEED)
         self._table_array = table
         self._table = table.tolist()

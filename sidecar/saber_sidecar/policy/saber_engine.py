@@ -66,6 +66,7 @@ class EngineView:
         self.confirmed = 0  # completed requests whose times were checked against the model
         self.model_error = INF  # their |log(observed / predicted)|, exponentially weighted
         self.streak = 0  # of them in a row, the latest, within SLOW_START_ERROR
+        self.miss_end = -INF  # when the latest observation outside it ended
         self.cap = self._compute_cap()
         self.counters: tuple[float, float, float, float, float] | None = None
         self.ttft_estimate = ttft_prior  # admission to first token, exponentially weighted
@@ -84,6 +85,7 @@ class EngineView:
         self.sync_prefill()
         self.seats_seen, self.batch_seen = old.seats_seen, old.batch_seen
         self.confirmed, self.model_error, self.streak = old.confirmed, old.model_error, old.streak
+        self.miss_end = old.miss_end
         self.cap = self._compute_cap()
 
     # -- prefill ------------------------------------------------------------------------------
@@ -170,8 +172,9 @@ class EngineView:
             return True
         return False
 
-    def _check_prediction(self, predicted: float, observed: float) -> None:
-        """Track how well the model predicted a completed request's times (before learning from it).
+    def _check_prediction(self, predicted: float, observed: float, start: float, end: float) -> None:
+        """Track how well the model predicted a completed request's times (before learning from it),
+        observed from `start` to `end`.
 
         Only the unsafe side counts: the slow-start cap guards against a model that is too
         optimistic (an engine slower than planned: admissions that miss). An engine that ran as
@@ -182,8 +185,14 @@ class EngineView:
             self.model_error = err if not self.confirmed else self.model_error + ERROR_EWMA * (err - self.model_error)
             # The average still carries the prior's first, large errors for several observations
             # after the model has learned the engine; a run of predictions within the bound
-            # confirms the model as it is now.
-            self.streak = self.streak + 1 if err < SLOW_START_ERROR else 0
+            # confirms the model as it is now, counting only what was observed after the last
+            # miss ended (requests that ran alongside it teach the model the same thing at once,
+            # and predicting them afterwards is no test of it).
+            if err >= SLOW_START_ERROR:
+                self.streak = 0
+                self.miss_end = max(self.miss_end, end)
+            elif start >= self.miss_end:
+                self.streak += 1
             self.confirmed += 1
 
     # -- learning -----------------------------------------------------------------------------
@@ -226,7 +235,7 @@ class EngineView:
                 mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
                 p_span = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
                 per_step = p_span * ratio / steps
-                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
+                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps, first_token_at, now)
                 if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
                     changed = True
         else:
@@ -239,7 +248,7 @@ class EngineView:
                 others = run.n0 - 1
                 predicted = (model.step_seconds(others, burst) * (1.5 if others else 1.0)
                              + (output_tokens - 1) * model.step_seconds(mean_L, span_prefill / max(1, output_tokens - 1)))
-                self._check_prediction(predicted, duration)
+                self._check_prediction(predicted, duration, run.t0, now)
                 changed = model.observe_request(run.n0, burst, mean_L, mean_L2, span_prefill,
                                                 output_tokens, duration)
         cap_changed = self.update_cap()
@@ -285,7 +294,7 @@ class EngineView:
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return False, False  # too few steps, a counter reset, or the engine idle part of the time
         L = max(1.0, dgen / dsteps)
-        self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps)
+        self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps, prev[0], now)
         cap_changed = self.update_cap()
         if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
             self.model.set_operating_point(max(1, limit))

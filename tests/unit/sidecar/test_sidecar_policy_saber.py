@@ -651,3 +651,25 @@ def test_a_slow_engines_step_counters_still_teach_the_model():
         d.pol.observe_engine(EngineSnapshot(running=1, waiting=0, steps=steps, prompt_tokens=0.0,
                                             generation_tokens=steps), t)
     assert d.pol.model.observations >= 1
+
+
+def test_the_slow_start_cap_lifts_on_a_run_of_good_predictions_after_a_wrong_prior():
+    """A prior 3x too fast: the first predictions miss by far (their average stays above the bound
+    for several more requests), then the learned model predicts well; a run of
+    SLOW_START_CONFIRM predictions within the bound, observed after the last miss, confirms it."""
+    from saber_sidecar.policy.saber_engine import SLOW_START_CONFIRM, SLOW_START_ERROR
+
+    engine = learning_driver().pol.engine
+    for t, observed in enumerate((3.2, 1.8, 1.4)):  # log errors 1.16, 0.59, 0.34: the prior, then learning
+        engine._check_prediction(1.0, observed, t, t + 1.0)
+    assert engine.cap == 8
+    engine._check_prediction(1.0, 1.1, 2.5, 3.5)  # good, but it ran alongside the last miss
+    assert engine.streak == 0
+    for i in range(SLOW_START_CONFIRM - 1):
+        engine._check_prediction(1.0, 1.1, 3.0 + i, 4.0 + i)
+        assert engine.update_cap() is False and engine.cap == 8
+    assert engine.model_error > SLOW_START_ERROR  # the average alone would still hold the cap
+    engine._check_prediction(1.0, 1.1, 9.0, 10.0)
+    assert engine.update_cap() and engine.cap == engine.seats
+    engine._check_prediction(1.0, 2.0, 10.0, 11.0)  # a miss ends the run
+    assert engine.streak == 0 and engine.miss_end == 11.0
