@@ -126,7 +126,6 @@ class EngineModel:
         self._prior_step: np.ndarray | None = None
         self._top = 0.0  # the largest mean decode batch a row has observed
         self._set_table()
-        self._prior_step = 1.0 / self._table_array  # the prior's shape, for batches past the data
         if table is not None:
             # The configured curve itself, exactly, until the first solve: with learning off (or
             # before any observation) the gate plans with the curve it was given, to the bit.
@@ -134,6 +133,8 @@ class EngineModel:
                 raise ValueError(f"a speed table has {TABLE_SIZE} entries, got {len(table)}")
             self._table = list(table)
             self._table_array = np.asarray(self._table)
+        # The prior's shape (its step time at each batch), for batches past those the data reach.
+        self._prior_step = 1.0 / np.asarray(self._table)
 
     @classmethod
     def from_speed_table(cls, table: Sequence[float], prefill_s_per_token: float, **kw: Any) -> EngineModel:
