@@ -23,7 +23,7 @@ from saber_bench.calibrate import (
     _stream,
     text_prompt,
     token_pool,
-    window_speeds,
+    window_spans,
 )
 from saber_bench.vllm_cpu import VLLMServer, build_tiny_model, find_vllm_python
 from saber_emulator.profile import load_profile
@@ -50,8 +50,10 @@ async def _wave_speed(url: str, model: str, n: int, tokens: int) -> float:
         pool, _ = await token_pool(s, url, model)
         prompts = _Prompts(pool, seed=7)
         streams = await asyncio.gather(*(_stream(s, url, model, prompts.make(16), tokens) for _ in range(n)))
-    speeds = window_speeds(streams)
-    return sum(speeds) / len(speeds)
+    # Tokens over seconds, as calibrate weighs a level: a mean of per-stream speeds is at the mercy of
+    # one stream whose tokens arrived in a burst after a stall of the machine (79,000 tok/s once).
+    spans = window_spans(streams)
+    return sum(n for n, _ in spans) / sum(t for _, t in spans)
 
 
 async def _ttft(url: str, model: str, tokens: int) -> tuple[float, int]:
