@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right, insort
+from collections import deque
 
 from saber_sidecar.policy.base import EngineSnapshot
 from saber_sidecar.policy.engine_model import EngineModel
@@ -34,7 +36,15 @@ SLOW_START_CONFIRM = 4
 SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
-CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that a decode span is taken to include
+# A decode span's prefill (the prompts the engine prefilled between its first and last token) is
+# read from the first tokens of the requests around it, which the gate learns as they finish: its
+# row waits (at most PENDING_MAX_FINISHES later finishes) until every request admitted within a
+# TTFT before the span, or during it, has finished.
+CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that the slow-start check counts in a span
+PENDING_MAX_FINISHES = 32
+PENDING_KEPT = 1024  # decode rows waiting for their span's prefill
+FIRST_TOKENS_KEPT = 4096  # first-token times of finished requests (halved when full)
+TTFT_MAX_DECAY = 0.98  # per finish: the recent longest TTFT, the reach of a prefill backlog
 COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
@@ -75,6 +85,16 @@ class EngineView:
         self.counters_first: tuple[float, float] | None = None
         self.per_token = model.per_token  # seconds of engine stall per estimated prompt token
         self.kv_usage = 0.0  # the engine's KV-cache usage, from its metrics
+        # When the engine prefilled each finished request's prompt (its first token) and the
+        # prompt (estimated tokens), by time; times before `first_floor` were dropped.
+        self.first_t: list[float] = []
+        self.first_p: list[int] = []
+        self.first_floor = -INF
+        self.ttft_max = 0.0
+        self.finishes = 0
+        # Decode rows waiting for their span's prefill: (first token, last token, steps, mean L,
+        # mean L^2, inter-token time, finishes when it was made).
+        self.pending: deque[tuple[float, float, int, float, float, float, int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
@@ -113,6 +133,76 @@ class EngineView:
 
     def note_ttft(self, seconds: float) -> None:
         self.ttft_estimate += TTFT_EWMA * (seconds - self.ttft_estimate)
+
+    def note_prefilled(self, run: Run, now: float, first_token_at: float | None) -> None:
+        """A request left the batch (completed or cut off): when the engine prefilled its prompt.
+
+        The engine prefills a prompt in the step that yields its first token (vLLM counts its
+        prompt tokens there too). Without a first token (a request not streamed, or one cut off
+        before it), a request that ran longer than the TTFT estimate is taken to have been
+        prefilled that long after admission."""
+        if not self.model.online or run.adopted or not run.req.prompt_tokens:
+            return
+        self.finishes += 1
+        if first_token_at is not None and run.t0 <= first_token_at <= now:
+            t = first_token_at
+            ttft = t - run.t0
+            self.ttft_max = max(ttft, self.ttft_max * TTFT_MAX_DECAY)
+        else:
+            t = run.t0 + self.ttft_estimate
+            if t > now:
+                return
+        if t < self.first_floor:
+            return
+        first_t = self.first_t
+        if len(first_t) >= FIRST_TOKENS_KEPT:
+            half = FIRST_TOKENS_KEPT // 2
+            self.first_floor = first_t[half]
+            del first_t[:half], self.first_p[:half]
+        if not first_t or t >= first_t[-1]:
+            first_t.append(t)
+            self.first_p.append(run.req.prompt_tokens)
+        else:
+            i = bisect_right(first_t, t)
+            first_t.insert(i, t)
+            self.first_p.insert(i, run.req.prompt_tokens)
+
+    def _span_prefill(self, a: float, b: float, force: bool) -> float | None:
+        """Prompt tokens (estimated) the engine prefilled in (a, b], from the first tokens of
+        finished requests; None while a request admitted within a TTFT before `a`, or before `b`,
+        is still running (its first token may lie in the span), unless `force`: then such a
+        request counts when its admission plus the TTFT estimate does."""
+        t0s = self.batch.run_t0s
+        lo = bisect_left(t0s, a - self.ttft_max)
+        hi = bisect_left(t0s, b)
+        extra = 0
+        if lo < hi:
+            if not force:
+                return None
+            ttft, prompts = self.ttft_estimate, self.batch.run_prompts
+            for i in range(lo, hi):
+                if a < t0s[i] + ttft <= b:
+                    extra += prompts[i]
+        first_t = self.first_t
+        return sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)]) + extra
+
+    def _resolve_pending(self) -> bool:
+        """Learn from the waiting decode rows whose span's prefill is known; True when the model changed."""
+        pending = self.pending
+        model = self.model
+        changed = False
+        while pending:
+            a, b, steps, mean_L, mean_L2, itl, born = pending[0]
+            if a < self.first_floor:
+                pending.popleft()
+                continue
+            p_span = self._span_prefill(a, b, self.finishes - born >= PENDING_MAX_FINISHES)
+            if p_span is None:
+                break
+            pending.popleft()
+            if model.observe_decode(mean_L, mean_L2, p_span * self.ratio / steps, itl):
+                changed = True
+        return changed
 
     # -- the bounds on the plan ---------------------------------------------------------------
 
@@ -215,15 +305,17 @@ class EngineView:
                 steps = output_tokens - 1
                 mean_L = (batch.Ae - at[0]) / span
                 mean_L2 = (batch.A2 - at[1]) / span
-                # The prompts prefilled during the span: those admitted in it, and on average half
-                # of those admitted in its own cluster after it (the engine prefills a cluster in
-                # its own order: some of them after this request's first token).
+                # The slow-start check prices the span's prefill at the prompts admitted in it
+                # and its cluster-mates admitted after it (known now); the row waits for the
+                # prompts the engine prefilled in it (below).
                 mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
-                p_span = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
-                per_step = p_span * ratio / steps
-                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps)
-                if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
-                    changed = True
+                p_admitted = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
+                self._check_prediction(model.step_seconds(mean_L, p_admitted * ratio / steps), span / steps)
+                if len(self.pending) >= PENDING_KEPT:
+                    self.pending.popleft()
+                self.pending.append((first_token_at, now, steps, mean_L, mean_L2, span / steps, self.finishes))
+            if self._resolve_pending():
+                changed = True
         else:
             at = batch.state_at(run.t0)
             duration = now - run.t0
