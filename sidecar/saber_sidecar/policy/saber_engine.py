@@ -39,9 +39,11 @@ COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
 # A decode span's prefill (the prompts the engine prefilled between its first and last token) is
 # read from the first tokens of the requests around it, which the gate learns as they finish: its
 # row waits (at most PENDING_MAX_FINISHES later finishes) until every request admitted within a
-# TTFT before the span, or during it, has finished.
+# TTFT of the span's start or end has finished, or their prompts could move its step time by no
+# more than PENDING_ERROR.
 CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that the slow-start check counts in a span
 PENDING_MAX_FINISHES = 32
+PENDING_ERROR = 0.02
 PENDING_KEPT = 1024  # decode rows waiting for their span's prefill
 FIRST_TOKENS_KEPT = 4096  # first-token times of finished requests (halved when full)
 TTFT_MAX_DECAY = 0.98  # per finish: the recent longest TTFT, the reach of a prefill backlog
@@ -167,36 +169,47 @@ class EngineView:
             first_t.insert(i, t)
             self.first_p.insert(i, run.req.prompt_tokens)
 
-    def _span_prefill(self, a: float, b: float, force: bool) -> float | None:
-        """Prompt tokens (estimated) the engine prefilled in (a, b], from the first tokens of
-        finished requests; None while a request admitted within a TTFT before `a`, or before `b`,
-        is still running (its first token may lie in the span), unless `force`: then such a
-        request counts when its admission plus the TTFT estimate does."""
+    def _span_prefill(self, a: float, b: float, tolerance: float) -> float | None:
+        """Prompt tokens (estimated) the engine prefilled in (a, b]: those of finished requests
+        whose first token came in it, and of running ones admitted in it at least the recent
+        longest TTFT before `b` (surely prefilled by then). A running request admitted within
+        that TTFT before `a`, or before `b`, may or may not have been: None while such prompts
+        add up to more than `tolerance` tokens, else each counts when its admission plus the TTFT
+        estimate lies in the span."""
         t0s = self.batch.run_t0s
-        lo = bisect_left(t0s, a - self.ttft_max)
+        reach = self.ttft_max
+        lo = bisect_left(t0s, a - reach)
+        i1 = bisect_left(t0s, a)
+        i2 = max(i1, bisect_right(t0s, b - reach))
         hi = bisect_left(t0s, b)
-        extra = 0
-        if lo < hi:
-            if not force:
+        prompts = self.batch.run_prompts
+        tokens = sum(prompts[i1:i2]) if i2 > i1 else 0
+        if lo < i1 or i2 < hi:
+            if sum(prompts[lo:i1]) + sum(prompts[i2:hi]) > tolerance:
                 return None
-            ttft, prompts = self.ttft_estimate, self.batch.run_prompts
-            for i in range(lo, hi):
+            ttft = self.ttft_estimate
+            for i in (*range(lo, i1), *range(i2, hi)):
                 if a < t0s[i] + ttft <= b:
-                    extra += prompts[i]
+                    tokens += prompts[i]
         first_t = self.first_t
-        return sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)]) + extra
+        return tokens + sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)])
 
     def _resolve_pending(self) -> bool:
         """Learn from the waiting decode rows whose span's prefill is known; True when the model changed."""
         pending = self.pending
         model = self.model
         changed = False
+        # The prompt tokens a row may be unsure of: those whose prefill would move its step time
+        # by PENDING_ERROR (a long span spreads a prompt over many steps; a short one does not).
+        per_token = model.per_token * self.ratio
+        scale = PENDING_ERROR / per_token if per_token > 0 else INF
         while pending:
             a, b, steps, mean_L, mean_L2, itl, born = pending[0]
             if a < self.first_floor:
                 pending.popleft()
                 continue
-            p_span = self._span_prefill(a, b, self.finishes - born >= PENDING_MAX_FINISHES)
+            forced = self.finishes - born >= PENDING_MAX_FINISHES
+            p_span = self._span_prefill(a, b, INF if forced else scale * itl * steps)
             if p_span is None:
                 break
             pending.popleft()
