@@ -37,13 +37,15 @@ SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
 # A decode span's prefill (the prompts the engine prefilled between its first and last token) is
-# read from the first tokens of the requests around it, which the gate learns as they finish: its
-# row waits (at most PENDING_MAX_FINISHES later finishes) until every request admitted within a
-# TTFT of the span's start or end has finished, or their prompts could move its step time by no
-# more than PENDING_ERROR.
+# read from the first tokens of the requests around it, which the gate learns as they finish. Its
+# row is learned at once, a running request's prefill estimated at its admission plus the TTFT
+# estimate; where such estimates could move its step time by more than PENDING_ERROR (requests
+# admitted within the recent longest TTFT of the span's start or end), the row is corrected once
+# they have finished (given up after PENDING_MAX_FINISHES finishes or PENDING_WAIT_SPANS x its span).
 CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that the slow-start check counts in a span
 PENDING_MAX_FINISHES = 32
 PENDING_ERROR = 0.02
+PENDING_WAIT_SPANS = 1.0  # (plus the longest TTFT) after it ended
 PENDING_KEPT = 1024  # decode rows waiting for their span's prefill
 FIRST_TOKENS_KEPT = 4096  # first-token times of finished requests (halved when full)
 TTFT_MAX_DECAY = 0.98  # per finish: the recent longest TTFT, the reach of a prefill backlog
@@ -94,9 +96,9 @@ class EngineView:
         self.first_floor = -INF
         self.ttft_max = 0.0
         self.finishes = 0
-        # Decode rows waiting for their span's prefill: (first token, last token, steps, mean L,
-        # mean L^2, inter-token time, finishes when it was made).
-        self.pending: deque[tuple[float, float, int, float, float, float, int]] = deque()
+        # Decode rows learned with an estimated prefill, to correct once it is known: (first token,
+        # last token, steps, inter-token time, the estimate (tokens), the model's row, finishes then).
+        self.pending: deque[tuple[float, float, int, float, float, tuple, int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
@@ -169,13 +171,13 @@ class EngineView:
             first_t.insert(i, t)
             self.first_p.insert(i, run.req.prompt_tokens)
 
-    def _span_prefill(self, a: float, b: float, tolerance: float) -> float | None:
-        """Prompt tokens (estimated) the engine prefilled in (a, b]: those of finished requests
-        whose first token came in it, and of running ones admitted in it at least the recent
-        longest TTFT before `b` (surely prefilled by then). A running request admitted within
-        that TTFT before `a`, or before `b`, may or may not have been: None while such prompts
-        add up to more than `tolerance` tokens, else each counts when its admission plus the TTFT
-        estimate lies in the span."""
+    def _span_prefill(self, a: float, b: float) -> tuple[float, float]:
+        """Prompt tokens (estimated) the engine prefilled in (a, b], and how many of them are in doubt.
+
+        Those of finished requests whose first token came in it, and of running ones admitted in
+        it at least the recent longest TTFT before `b` (surely prefilled by then). A running
+        request admitted within that TTFT before `a`, or before `b`, may or may not have been: it
+        counts when its admission plus the TTFT estimate lies in the span, and its prompt is in doubt."""
         t0s = self.batch.run_t0s
         reach = self.ttft_max
         lo = bisect_left(t0s, a - reach)
@@ -184,36 +186,60 @@ class EngineView:
         hi = bisect_left(t0s, b)
         prompts = self.batch.run_prompts
         tokens = sum(prompts[i1:i2]) if i2 > i1 else 0
+        doubt = 0
         if lo < i1 or i2 < hi:
-            if sum(prompts[lo:i1]) + sum(prompts[i2:hi]) > tolerance:
-                return None
+            doubt = sum(prompts[lo:i1]) + sum(prompts[i2:hi])
             ttft = self.ttft_estimate
             for i in (*range(lo, i1), *range(i2, hi)):
                 if a < t0s[i] + ttft <= b:
                     tokens += prompts[i]
         first_t = self.first_t
-        return tokens + sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)])
+        return tokens + sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)]), doubt
 
-    def _resolve_pending(self) -> bool:
-        """Learn from the waiting decode rows whose span's prefill is known; True when the model changed."""
+    def _weight(self, doubt: float, itl: float, steps: int) -> float:
+        """A decode row's weight while `doubt` prompt tokens of its span's prefill are estimated:
+        1 while they could move its step time by at most PENDING_ERROR, falling with the square
+        beyond (a long span spreads a prompt over many steps; a short one does not)."""
+        per_token = self.model.per_token * self.ratio
+        if doubt <= 0 or per_token <= 0:
+            return 1.0
+        r = doubt * per_token / (PENDING_ERROR * itl * steps)
+        return 1.0 if r <= 1.0 else 1.0 / (r * r)
+
+    def _learn_decode(self, a: float, b: float, steps: int, mean_L: float, mean_L2: float, itl: float) -> bool:
+        """A completed request's decode span (first token at `a`, last at `b`): learned at once, its
+        prefill estimated where not yet known (at a weight that says how well), and corrected as
+        the requests around it finish."""
+        model = self.model
+        tokens, doubt = self._span_prefill(a, b)
+        weight = self._weight(doubt, itl, steps)
+        changed = model.observe_decode(mean_L, mean_L2, tokens * self.ratio / steps, itl, weight)
+        row = model.last_row
+        if weight < 1.0 and row is not None:
+            if len(self.pending) >= PENDING_KEPT:
+                self.pending.popleft()
+            self.pending.append((a, b, steps, itl, row, self.finishes))
+        return changed
+
+    def _resolve_pending(self, now: float) -> bool:
+        """Correct the decode rows learned with an estimated prefill once it is known (or as well
+        as it will be: after PENDING_MAX_FINISHES finishes, or PENDING_WAIT_SPANS x its span);
+        True when the model changed."""
         pending = self.pending
         model = self.model
         changed = False
-        # The prompt tokens a row may be unsure of: those whose prefill would move its step time
-        # by PENDING_ERROR (a long span spreads a prompt over many steps; a short one does not).
-        per_token = model.per_token * self.ratio
-        scale = PENDING_ERROR / per_token if per_token > 0 else INF
         while pending:
-            a, b, steps, mean_L, mean_L2, itl, born = pending[0]
+            a, b, steps, itl, row, born = pending[0]
             if a < self.first_floor:
                 pending.popleft()
                 continue
-            forced = self.finishes - born >= PENDING_MAX_FINISHES
-            p_span = self._span_prefill(a, b, INF if forced else scale * itl * steps)
-            if p_span is None:
+            tokens, doubt = self._span_prefill(a, b)
+            weight = self._weight(doubt, itl, steps)
+            if weight < 1.0 and self.finishes - born < PENDING_MAX_FINISHES and (
+                    now - b < PENDING_WAIT_SPANS * (b - a) + self.ttft_max):
                 break
             pending.popleft()
-            if model.observe_decode(mean_L, mean_L2, p_span * self.ratio / steps, itl):
+            if model.revise_decode(row, itl, tokens * self.ratio / steps, weight):
                 changed = True
         return changed
 
@@ -324,10 +350,9 @@ class EngineView:
                 mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
                 p_admitted = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
                 self._check_prediction(model.step_seconds(mean_L, p_admitted * ratio / steps), span / steps)
-                if len(self.pending) >= PENDING_KEPT:
-                    self.pending.popleft()
-                self.pending.append((first_token_at, now, steps, mean_L, mean_L2, span / steps, self.finishes))
-            if self._resolve_pending():
+                if self._learn_decode(first_token_at, now, steps, mean_L, mean_L2, span / steps):
+                    changed = True
+            if self._resolve_pending(now):
                 changed = True
         else:
             at = batch.state_at(run.t0)

@@ -211,13 +211,17 @@ def test_a_decode_span_counts_the_prompts_the_engine_prefilled_in_it_not_those_a
 
 
 def test_a_decode_row_waits_a_bounded_number_of_finishes_for_a_long_request():
-    # r2 (admitted inside r1's span) runs on and on: after PENDING_MAX_FINISHES other finishes the
-    # row is learned anyway, r2's prefill placed at its admission plus the TTFT estimate.
+    # r2, admitted near the end of r1's span (within the recent longest TTFT, 0.5 s, of it), may
+    # or may not have been prefilled in it, and runs on and on: after PENDING_MAX_FINISHES other
+    # finishes the row is learned anyway, r2's prefill placed at its admission plus the TTFT
+    # estimate (0.85 + 0.2 s: inside the span).
     from saber_sidecar.policy.saber_engine import PENDING_MAX_FINISHES
 
     batch, view = _view()
+    _admit(batch, view, "r0", -0.6, 500)
     _admit(batch, view, "r1", 0.0, 100)
-    _admit(batch, view, "r2", 0.3, 1000)
+    _finish(batch, view, "r0", -0.09, 1, -0.1)  # a TTFT of 0.5 s: the reach of the backlog
+    _admit(batch, view, "r2", 0.85, 1000)
     _finish(batch, view, "r1", 1.1, 11, 0.1)
     t = 1.1
     for i in range(PENDING_MAX_FINISHES):
@@ -226,7 +230,21 @@ def test_a_decode_row_waits_a_bounded_number_of_finishes_for_a_long_request():
         _admit(batch, view, f"s{i}", t, 10)
         _finish(batch, view, f"s{i}", t + 0.005, 1, t + 0.004)  # (single tokens: no decode row)
     assert len(view.model.decode_rows) == 1
-    assert view.model.decode_rows[0][1] == pytest.approx(1000 / 10)  # 0.3 + 0.2 s TTFT estimate: in the span
+    assert view.model.decode_rows[0][1] == pytest.approx(1000 / 10)
+
+
+def test_a_long_span_does_not_wait_for_a_prompt_it_spreads_thin():
+    # Over 400 steps a 1000-token prompt near the span's end moves the step time by ~0.2%: the
+    # row is learned at once, the prompts admitted well inside the span counted as prefilled.
+    batch, view = _view()
+    _admit(batch, view, "r0", -0.6, 500)
+    _admit(batch, view, "r1", 0.0, 100)
+    _finish(batch, view, "r0", -0.09, 1, -0.1)
+    _admit(batch, view, "r2", 5.0, 2000)  # surely prefilled by the end (12 s)
+    _admit(batch, view, "r3", 11.95, 1000)  # may not be: its admission + 0.2 s is after the end
+    _finish(batch, view, "r1", 12.1, 401, 0.1)
+    assert len(view.model.decode_rows) == 1
+    assert view.model.decode_rows[0][1] == pytest.approx(2000 / 400)
 
 
 def _code_trace_errors(load, count=1000):
