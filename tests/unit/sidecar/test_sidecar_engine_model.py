@@ -153,16 +153,21 @@ def test_a_peak_below_the_data_keeps_the_cautious_rule():
 
 
 class _Rows(EngineModel):
-    """The shipped prior, recording the decode rows it is fed."""
+    """The shipped prior, recording the decode rows it is fed and their corrections."""
 
     def __init__(self):
         base = engine_model_for(paper_config("saber").scheduling)
         super().__init__(tuple(base.prior[:3]), base.per_token)
         self.decode_rows = []
+        self.revisions = []
 
     def observe_decode(self, mean_L, mean_L2, prefill_per_step, itl, weight=1.0):
-        self.decode_rows.append((mean_L, prefill_per_step, itl))
+        self.decode_rows.append((mean_L, prefill_per_step, itl, weight))
         return super().observe_decode(mean_L, mean_L2, prefill_per_step, itl, weight)
+
+    def revise_decode(self, row, y, prefill_per_step, weight=1.0):
+        self.revisions.append((prefill_per_step, weight))
+        return super().revise_decode(row, y, prefill_per_step, weight)
 
 
 def _view():
@@ -170,7 +175,7 @@ def _view():
     from saber_sidecar.policy.saber_engine import EngineView
 
     batch = Batch()
-    view = EngineView(_Rows(), batch, None, 0.2)
+    view = EngineView(_Rows(), batch, None, 0.2)  # a TTFT estimate of 0.2 s
     return batch, view
 
 
@@ -189,62 +194,94 @@ def _finish(batch, view, rid, now, tokens, first_token_at):
     view.learn(run, now, tokens, first_token_at, None, 8)
 
 
-def test_a_decode_span_counts_the_prompts_the_engine_prefilled_in_it_not_those_admitted_in_it():
-    # r1 decodes from 0.1 to 1.1 (10 steps). r2's prompt is admitted at 0.5 and prefilled in the
-    # span (first token 0.9); r3's is admitted at 1.05, inside the span, but prefilled after it
-    # (first token 1.3): a backlog of long prompts shifts prefill past admission. The row waits
-    # until both have finished (their first tokens are known only then), and counts r2's alone.
-    batch, view = _view()
-    _admit(batch, view, "r0", 0.0, 1500)
+def _long_ttft_seen(batch, view):
+    """A request with a 0.5 s TTFT: the reach of the prefill backlog (and one running, r1)."""
+    _admit(batch, view, "r0", -0.6, 500)
     _admit(batch, view, "r1", 0.0, 100)
-    _finish(batch, view, "r0", 0.08, 1, 0.05)  # prefilled before r1's span: not in it
-    _admit(batch, view, "r2", 0.5, 2000)
-    _admit(batch, view, "r3", 1.05, 3000)
+    _finish(batch, view, "r0", -0.09, 1, -0.1)
+
+
+def test_a_decode_span_counts_the_prompts_the_engine_prefilled_in_it_not_those_admitted_in_it():
+    # r1 decodes from 0.1 to 1.1 (10 steps). r2's prompt is admitted at 0.7 and prefilled in the
+    # span (first token 0.9). r3's is admitted at 0.85, inside the span, but a backlog of long
+    # prompts puts its prefill after it (first token 1.3). Both were admitted within the recent
+    # longest TTFT (0.5 s) of the span's end: at r1's finish their first tokens are unknown, so
+    # the row is learned with them estimated (admission + 0.2 s: both inside), at a low weight,
+    # and corrected once both have finished: r2's prompt alone, full weight.
+    batch, view = _view()
+    _long_ttft_seen(batch, view)
+    _admit(batch, view, "r2", 0.7, 2000)
+    _admit(batch, view, "r3", 0.85, 3000)
     _finish(batch, view, "r1", 1.1, 11, 0.1)
-    assert view.model.decode_rows == []  # r2 and r3 are still running: their first tokens are unknown
-    _finish(batch, view, "r3", 2.0, 8, 1.3)
-    _finish(batch, view, "r2", 3.0, 30, 0.9)
-    L, prefill_per_step, itl = view.model.decode_rows[0]
-    assert prefill_per_step == pytest.approx(2000 / 10)  # r2's prompt over r1's 10 steps (not 5000/10)
+    (L, prefill_per_step, itl, weight), = view.model.decode_rows
+    assert prefill_per_step == pytest.approx(5000 / 10)  # the estimate: what the old rows also said
+    assert weight < 0.01  # 5000 tokens in doubt, where 0.02 x 10 steps x 0.1 s / 5e-5 s = 400 would do
     assert itl == pytest.approx(0.1)
-    assert L == pytest.approx(1 + 0.6 + 0.05)  # the gate's own batch: r1, r2 from 0.5, r3 from 1.05
+    assert L == pytest.approx(1 + 0.4 + 0.25)  # the gate's own batch: r1, r2 from 0.7, r3 from 0.85
+    _finish(batch, view, "r3", 2.0, 8, 1.3)
+    assert view.model.revisions == []  # r2 is still running: its first token is unknown
+    _finish(batch, view, "r2", 2.2, 20, 0.9)
+    assert view.model.revisions == [(pytest.approx(2000 / 10), 1.0)]  # r2's prompt over r1's 10 steps
 
 
-def test_a_decode_row_waits_a_bounded_number_of_finishes_for_a_long_request():
-    # r2, admitted near the end of r1's span (within the recent longest TTFT, 0.5 s, of it), may
-    # or may not have been prefilled in it, and runs on and on: after PENDING_MAX_FINISHES other
-    # finishes the row is learned anyway, r2's prefill placed at its admission plus the TTFT
-    # estimate (0.85 + 0.2 s: inside the span).
+def test_a_decode_row_is_corrected_within_a_bounded_number_of_finishes():
+    # r2, admitted near the end of r1's span, runs on and on: after PENDING_MAX_FINISHES other
+    # finishes the row is given its final value, r2's prefill still estimated (0.85 + 0.2 s: in
+    # the span), at the weight of that doubt.
     from saber_sidecar.policy.saber_engine import PENDING_MAX_FINISHES
 
     batch, view = _view()
-    _admit(batch, view, "r0", -0.6, 500)
-    _admit(batch, view, "r1", 0.0, 100)
-    _finish(batch, view, "r0", -0.09, 1, -0.1)  # a TTFT of 0.5 s: the reach of the backlog
+    _long_ttft_seen(batch, view)
     _admit(batch, view, "r2", 0.85, 1000)
     _finish(batch, view, "r1", 1.1, 11, 0.1)
     t = 1.1
     for i in range(PENDING_MAX_FINISHES):
-        assert view.model.decode_rows == [], i
+        assert view.model.revisions == [], i
         t += 0.01
         _admit(batch, view, f"s{i}", t, 10)
         _finish(batch, view, f"s{i}", t + 0.005, 1, t + 0.004)  # (single tokens: no decode row)
-    assert len(view.model.decode_rows) == 1
-    assert view.model.decode_rows[0][1] == pytest.approx(1000 / 10)
+    (prefill_per_step, weight), = view.model.revisions
+    assert prefill_per_step == pytest.approx(1000 / 10)
+    assert weight < 1.0  # (the doubt priced at the prefill cost learned meanwhile)
+    assert not view.pending
 
 
 def test_a_long_span_does_not_wait_for_a_prompt_it_spreads_thin():
     # Over 400 steps a 1000-token prompt near the span's end moves the step time by ~0.2%: the
-    # row is learned at once, the prompts admitted well inside the span counted as prefilled.
+    # row is learned at full weight at once, the prompts admitted well inside the span counted.
     batch, view = _view()
-    _admit(batch, view, "r0", -0.6, 500)
-    _admit(batch, view, "r1", 0.0, 100)
-    _finish(batch, view, "r0", -0.09, 1, -0.1)
+    _long_ttft_seen(batch, view)
     _admit(batch, view, "r2", 5.0, 2000)  # surely prefilled by the end (12 s)
     _admit(batch, view, "r3", 11.95, 1000)  # may not be: its admission + 0.2 s is after the end
     _finish(batch, view, "r1", 12.1, 401, 0.1)
-    assert len(view.model.decode_rows) == 1
-    assert view.model.decode_rows[0][1] == pytest.approx(2000 / 400)
+    (L, prefill_per_step, itl, weight), = view.model.decode_rows
+    assert prefill_per_step == pytest.approx(2000 / 400)
+    assert weight == 1.0 and not view.pending
+
+
+def test_a_revised_row_is_the_row_it_should_have_been():
+    # The statistics after a correction equal those of a model fed the right row in the first
+    # place (the row's decay since counted), whatever came after it.
+    rng = random.Random(0)
+    direct, revised = EngineModel(CPU, 1.4e-3), EngineModel(CPU, 1.4e-3)
+    rows = [(rng.uniform(2, 30), rng.uniform(0, 2000)) for _ in range(40)]
+    held = {}
+    for i, (L, P) in enumerate(rows):
+        y = step(CPU, L) + 1.4e-3 * P
+        direct.observe_decode(L, L * L, P, y)
+        if i in (5, 20):
+            revised.observe_decode(L, L * L, 0.3 * P, y, weight=0.01)
+            held[i] = (revised.last_row, y)
+        else:
+            revised.observe_decode(L, L * L, P, y)
+    for i, (row, y) in held.items():
+        revised.revise_decode(row, y, rows[i][1], 1.0)
+    direct.solve()
+    revised.solve()
+    for a, b in zip(direct._S, revised._S):
+        assert a == pytest.approx(b, rel=1e-9)
+    assert direct._wsum_rows == pytest.approx(revised._wsum_rows)
+    assert list(revised.theta) == pytest.approx(list(direct.theta), rel=1e-6, abs=1e-12)
 
 
 def _code_trace_errors(load, count=1000):
