@@ -13,7 +13,8 @@ constant part of time to first token that is not engine work (HTTP, tokenising, 
 Everything the gate observes is a linear function of theta = (t0, t1, t2, c, o), so one least
 squares learns all of it (`_Rows` documents each kind of row):
 - a completed request's decode span (first to last token): its mean inter-token time is one
-  step at its mean batch, plus the prompts others prefilled meanwhile, spread over its steps;
+  step at its mean batch, plus the prompts the engine prefilled meanwhile, spread over its steps
+  (the policy may learn it with that prefill estimated and correct it later: `revise_decode`);
 - its time to first token: the rest of the step in progress, then the step(s) that prefill the
   prompt tokens admitted with it (in chunks of the engine's token budget), plus `o`;
 - an interval between two scrapes of vLLM's metrics while the engine was busy: its mean step

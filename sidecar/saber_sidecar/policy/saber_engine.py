@@ -2,7 +2,8 @@
 
 - The engine model (engine_model.py): step time t0 + t1 L + t2 L^2 + c P, learned online from
   completed requests' decode spans and times to first token and from the engine's step counters,
-  starting from the configured prior. Every admission makes the engine prefill the new prompt,
+  starting from the configured prior. A decode span's P is what the engine prefilled in it: the
+  prompts whose first token came in it, known as the requests around it finish (`note_prefilled`). Every admission makes the engine prefill the new prompt,
   which stalls every running request for `prompt_tokens x c` seconds.
 - Prompt tokens are the sidecar's estimate (characters / 4); the model is in the engine's tokens.
   `ratio` (engine tokens per estimated token) is learned from `usage` or, without it, from the
