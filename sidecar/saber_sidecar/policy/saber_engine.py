@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections import deque
 
 from saber_sidecar.policy.base import EngineSnapshot
