@@ -3,8 +3,9 @@
 - The engine model (engine_model.py): step time t0 + t1 L + t2 L^2 + c P, learned online from
   completed requests' decode spans and times to first token and from the engine's step counters,
   starting from the configured prior. A decode span's P is what the engine prefilled in it: the
-  prompts whose first token came in it, known as the requests around it finish (`note_prefilled`). Every admission makes the engine prefill the new prompt,
-  which stalls every running request for `prompt_tokens x c` seconds.
+  prompts whose first token came in it, known as the requests around it finish (`note_prefilled`).
+  Every admission makes the engine prefill the new prompt, which stalls every running request for
+  `prompt_tokens x c` seconds.
 - Prompt tokens are the sidecar's estimate (characters / 4); the model is in the engine's tokens.
   `ratio` (engine tokens per estimated token) is learned from `usage` or, without it, from the
   engine's prompt-token counter; `per_token` is c x ratio, what the plan prices an estimated
@@ -98,8 +99,8 @@ class EngineView:
         self.ttft_max = 0.0
         self.finishes = 0
         # Decode rows learned with an estimated prefill, to correct once it is known: (first token,
-        # last token, steps, inter-token time, the estimate (tokens), the model's row, finishes then).
-        self.pending: deque[tuple[float, float, int, float, float, tuple, int]] = deque()
+        # last token, steps, inter-token time, the model's row, finishes then).
+        self.pending: deque[tuple[float, float, int, float, tuple, int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
@@ -346,8 +347,8 @@ class EngineView:
                 mean_L = (batch.Ae - at[0]) / span
                 mean_L2 = (batch.A2 - at[1]) / span
                 # The slow-start check prices the span's prefill at the prompts admitted in it
-                # and its cluster-mates admitted after it (known now); the row waits for the
-                # prompts the engine prefilled in it (below).
+                # and its cluster-mates admitted after it (as before); the row learns the prompts
+                # the engine prefilled in it (`_learn_decode`).
                 mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
                 p_admitted = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
                 self._check_prediction(model.step_seconds(mean_L, p_admitted * ratio / steps), span / steps)
