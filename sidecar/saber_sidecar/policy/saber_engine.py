@@ -28,6 +28,7 @@ from saber_sidecar.policy.saber_batch import INF, Batch, Run
 TTFT_EWMA = 0.2
 RATIO_EWMA = 0.1
 RATIO_MIN_TOKENS = 2000  # estimated prompt tokens before the engine's counter corrects the estimate
+RATIO_IN_FLIGHT = 0.1  # of those, at most this share admitted too recently to be surely counted
 INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
 SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
@@ -99,8 +100,9 @@ class EngineView:
         self.ttft_max = 0.0
         self.finishes = 0
         # Decode rows learned with an estimated prefill, to correct once it is known: (first token,
-        # last token, steps, inter-token time, the model's row, finishes then).
-        self.pending: deque[tuple[float, float, int, float, tuple, int]] = deque()
+        # last token, steps, inter-token time, the reach of the backlog then, the model's row,
+        # finishes then).
+        self.pending: deque[tuple[float, float, int, float, float, tuple, int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
@@ -173,7 +175,7 @@ class EngineView:
             first_t.insert(i, t)
             self.first_p.insert(i, run.req.prompt_tokens)
 
-    def _span_prefill(self, a: float, b: float) -> tuple[float, float]:
+    def _span_prefill(self, a: float, b: float, reach: float) -> tuple[float, float]:
         """Prompt tokens (estimated) the engine prefilled in (a, b], and how many of them are in doubt.
 
         Those of finished requests whose first token came in it, and of running ones admitted in
@@ -181,7 +183,6 @@ class EngineView:
         request admitted within that TTFT before `a`, or before `b`, may or may not have been: it
         counts when its admission plus the TTFT estimate lies in the span, and its prompt is in doubt."""
         t0s = self.batch.run_t0s
-        reach = self.ttft_max
         lo = bisect_left(t0s, a - reach)
         i1 = bisect_left(t0s, a)
         i2 = max(i1, bisect_right(t0s, b - reach))
@@ -213,14 +214,17 @@ class EngineView:
         prefill estimated where not yet known (at a weight that says how well), and corrected as
         the requests around it finish."""
         model = self.model
-        tokens, doubt = self._span_prefill(a, b)
+        # How long a prompt may wait for its prefill: the longest recent TTFT, or the prefill
+        # backlog the gate predicts now when longer (a burst of admissions).
+        reach = max(self.ttft_max, self.batch.prefill_ahead(b))
+        tokens, doubt = self._span_prefill(a, b, reach)
         weight = self._weight(doubt, itl, steps)
         changed = model.observe_decode(mean_L, mean_L2, tokens * self.ratio / steps, itl, weight)
         row = model.last_row
         if weight < 1.0 and row is not None:
             if len(self.pending) >= PENDING_KEPT:
                 self.pending.popleft()
-            self.pending.append((a, b, steps, itl, row, self.finishes))
+            self.pending.append((a, b, steps, itl, reach, row, self.finishes))
         return changed
 
     def _resolve_pending(self, now: float) -> bool:
@@ -231,14 +235,14 @@ class EngineView:
         model = self.model
         changed = False
         while pending:
-            a, b, steps, itl, row, born = pending[0]
+            a, b, steps, itl, reach, row, born = pending[0]
             if a < self.first_floor:
                 pending.popleft()
                 continue
-            tokens, doubt = self._span_prefill(a, b)
+            tokens, doubt = self._span_prefill(a, b, reach)
             weight = self._weight(doubt, itl, steps)
             if weight < 1.0 and self.finishes - born < PENDING_MAX_FINISHES and (
-                    now - b < PENDING_WAIT_SPANS * (b - a) + self.ttft_max):
+                    now - b < PENDING_WAIT_SPANS * (b - a) + reach):
                 break
             pending.popleft()
             if model.revise_decode(row, itl, tokens * self.ratio / steps, weight):
@@ -390,10 +394,14 @@ class EngineView:
             # The gate is the engine's only client: prompt tokens the engine counted over those
             # the gate estimated, since the first scrape, are the estimate's error.
             # (Prompts admitted in the last two TTFTs may not be prefilled yet: not counted.)
+            # Those may or may not be in the engine's count: only while they are a small share of
+            # the total is the ratio known to within that share (early in a burst of long prompts
+            # it read 2.1 for an estimate that was exact, and every prefill learned was doubled).
             at = batch.state_at(now - 2.0 * max(self.ttft_estimate, 0.01))
             d_engine = snapshot.prompt_tokens - self.counters_first[0]
             d_gate = (at[2] if at is not None else 0.0) - self.counters_first[1]
-            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0:
+            in_flight = batch.P - (at[2] if at is not None else self.counters_first[1])
+            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0 and in_flight <= RATIO_IN_FLIGHT * d_gate:
                 self.set_ratio(d_engine / d_gate)
                 self.ratio_known = True
         cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, batch.busy)
