@@ -284,6 +284,33 @@ def test_a_revised_row_is_the_row_it_should_have_been():
     assert list(revised.theta) == pytest.approx(list(direct.theta), rel=1e-6, abs=1e-12)
 
 
+def test_the_prompt_token_ratio_ignores_the_engine_count_of_a_burst_still_in_flight():
+    # The gate's prompt estimate is exact here (ratio 1). A burst admitted just before a scrape
+    # is already in the engine's prompt counter but not yet in the gate's "surely prefilled"
+    # total: reading the ratio then said 1.8 (2.1 on the paper grid, doubling every prefill the
+    # model learned); it waits until such prompts are at most a tenth of the total.
+    from saber_sidecar.policy.base import EngineSnapshot
+
+    batch, view = _view()
+
+    def scrape(now, prompt_tokens):
+        snap = EngineSnapshot(running=len(batch.running), waiting=0, kv_cache_usage=0.1, steps=round(now * 100),
+                              prompt_tokens=prompt_tokens, generation_tokens=round(now * 100))
+        view.observe_counters(snap, now, 8)
+
+    scrape(0.0, 0)
+    for i in range(5):
+        _admit(batch, view, f"a{i}", 0.1 * (i + 1), 1000)
+    scrape(1.0, 5000)
+    assert view.ratio == pytest.approx(1.0) and view.ratio_known
+    for i in range(4):
+        _admit(batch, view, f"b{i}", 1.9, 1000)
+    scrape(2.0, 9000)  # the burst counted by the engine, not yet by the gate (a 0.4 s lag)
+    assert view.ratio == pytest.approx(1.0)
+    scrape(3.0, 9000)
+    assert view.ratio == pytest.approx(1.0)
+
+
 def _code_trace_errors(load, count=1000):
     """The worst relative error of the learned step time against the engine's (sim, the paper
     profile) at L = 4, 8, 16, 32 where the decode data reach (half their mean batch up to their
