@@ -13,7 +13,8 @@ constant part of time to first token that is not engine work (HTTP, tokenising, 
 Everything the gate observes is a linear function of theta = (t0, t1, t2, c, o), so one least
 squares learns all of it (`_Rows` documents each kind of row):
 - a completed request's decode span (first to last token): its mean inter-token time is one
-  step at its mean batch, plus the prompts others prefilled meanwhile, spread over its steps;
+  step at its mean batch, plus the prompts the engine prefilled meanwhile, spread over its steps
+  (the policy may learn it with that prefill estimated and correct it later: `revise_decode`);
 - its time to first token: the rest of the step in progress, then the step(s) that prefill the
   prompt tokens admitted with it (in chunks of the engine's token budget), plus `o`;
 - an interval between two scrapes of vLLM's metrics while the engine was busy: its mean step
@@ -116,6 +117,9 @@ class EngineModel:
         self._wsum = 0.0
         self._wsum_rows = 0.0  # rows seen (decayed, by weight): the data's size
         self._since = 0
+        self._rows = 0  # rows ever added (their decay since is FORGET ** (rows now - rows then))
+        # The last row added: (x, its weight over y^2, rows then, its weight), for `revise_decode`.
+        self.last_row: tuple[tuple[float, ...], float, int, float] | None = None
         self.observations = 0
         self.refits = 0
         self.r2: float | None = None
@@ -179,9 +183,39 @@ class EngineModel:
 
         `mean_L`, `mean_L2`: the time-averaged batch (and its square) it decoded in; `prefill_per_step`:
         prompt tokens others prefilled during the span over its steps (output tokens - 1)."""
+        self.last_row = None
         if not (mean_L >= 1.0 and itl > 0.0 and math.isfinite(itl) and prefill_per_step >= 0.0):
             return False
         return self._row((1.0, mean_L, max(mean_L2, mean_L * mean_L), prefill_per_step, 0.0), itl, weight)
+
+    def revise_decode(self, row: tuple[tuple[float, ...], float, int, float], y: float, prefill_per_step: float,
+                      weight: float = 1.0) -> bool:
+        """Correct a decode row added earlier (`last_row` after its `observe_decode`, `y` its
+        inter-token time) once its span's prefill is known better: it is taken out of the
+        statistics at its decayed weight and put back with the new prefill per step and weight.
+        The estimate follows at the next solve; returns False (nothing re-solved yet)."""
+        x, w, at, weight0 = row
+        if not self.online or prefill_per_step < 0.0 or weight0 <= 0.0:
+            return False
+        decay = FORGET ** (self._rows - at)
+        if decay < 1e-6:
+            return False
+        f0 = w * decay
+        f1 = f0 * weight / weight0
+        new = (x[0], x[1], x[2], prefill_per_step, x[4])
+        S, b = self._S, self._b
+        for i in range(N):
+            Si = S[i]
+            for j in range(i, N):
+                Si[j] += f1 * new[i] * new[j] - f0 * x[i] * x[j]
+            b[i] += (f1 * new[i] - f0 * x[i]) * y
+        self._yy += (f1 - f0) * y * y
+        self._wy += (f1 - f0) * y
+        self._wsum += f1 - f0
+        self._wsum_rows += decay * (weight - weight0)
+        # Solved with the next row, on the rows' schedule (a solve costs ~0.2 ms): a correction
+        # adds no row.
+        return False
 
     def observe_ttft(self, L: int, burst_tokens: int, ttft: float, weight: float = 1.0) -> bool:
         """Admission to first token of a request admitted with L running (itself included) and
@@ -230,6 +264,8 @@ class EngineModel:
             self._top = x[1] / x[0]
         ref = y if y > 0.5 * pred else 0.5 * pred
         w = weight / (ref * ref)
+        self._rows += 1
+        self.last_row = (x, w, self._rows, weight)
         lam = FORGET
         S, b = self._S, self._b
         for i in range(N):

@@ -169,6 +169,7 @@ class SaberPolicy(Policy):
             return admission.dispatch(now)
         if admission.probes:
             admission.probes.pop(request_id, None)
+        engine.note_prefilled(run, now, first_token_at)  # when its prompt was prefilled, for learning
         if first_token_at is not None and first_token_at >= run.t0:
             engine.note_ttft(first_token_at - run.t0)
         duration = now - run.t0

@@ -8,7 +8,8 @@ what the feasibility check (saber_replay.py) replays. Every admission makes the 
 prompt, which stalls every running request for `prompt tokens x c` seconds: charged to W here.
 
 It also keeps, for learning the engine (saber_engine.py), ∫ min(L, seats) dt, its square, the
-time anything ran, and a log of those integrals at each event.
+time anything ran, a log of those integrals at each event, and the admission times and prompts
+of the running requests (whose first tokens the gate does not know yet).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Batch:
 
     __slots__ = ("running", "by_finish", "ks", "dues", "dues_sorted", "W", "A", "t", "sla_running",
                  "tpot_running", "P", "prefill_end", "burst_at", "burst", "cluster_tokens", "Ae", "A2",
-                 "busy", "log_t", "log")
+                 "busy", "log_t", "log", "run_t0s", "run_prompts")
 
     def __init__(self) -> None:
         self.running: dict[str, Run] = {}
@@ -79,6 +80,11 @@ class Batch:
         # (t, (∫min(L, seats) dt, ∫min(L, seats)^2 dt, prompt tokens admitted)) at each event.
         self.log_t: list[float] = []
         self.log: list[tuple[float, float, float]] = []
+        # Admission times of the running requests, ascending, and their prompts (estimated tokens):
+        # a decode span's prefill is only known once those admitted around it have reported their
+        # first tokens (EngineView.learn).
+        self.run_t0s: list[float] = []
+        self.run_prompts: list[int] = []
 
     def advance(self, now: float, model: EngineModel, seats: int) -> None:
         """Move the integrals on to `now` (L has been constant since the last event)."""
@@ -125,6 +131,14 @@ class Batch:
         running = self.running
         run = Run(req, k, self.A, now, sla, tpot_speed if sla else 0.0, self.P, len(running) + 1)
         running[req.id] = run
+        t0s = self.run_t0s
+        if t0s and now < t0s[-1]:  # (time never runs backwards; kept sorted all the same)
+            i = bisect_right(t0s, now)
+            t0s.insert(i, now)
+            self.run_prompts.insert(i, req.prompt_tokens)
+        else:
+            t0s.append(now)
+            self.run_prompts.append(req.prompt_tokens)
         key = (k, req.id, due)
         by_finish = self.by_finish
         ks = self.ks
@@ -181,6 +195,12 @@ class Batch:
             i += 1
         due = self.dues[i]
         del by_finish[i], ks[i], self.dues[i]
+        t0s, prompts = self.run_t0s, self.run_prompts
+        j = bisect_left(t0s, run.t0)
+        prompt = run.req.prompt_tokens
+        while j + 1 < len(t0s) and prompts[j] != prompt and t0s[j + 1] == run.t0:
+            j += 1  # (any entry with its time and prompt: only the multiset is read)
+        del t0s[j], prompts[j]
         if due < INF:
             dues_sorted = self.dues_sorted
             del dues_sorted[bisect_left(dues_sorted, due)]

@@ -2,8 +2,10 @@
 
 - The engine model (engine_model.py): step time t0 + t1 L + t2 L^2 + c P, learned online from
   completed requests' decode spans and times to first token and from the engine's step counters,
-  starting from the configured prior. Every admission makes the engine prefill the new prompt,
-  which stalls every running request for `prompt_tokens x c` seconds.
+  starting from the configured prior. A decode span's P is what the engine prefilled in it: the
+  prompts whose first token came in it, known as the requests around it finish (`note_prefilled`).
+  Every admission makes the engine prefill the new prompt, which stalls every running request for
+  `prompt_tokens x c` seconds.
 - Prompt tokens are the sidecar's estimate (characters / 4); the model is in the engine's tokens.
   `ratio` (engine tokens per estimated token) is learned from `usage` or, without it, from the
   engine's prompt-token counter; `per_token` is c x ratio, what the plan prices an estimated
@@ -16,6 +18,8 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
+from collections import deque
 
 from saber_sidecar.policy.base import EngineSnapshot
 from saber_sidecar.policy.engine_model import EngineModel
@@ -24,6 +28,7 @@ from saber_sidecar.policy.saber_batch import INF, Batch, Run
 TTFT_EWMA = 0.2
 RATIO_EWMA = 0.1
 RATIO_MIN_TOKENS = 2000  # estimated prompt tokens before the engine's counter corrects the estimate
+RATIO_IN_FLIGHT = 0.1  # of those, at most this share admitted too recently to be surely counted
 INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
 SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
@@ -34,7 +39,19 @@ SLOW_START_CONFIRM = 4
 SLOW_START_ERROR = 0.25
 ERROR_EWMA = 0.2
 COUNTER_MIN_STEPS = 8  # engine steps in a span worth learning from
-CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that a decode span is taken to include
+# A decode span's prefill (the prompts the engine prefilled between its first and last token) is
+# read from the first tokens of the requests around it, which the gate learns as they finish. Its
+# row is learned at once, a running request's prefill estimated at its admission plus the TTFT
+# estimate; where such estimates could move its step time by more than PENDING_ERROR (requests
+# admitted within the recent longest TTFT of the span's start or end), the row is corrected once
+# they have finished (given up after PENDING_MAX_FINISHES finishes or PENDING_WAIT_SPANS x its span).
+CLUSTER_SHARE = 1.0  # of its cluster-mates admitted after it that the slow-start check counts in a span
+PENDING_MAX_FINISHES = 32
+PENDING_ERROR = 0.02
+PENDING_WAIT_SPANS = 1.0  # (plus the longest TTFT) after it ended
+PENDING_KEPT = 1024  # decode rows waiting for their span's prefill
+FIRST_TOKENS_KEPT = 4096  # first-token times of finished requests (halved when full)
+TTFT_MAX_DECAY = 0.98  # per finish: the recent longest TTFT, the reach of a prefill backlog
 COUNTER_SPAN_S = 2.0  # a span of the engine's counters: long next to the bursts it publishes them in
 BUSY_SHARE = 0.98  # share of a scrape interval the gate must have had requests running
 
@@ -77,6 +94,17 @@ class EngineView:
         self.counters_first: tuple[float, float] | None = None
         self.per_token = model.per_token  # seconds of engine stall per estimated prompt token
         self.kv_usage = 0.0  # the engine's KV-cache usage, from its metrics
+        # When the engine prefilled each finished request's prompt (its first token) and the
+        # prompt (estimated tokens), by time; times before `first_floor` were dropped.
+        self.first_t: list[float] = []
+        self.first_p: list[int] = []
+        self.first_floor = -INF
+        self.ttft_max = 0.0
+        self.finishes = 0
+        # Decode rows learned with an estimated prefill, to correct once it is known: (first token,
+        # last token, steps, inter-token time, the reach of the backlog then, the model's row,
+        # finishes then).
+        self.pending: deque[tuple[float, float, int, float, float, tuple, int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
@@ -116,6 +144,113 @@ class EngineView:
 
     def note_ttft(self, seconds: float) -> None:
         self.ttft_estimate += TTFT_EWMA * (seconds - self.ttft_estimate)
+
+    def note_prefilled(self, run: Run, now: float, first_token_at: float | None) -> None:
+        """A request left the batch (completed or cut off): when the engine prefilled its prompt.
+
+        The engine prefills a prompt in the step that yields its first token (vLLM counts its
+        prompt tokens there too). Without a first token (a request not streamed, or one cut off
+        before it), a request that ran longer than the TTFT estimate is taken to have been
+        prefilled that long after admission."""
+        if not self.model.online or run.adopted or not run.req.prompt_tokens:
+            return
+        self.finishes += 1
+        if first_token_at is not None and run.t0 <= first_token_at <= now:
+            t = first_token_at
+            ttft = t - run.t0
+            self.ttft_max = max(ttft, self.ttft_max * TTFT_MAX_DECAY)
+        else:
+            t = run.t0 + self.ttft_estimate
+            if t > now:
+                return
+        if t < self.first_floor:
+            return
+        first_t = self.first_t
+        if len(first_t) >= FIRST_TOKENS_KEPT:
+            half = FIRST_TOKENS_KEPT // 2
+            self.first_floor = first_t[half]
+            del first_t[:half], self.first_p[:half]
+        if not first_t or t >= first_t[-1]:
+            first_t.append(t)
+            self.first_p.append(run.req.prompt_tokens)
+        else:
+            i = bisect_right(first_t, t)
+            first_t.insert(i, t)
+            self.first_p.insert(i, run.req.prompt_tokens)
+
+    def _span_prefill(self, a: float, b: float, reach: float) -> tuple[float, float]:
+        """Prompt tokens (estimated) the engine prefilled in (a, b], and how many of them are in doubt.
+
+        Those of finished requests whose first token came in it, and of running ones admitted in
+        it at least the recent longest TTFT before `b` (surely prefilled by then). A running
+        request admitted within that TTFT before `a`, or before `b`, may or may not have been: it
+        counts when its admission plus the TTFT estimate lies in the span, and its prompt is in doubt."""
+        t0s = self.batch.run_t0s
+        lo = bisect_left(t0s, a - reach)
+        i1 = bisect_left(t0s, a)
+        i2 = max(i1, bisect_right(t0s, b - reach))
+        hi = bisect_left(t0s, b)
+        prompts = self.batch.run_prompts
+        tokens = sum(prompts[i1:i2]) if i2 > i1 else 0
+        doubt = 0
+        if lo < i1 or i2 < hi:
+            doubt = sum(prompts[lo:i1]) + sum(prompts[i2:hi])
+            ttft = self.ttft_estimate
+            for i in (*range(lo, i1), *range(i2, hi)):
+                if a < t0s[i] + ttft <= b:
+                    tokens += prompts[i]
+        first_t = self.first_t
+        return tokens + sum(self.first_p[bisect_right(first_t, a):bisect_right(first_t, b)]), doubt
+
+    def _weight(self, doubt: float, itl: float, steps: int) -> float:
+        """A decode row's weight while `doubt` prompt tokens of its span's prefill are estimated:
+        1 while they could move its step time by at most PENDING_ERROR, falling with the square
+        beyond (a long span spreads a prompt over many steps; a short one does not)."""
+        per_token = self.model.per_token * self.ratio
+        if doubt <= 0 or per_token <= 0:
+            return 1.0
+        r = doubt * per_token / (PENDING_ERROR * itl * steps)
+        return 1.0 if r <= 1.0 else 1.0 / (r * r)
+
+    def _learn_decode(self, a: float, b: float, steps: int, mean_L: float, mean_L2: float, itl: float) -> bool:
+        """A completed request's decode span (first token at `a`, last at `b`): learned at once, its
+        prefill estimated where not yet known (at a weight that says how well), and corrected as
+        the requests around it finish."""
+        model = self.model
+        # How long a prompt may wait for its prefill: the longest recent TTFT, or the prefill
+        # backlog the gate predicts now when longer (a burst of admissions).
+        reach = max(self.ttft_max, self.batch.prefill_ahead(b))
+        tokens, doubt = self._span_prefill(a, b, reach)
+        weight = self._weight(doubt, itl, steps)
+        changed = model.observe_decode(mean_L, mean_L2, tokens * self.ratio / steps, itl, weight)
+        row = model.last_row
+        if weight < 1.0 and row is not None:
+            if len(self.pending) >= PENDING_KEPT:
+                self.pending.popleft()
+            self.pending.append((a, b, steps, itl, reach, row, self.finishes))
+        return changed
+
+    def _resolve_pending(self, now: float) -> bool:
+        """Correct the decode rows learned with an estimated prefill once it is known (or as well
+        as it will be: after PENDING_MAX_FINISHES finishes, or PENDING_WAIT_SPANS x its span);
+        True when the model changed."""
+        pending = self.pending
+        model = self.model
+        changed = False
+        while pending:
+            a, b, steps, itl, reach, row, born = pending[0]
+            if a < self.first_floor:
+                pending.popleft()
+                continue
+            tokens, doubt = self._span_prefill(a, b, reach)
+            weight = self._weight(doubt, itl, steps)
+            if weight < 1.0 and self.finishes - born < PENDING_MAX_FINISHES and (
+                    now - b < PENDING_WAIT_SPANS * (b - a) + reach):
+                break
+            pending.popleft()
+            if model.revise_decode(row, itl, tokens * self.ratio / steps, weight):
+                changed = True
+        return changed
 
     # -- the bounds on the plan ---------------------------------------------------------------
 
@@ -229,15 +364,17 @@ class EngineView:
                 steps = output_tokens - 1
                 mean_L = (batch.Ae - at[0]) / span
                 mean_L2 = (batch.A2 - at[1]) / span
-                # The prompts prefilled during the span: those admitted in it, and on average half
-                # of those admitted in its own cluster after it (the engine prefills a cluster in
-                # its own order: some of them after this request's first token).
+                # The slow-start check prices the span's prefill at the prompts admitted in it
+                # and its cluster-mates admitted after it (as before); the row learns the prompts
+                # the engine prefilled in it (`_learn_decode`).
                 mates = batch.cluster_tokens.get(run.cluster, run.burst) - run.burst
-                p_span = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
-                per_step = p_span * ratio / steps
-                self._check_prediction(model.step_seconds(mean_L, per_step), span / steps, first_token_at, now)
-                if model.observe_decode(mean_L, mean_L2, per_step, span / steps):
+                p_admitted = batch.P - at[2] + CLUSTER_SHARE * max(0, mates)
+                self._check_prediction(model.step_seconds(mean_L, p_admitted * ratio / steps), span / steps,
+                                       first_token_at, now)
+                if self._learn_decode(first_token_at, now, steps, mean_L, mean_L2, span / steps):
                     changed = True
+            if self._resolve_pending(now):
+                changed = True
         else:
             at = batch.state_at(run.t0)
             duration = now - run.t0
@@ -272,10 +409,14 @@ class EngineView:
             # The gate is the engine's only client: prompt tokens the engine counted over those
             # the gate estimated, since the first scrape, are the estimate's error.
             # (Prompts admitted in the last two TTFTs may not be prefilled yet: not counted.)
+            # Those may or may not be in the engine's count: only while they are a small share of
+            # the total is the ratio known to within that share (early in a burst of long prompts
+            # it read 2.1 for an estimate that was exact, and every prefill learned was doubled).
             at = batch.state_at(now - 2.0 * max(self.ttft_estimate, 0.01))
             d_engine = snapshot.prompt_tokens - self.counters_first[0]
             d_gate = (at[2] if at is not None else 0.0) - self.counters_first[1]
-            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0:
+            in_flight = batch.P - (at[2] if at is not None else self.counters_first[1])
+            if d_gate >= RATIO_MIN_TOKENS and d_engine > 0 and in_flight <= RATIO_IN_FLIGHT * d_gate:
                 self.set_ratio(d_engine / d_gate)
                 self.ratio_known = True
         cur = (now, snapshot.steps, snapshot.prompt_tokens, snapshot.generation_tokens, batch.busy)

@@ -160,3 +160,208 @@ def test_past_the_data_the_step_follows_the_priors_shape_scaled_to_the_fit():
         model = _flat_engine_model(seed, slow, batches=(4, 16))
         for L in (24, 40, 64):
             assert 0.85 * step(slow, L) <= 1 / model.speed(L) <= 1.1 * step(slow, L), (seed, L)
+
+
+# -- the prompts prefilled during a decode span (prefill-heavy traffic) ----------------------------
+
+
+class _Rows(EngineModel):
+    """The shipped prior, recording the decode rows it is fed and their corrections."""
+
+    def __init__(self):
+        base = engine_model_for(paper_config("saber").scheduling)
+        super().__init__(tuple(base.prior[:3]), base.per_token)
+        self.decode_rows = []
+        self.revisions = []
+
+    def observe_decode(self, mean_L, mean_L2, prefill_per_step, itl, weight=1.0):
+        self.decode_rows.append((mean_L, prefill_per_step, itl, weight))
+        return super().observe_decode(mean_L, mean_L2, prefill_per_step, itl, weight)
+
+    def revise_decode(self, row, y, prefill_per_step, weight=1.0):
+        self.revisions.append((prefill_per_step, weight))
+        return super().revise_decode(row, y, prefill_per_step, weight)
+
+
+def _view():
+    from saber_sidecar.policy.saber_batch import Batch
+    from saber_sidecar.policy.saber_engine import EngineView
+
+    batch = Batch()
+    view = EngineView(_Rows(), batch, None, 0.2)  # a TTFT estimate of 0.2 s
+    return batch, view
+
+
+def _admit(batch, view, rid, now, prompt):
+    from saber_sidecar.policy.base import Request
+
+    batch.advance(now, view.model, view.seats)
+    req = Request(rid, "c", now, now + 60, 100, 20, prompt_tokens=prompt)
+    return batch.add(req, 20, 0.0, math.inf, now, view)
+
+
+def _finish(batch, view, rid, now, tokens, first_token_at):
+    batch.advance(now, view.model, view.seats)
+    run = batch.remove(rid)
+    view.note_prefilled(run, now, first_token_at)
+    view.learn(run, now, tokens, first_token_at, None, 8)
+
+
+def _long_ttft_seen(batch, view):
+    """A request with a 0.5 s TTFT: the reach of the prefill backlog (and one running, r1)."""
+    _admit(batch, view, "r0", -0.6, 500)
+    _admit(batch, view, "r1", 0.0, 100)
+    _finish(batch, view, "r0", -0.09, 1, -0.1)
+
+
+def test_a_decode_span_counts_the_prompts_the_engine_prefilled_in_it_not_those_admitted_in_it():
+    # r1 decodes from 0.1 to 1.1 (10 steps). r2's prompt is admitted at 0.7 and prefilled in the
+    # span (first token 0.9). r3's is admitted at 0.85, inside the span, but a backlog of long
+    # prompts puts its prefill after it (first token 1.3). Both were admitted within the recent
+    # longest TTFT (0.5 s) of the span's end: at r1's finish their first tokens are unknown, so
+    # the row is learned with them estimated (admission + 0.2 s: both inside), at a low weight,
+    # and corrected once both have finished: r2's prompt alone, full weight.
+    batch, view = _view()
+    _long_ttft_seen(batch, view)
+    _admit(batch, view, "r2", 0.7, 2000)
+    _admit(batch, view, "r3", 0.85, 3000)
+    _finish(batch, view, "r1", 1.1, 11, 0.1)
+    (L, prefill_per_step, itl, weight), = view.model.decode_rows
+    assert prefill_per_step == pytest.approx(5000 / 10)  # the estimate: what the old rows also said
+    assert weight < 0.01  # 5000 tokens in doubt, where 0.02 x 10 steps x 0.1 s / 5e-5 s = 400 would do
+    assert itl == pytest.approx(0.1)
+    assert L == pytest.approx(1 + 0.4 + 0.25)  # the gate's own batch: r1, r2 from 0.7, r3 from 0.85
+    _finish(batch, view, "r3", 2.0, 8, 1.3)
+    assert view.model.revisions == []  # r2 is still running: its first token is unknown
+    _finish(batch, view, "r2", 2.2, 20, 0.9)
+    assert view.model.revisions == [(pytest.approx(2000 / 10), 1.0)]  # r2's prompt over r1's 10 steps
+
+
+def test_a_decode_row_is_corrected_within_a_bounded_number_of_finishes():
+    # r2, admitted near the end of r1's span, runs on and on: after PENDING_MAX_FINISHES other
+    # finishes the row is given its final value, r2's prefill still estimated (0.85 + 0.2 s: in
+    # the span), at the weight of that doubt.
+    from saber_sidecar.policy.saber_engine import PENDING_MAX_FINISHES
+
+    batch, view = _view()
+    _long_ttft_seen(batch, view)
+    _admit(batch, view, "r2", 0.85, 1000)
+    _finish(batch, view, "r1", 1.1, 11, 0.1)
+    t = 1.1
+    for i in range(PENDING_MAX_FINISHES):
+        assert view.model.revisions == [], i
+        t += 0.01
+        _admit(batch, view, f"s{i}", t, 10)
+        _finish(batch, view, f"s{i}", t + 0.005, 1, t + 0.004)  # (single tokens: no decode row)
+    (prefill_per_step, weight), = view.model.revisions
+    assert prefill_per_step == pytest.approx(1000 / 10)
+    assert weight < 1.0  # (the doubt priced at the prefill cost learned meanwhile)
+    assert not view.pending
+
+
+def test_a_long_span_does_not_wait_for_a_prompt_it_spreads_thin():
+    # Over 400 steps a 1000-token prompt near the span's end moves the step time by ~0.2%: the
+    # row is learned at full weight at once, the prompts admitted well inside the span counted.
+    batch, view = _view()
+    _long_ttft_seen(batch, view)
+    _admit(batch, view, "r2", 5.0, 2000)  # surely prefilled by the end (12 s)
+    _admit(batch, view, "r3", 11.95, 1000)  # may not be: its admission + 0.2 s is after the end
+    _finish(batch, view, "r1", 12.1, 401, 0.1)
+    (L, prefill_per_step, itl, weight), = view.model.decode_rows
+    assert prefill_per_step == pytest.approx(2000 / 400)
+    assert weight == 1.0 and not view.pending
+
+
+def test_a_revised_row_is_the_row_it_should_have_been():
+    # The statistics after a correction equal those of a model fed the right row in the first
+    # place (the row's decay since counted), whatever came after it.
+    rng = random.Random(0)
+    direct, revised = EngineModel(CPU, 1.4e-3), EngineModel(CPU, 1.4e-3)
+    rows = [(rng.uniform(2, 30), rng.uniform(0, 2000)) for _ in range(40)]
+    held = {}
+    for i, (L, P) in enumerate(rows):
+        y = step(CPU, L) + 1.4e-3 * P
+        direct.observe_decode(L, L * L, P, y)
+        if i in (5, 20):
+            revised.observe_decode(L, L * L, 0.3 * P, y, weight=0.01)
+            held[i] = (revised.last_row, y)
+        else:
+            revised.observe_decode(L, L * L, P, y)
+    for i, (row, y) in held.items():
+        revised.revise_decode(row, y, rows[i][1], 1.0)
+    direct.solve()
+    revised.solve()
+    for a, b in zip(direct._S, revised._S):
+        assert a == pytest.approx(b, rel=1e-9)
+    assert direct._wsum_rows == pytest.approx(revised._wsum_rows)
+    assert list(revised.theta) == pytest.approx(list(direct.theta), rel=1e-6, abs=1e-12)
+
+
+def test_the_prompt_token_ratio_ignores_the_engine_count_of_a_burst_still_in_flight():
+    # The gate's prompt estimate is exact here (ratio 1). A burst admitted just before a scrape
+    # is already in the engine's prompt counter but not yet in the gate's "surely prefilled"
+    # total: reading the ratio then said 1.8 (2.1 on the paper grid, doubling every prefill the
+    # model learned); it waits until such prompts are at most a tenth of the total.
+    from saber_sidecar.policy.base import EngineSnapshot
+
+    batch, view = _view()
+
+    def scrape(now, prompt_tokens):
+        snap = EngineSnapshot(running=len(batch.running), waiting=0, kv_cache_usage=0.1, steps=round(now * 100),
+                              prompt_tokens=prompt_tokens, generation_tokens=round(now * 100))
+        view.observe_counters(snap, now, 8)
+
+    scrape(0.0, 0)
+    for i in range(5):
+        _admit(batch, view, f"a{i}", 0.1 * (i + 1), 1000)
+    scrape(1.0, 5000)
+    assert view.ratio == pytest.approx(1.0) and view.ratio_known
+    for i in range(4):
+        _admit(batch, view, f"b{i}", 1.9, 1000)
+    scrape(2.0, 9000)  # the burst counted by the engine, not yet by the gate (a 0.4 s lag)
+    assert view.ratio == pytest.approx(1.0)
+    scrape(3.0, 9000)
+    assert view.ratio == pytest.approx(1.0)
+
+
+def _code_trace_errors(load, count=1000):
+    """The worst relative error of the learned step time against the engine's (sim, the paper
+    profile) at L = 4, 8, 16, 32 where the decode data reach (half their mean batch up to their
+    top), over the solves of the second half of a code-trace window; and the final prefill cost's."""
+    from saber_bench.policies import build_policy, request_builder
+    from saber_bench.sim import default_engine, simulate
+    from saber_bench.trace_bench import TraceSource, rates_for
+    from saber_emulator.profile import load_profile
+
+    profile = load_profile(None)
+    source = TraceSource(count=count)
+    rates, _ = rates_for(source, None, None, [load], None)
+    config = source.config("saber")
+    policy = build_policy("saber", config, 0)
+    model = policy.engine.model
+    errors = []
+    set_table = model._set_table
+
+    def record():
+        set_table()
+        low, high = model.data_range() or (1.0, 1.0)
+        errors.append([model.step_seconds(L) / profile.decode_time(L) - 1
+                       for L in (4, 8, 16, 32) if low / 2 <= L <= high])
+
+    model._set_table = record
+    engine = default_engine(profile, seed=0, max_model_len=source.max_model_len)
+    simulate(source.specs(rate=rates[0]), policy, engine, request_builder("saber", config))
+    late = [e for row in errors[len(errors) // 2:] for e in row]
+    return max(map(abs, late)), model.per_token / profile.prefill_s_per_token - 1
+
+
+@pytest.mark.parametrize("load", [1.0, 1.5, 2.0])
+def test_the_step_time_is_learned_under_prefill_heavy_traffic(load):
+    # The code trace (prompts ~1.5k tokens, short outputs) at and above capacity, sim on the paper
+    # profile: most of each decode step is others' prefill. When decode rows counted the prompts
+    # admitted during a span instead of those prefilled in it, the step was 16-100% off and the
+    # prefill cost 25-36% low here (at L=8 it read 0.003 s against the engine's 0.0117); now
+    # within 3-5% and 1-5%.
+    worst, c_error = _code_trace_errors(load)
+    assert worst < 0.1, worst
+    assert abs(c_error) < 0.1, c_error
