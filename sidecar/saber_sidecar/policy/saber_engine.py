@@ -104,7 +104,7 @@ class EngineView:
         # Decode rows learned with an estimated prefill, to correct once it is known: (first token,
         # last token, steps, inter-token time, the reach of the backlog then, the model's row,
         # finishes then).
-        self.pending: deque[tuple[float, float, int, float, float, tuple, int]] = deque()
+        self.pending: deque[tuple[float, float, int, float, float, tuple[tuple[float, ...], float, int, float], int]] = deque()
 
     def adopt(self, old: EngineView) -> None:
         """Take over what `old` learned (a reload that keeps the prior)."""
