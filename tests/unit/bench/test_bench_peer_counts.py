@@ -118,7 +118,7 @@ def _cell(rate, policy, goodputs, lat=1.0, load=None):
     s = spread(goodputs)
     return {"rate": rate, "load": load, "policy": policy, "goodput": s["mean"], "goodput_per_seed": goodputs,
             "goodput_spread": s, "mean_e2e_over_sla": lat, "ttft_p50": 0.1, "e2e_p50": 0.5, "e2e_p95": 1.5,
-            "rejected": 0.0}
+            "rejected": 0.0, "demoted": 0.0, "send_lag_max_s": 0.05, "load1_per_repeat": [2.0, 3.5]}
 
 
 def test_targets_pick_the_best_static_by_mean_and_apply_the_two_point_margin():
@@ -133,7 +133,7 @@ def test_targets_pick_the_best_static_by_mean_and_apply_the_two_point_margin():
     assert t2["best_static"] == "static-8" and t2["minus_best_points"] == pytest.approx(-5.0)
     assert not t2["met_minus_2"]
     table = repeats_table(cells)
-    assert "| 10 | 1x | static-64 | 81.0 | 1.4 | 80–83 | 80/80/83 |" in table
+    assert "| 10 | 1x | static-64 | 81.0 | 1.4 | 80–83 | 80/80/83 | 0.100 | 0.50/1.50 | 0.0 | 0.0 | 0.05 | 2.0–3.5 |" in table
 
 
 def test_spread_of_one_value_has_no_std():
