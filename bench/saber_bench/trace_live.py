@@ -12,6 +12,7 @@ import asyncio
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -339,7 +340,8 @@ async def run_vllm_trace(source: TraceSource, policies: list[str], repeats: int,
                     extra[policy]["load1"].append(load1())
                     extra[policy]["ratios"] += [e / r.sla_s if (e := r.e2e) is not None else math.inf for r in records]
             for policy in policies:
-                cell = {"workload": source.label, "rate": rate, "policy": policy, "seeds": repeats, "mode": "live",
+                cell: dict[str, Any] = {"workload": source.label, "rate": rate, "policy": policy, "seeds": repeats,
+                                        "mode": "live",
                         "load": (info.get("loads") or {}).get(f"{rate:g}")}
                 cell.update(combine_seeds(runs[policy]))
                 cell["goodput_spread"] = spread(cell["goodput_per_seed"])
