@@ -123,6 +123,10 @@ async def run_live(args: argparse.Namespace, out: Path) -> int:
 
         source = replace(source, max_model_len=4096)  # the tiny model's context
     source.check()
+    if args.engine == "vllm":  # capacity measured live, repeats interleaved: trace_live.run_vllm_trace
+        from .trace_live import write_vllm_trace
+
+        return await write_vllm_trace(args, source, out)
     rates, info = rates_for(source, args.rates, args.speedup, args.load)
     if args.policies is None:
         args.policies = ["static-50", "saber-paper", "saber"]

@@ -24,7 +24,8 @@ async def test_vllm_bench_serve_and_saber_bench_agree_on_one_cell(tmp_path):
     res = await run_cell(TraceSource(count=100), rate=5.0, policy="saber", out=tmp_path, timeout_s=240)
     peer, own = res["vllm_bench_serve"], res["saber_bench"]
     assert res["goodput_slos"] == "e2el:2000 ttft:1000"
-    assert peer["completed"] + peer["failed"] == 100 and own["unfinished"] == 0
+    assert peer["completed"] + peer["failed"] == 100 and own["completed"] + own["rejected"] == 100  # none unfinished
+    assert peer["reported_good"] == peer["good"]  # the per-request recount is vLLM's own figure
     # Same requests at the same times through fresh sidecars: within 5 points (5 requests).
     assert abs(res["difference_points"]) <= 5.0, res
     assert 0.2 < own["goodput"] <= 1.0  # the cell is neither trivial nor hopeless

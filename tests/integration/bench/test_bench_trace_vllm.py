@@ -82,3 +82,28 @@ async def test_trace_window_live_through_the_sidecar_on_vllm(server, tmp_path):
     served = [r for r in records if not r["rejected"]]
     assert len(served) >= 6
     assert all(r["output_tokens"] == specs[r["id"]].output_tokens for r in served)
+
+
+async def test_repeats_interleave_policies_and_capacity_is_probed_on_vllm(server, tmp_path):
+    """`saber bench live --engine vllm --trace`'s runner: the capacity search on the window, then
+    every policy per repeat on the same arrivals, each with its own record file."""
+    from dataclasses import replace
+
+    from saber_bench.trace_bench import TraceSource
+    from saber_bench.trace_live import run_vllm_trace
+
+    src = replace(TraceSource(count=8, max_tokens=32), max_model_len=2048)
+    cells, info = await run_vllm_trace(src, ["static-2", "saber"], 2, tmp_path, loads=[1.0],
+                                       max_num_seqs=16, engine_url=server.base_url)
+    cap = info["capacity"]
+    assert cap["capacity_rps"] > 0 and cap["probes"]
+    passing = [p["rate"] for p in cap["probes"] if p["goodput"] >= cap["target"]]
+    assert cap["capacity_rps"] == max(passing)
+    assert cap["first_failing_rps"] is None or cap["first_failing_rps"] > cap["capacity_rps"]
+    rate = round(cap["capacity_rps"], 2)
+    assert [c["policy"] for c in cells] == ["static-2", "saber"] and all(c["rate"] == rate for c in cells)
+    assert all(len(c["goodput_per_seed"]) == 2 and c["errors"] == 0 for c in cells)
+    for policy in ("static-2", "saber"):
+        for rep in (0, 1):
+            assert len((tmp_path / "requests" / f"{rate:g}-{policy}-{rep}.jsonl").read_text().splitlines()) == 8
+    assert "engine_max_num_seqs: 16" in (tmp_path / "configs" / "saber.yaml").read_text()
