@@ -360,12 +360,13 @@ def _token_prompts(specs: list[RequestSpec]) -> list[RequestSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trace_cli import _floats, add_trace_args, source_from
+    from .argtypes import positive_floats
+    from .trace_cli import add_trace_args, source_from
 
     p = argparse.ArgumentParser(prog="python bench/scripts/peer_vllm_bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rate", type=_floats, default=None,
+    p.add_argument("--rate", type=positive_floats, default=None,
                    help="comma-separated target mean rates of the cell, req/s (default 4 unless --loads)")
-    p.add_argument("--loads", type=_floats, default=None,
+    p.add_argument("--loads", type=positive_floats, default=None,
                    help="comma-separated rates as multiples of the engine's capacity on this window, measured live "
                    "first (the highest rate at which vLLM's own cap meets 90%% of the SLOs), e.g. 0.6,2")
     p.add_argument("--repeats", type=int, default=1,
