@@ -56,7 +56,10 @@ async def send_pieces(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 EVENT = b"data: " + b"x" * 20_000 + b"\n\n"
-FLOOD = 400  # events of 20 kB: 8 MB, far more than the sidecar's high-water mark plus the sockets' buffers
+# Events of 20 kB: 48 MB, more than the sidecar's high-water mark plus the sockets' buffers. Linux
+# autotunes a receive buffer up to net.ipv4.tcp_rmem's maximum (32 MB here); with 8 MB the whole
+# backlog sometimes fit in the kernel and the engine saw none.
+FLOOD = 2400
 
 
 def flood_script(backed_up: list[int] | None = None):
@@ -92,7 +95,7 @@ async def slow_client(sidecar_url: str, version: str = "1.1"):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so it sticks
     sock.connect((host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**27)  # the whole flood in one readuntil
     body = b'{"model": "m", "prompt": "p", "max_tokens": 400, "stream": true}'
     writer.write(b"POST /v1/completions HTTP/%b\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%b" % (version.encode(), len(body), body))
