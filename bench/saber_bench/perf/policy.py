@@ -78,6 +78,28 @@ def _timed_submits(pol, ops: int, now: float, new_request, apply, kept) -> tuple
     return samples, now
 
 
+def _timed_finishes(pol, ops: int, now: float, running: list[str], output_of, new_request, apply) -> tuple[list[int], float]:
+    """Time `ops` finishes, one running request at a time (`output_of(id)` its output tokens), each
+    followed, untimed, by an arrival that takes its place. Returns the samples and the clock."""
+    samples: list[int] = []
+    for i in range(ops):
+        now += 1e-6
+        if not running:
+            break
+        rid = running.pop(i % len(running))
+        t0 = time.perf_counter_ns()
+        actions = pol.finished(rid, now, output_of(rid), None)
+        samples.append(time.perf_counter_ns() - t0)
+        apply(actions)
+        apply(pol.submit(new_request(now), now))
+    return samples, now
+
+
+def _at_end(pol) -> dict[str, int]:
+    stats = pol.stats()
+    return {"queued_at_end": stats.queued_sla + stats.queued_best_effort, "running_at_end": stats.running}
+
+
 def measure(policy_name: PolicyName, queued: int, ops: int) -> dict[str, Any]:
     cfg = paper_config(policy_name, max_queue=max(10 * queued, 1024))
     cfg.scheduling.speed_model.online_refit = False
@@ -113,17 +135,7 @@ def measure(policy_name: PolicyName, queued: int, ops: int) -> dict[str, Any]:
         samples, now = _timed_submits(pol, ops, now, new_request, apply, running)
         results["submit"] = _summary(samples)
 
-        samples = []
-        for i in range(ops):
-            now += 1e-6
-            if not running:
-                break
-            rid = running.pop(i % len(running))
-            t0 = time.perf_counter_ns()
-            actions = pol.finished(rid, now, tokens[rid], None)
-            samples.append(time.perf_counter_ns() - t0)
-            apply(actions)
-            apply(pol.submit(new_request(now), now))
+        samples, now = _timed_finishes(pol, ops, now, running, tokens.__getitem__, new_request, apply)
         results["finished"] = _summary(samples)
 
         if pol.next_wake() is not None:
@@ -141,9 +153,7 @@ def measure(policy_name: PolicyName, queued: int, ops: int) -> dict[str, Any]:
             results["wake"] = _summary(samples)
     finally:
         gc.enable()
-    stats = pol.stats()
-    results["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
-    results["running_at_end"] = stats.running
+    results.update(_at_end(pol))
     return results
 
 
@@ -199,23 +209,13 @@ def measure_running(running: int, queued: int, ops: int) -> dict:
     try:
         samples, now = _timed_submits(pol, ops, now, new_request, apply, ids)
         tight["submit"] = _summary(samples)
-        samples = []
         admitted = len(ids)
-        for i in range(ops):
-            now += 1e-6
-            rid = ids.pop(i % len(ids))
-            t0 = time.perf_counter_ns()
-            actions = pol.finished(rid, now, T, None)
-            samples.append(time.perf_counter_ns() - t0)
-            apply(actions)
-            apply(pol.submit(new_request(now), now))
+        samples, now = _timed_finishes(pol, ops, now, ids, lambda _: T, new_request, apply)
         tight["finished"] = _summary(samples)
-        tight["admitted_by_finished"] = len(ids) - admitted + ops
+        tight["admitted_by_finished"] = len(ids) - admitted + len(samples)
     finally:
         gc.enable()
-    stats = pol.stats()
-    tight["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
-    tight["running_at_end"] = stats.running
+    tight.update(_at_end(pol))
 
     # Closed loop: every arrival admitted at once, `running` streams.
     cfg = _loose_config("bench", 64, queued)
@@ -247,9 +247,7 @@ def measure_running(running: int, queued: int, ops: int) -> dict:
         loop["finished"] = _summary(fin)
     finally:
         gc.enable()
-    stats = pol.stats()
-    loop["queued_at_end"] = stats.queued_sla + stats.queued_best_effort
-    loop["running_at_end"] = stats.running
+    loop.update(_at_end(pol))
     return {"running": running, "queued": queued, "tight": tight, "closed_loop": loop}
 
 
