@@ -8,24 +8,24 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _numbers(text: str, kind: Callable[[str], Any], what: str, ok: Callable[[Any], bool], bound: str) -> list[Any]:
+def _numbers(text: str, kind: Callable[[str], Any], noun: str, ok: Callable[[Any], bool], bound: str) -> list[Any]:
     try:
         vals = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be comma-separated {bound.split()[0]}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"values must be comma-separated {noun}, got {text!r}") from None
     if not vals or not all(ok(v) for v in vals):
-        raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"values must be {noun} {bound}, got {text!r}")
     return vals
 
 
 def positive_floats(text: str) -> list[float]:
     """'0.5,1,2' -> [0.5, 1.0, 2.0]; every value > 0."""
-    return _numbers(text, float, "values", lambda v: v > 0, "numbers > 0")
+    return _numbers(text, float, "numbers", lambda v: v > 0, "> 0")
 
 
 def positive_ints(text: str) -> list[int]:
     """'1,4,16' -> [1, 4, 16]; every value >= 1."""
-    return _numbers(text, int, "values", lambda v: v >= 1, "integers >= 1")
+    return _numbers(text, int, "integers", lambda v: v >= 1, ">= 1")
 
 
 def names(text: str) -> list[str]:
