@@ -153,7 +153,7 @@ def saber_counts(records) -> dict:
 def summarize_runs(runs: list[dict]) -> list[dict]:
     """Per rate: each client's mean goodput and spread over its repeats, the difference of the means
     (saber − peer, points) and whether it is within AGREE_POINTS and within the spread."""
-    import statistics
+    from .trace_live import spread
 
     out = []
     for rate in dict.fromkeys(r["rate"] for r in runs):
@@ -162,8 +162,7 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
             g = [100 * r["goodput"] for r in runs if r["rate"] == rate and r["client"] == client]
             if not g:
                 raise ValueError(f"no {client} run at {rate:g} req/s")
-            row[client] = {"mean": statistics.fmean(g), "std": statistics.pstdev(g) if len(g) > 1 else 0.0,
-                           "min": min(g), "max": max(g), "runs": g}
+            row[client] = spread(g) | {"runs": g}
         diff = row["saber_bench"]["mean"] - row["vllm_bench_serve"]["mean"]
         spread_pts = max(row["saber_bench"]["std"], row["vllm_bench_serve"]["std"])
         row |= {"difference_points": diff, "spread_points": spread_pts,

@@ -279,7 +279,7 @@ def load1() -> float:
 
 
 def spread(values: list[float]) -> dict:
-    """Mean, population std, min and max of per-repeat values (goodput fractions)."""
+    """Mean, population std, min and max of per-repeat values (goodput, as fractions or points)."""
     import statistics
 
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
