@@ -11,8 +11,9 @@ once. The harness then
    with `KNEE_BATCH` requests decoding (latency there x `DEADLINE_MARGIN`, at least a human-scale
    floor), and the engine's capacity: the most requests/s it serves within those deadlines (the
    best batch size B, from the profile: B requests decoding at speed v(B) plus the prefill work
-   of each request), then checked live through the pass-through sidecar (vLLM's own cap must meet
-   90% of the deadlines at that rate, else the rate is lowered and probed again, 4 probes at most);
+   of each request) as the start of a live search through the pass-through sidecar
+   (`capacity.search_capacity`: the highest rate at which vLLM's own cap meets 90% of the
+   deadlines, searched up and down);
 3. runs, for each load (0.5x .. 2x capacity) and seed, every policy on the same arrivals, each
    behind a fresh sidecar process in front of that one vLLM:
    - `static-N`: the gate caps running requests at N (`static-64` = vLLM's own cap, no gate cap);
@@ -45,6 +46,7 @@ from typing import Any
 
 from saber_emulator.profile import LatencyProfile
 
+from .capacity import PROBE_STEPS
 from .metrics import combine_seeds, run_stats
 from .workloads import RequestSpec, Task, mix_classes, rng_for, uniform_arrivals
 
@@ -63,15 +65,12 @@ EXTRA_POLICIES = ("saber-warm", "saber-calibrated")
 REQUESTS = 200
 WARMUP = 100
 # Capacity probe: the profile's capacity misses per-request costs (HTTP, tokenising, contention of
-# client, sidecar and engine for the cores), so it is checked live: vLLM's own cap alone must meet
-# PROBE_TARGET of the deadlines at 1x, else the capacity is lowered and probed again.
+# client, sidecar and engine for the cores), so it only starts the live search (capacity.py).
 PROBE_REQUESTS = 100
-PROBE_TARGET = 0.9
-PROBE_ATTEMPTS = 4
 SEEDS = 3
 # --quick: an end-to-end check in about a minute and a half, not a measurement.
 QUICK = {"loads": (1.0, 2.0), "policies": ("static-16", "static-64", "saber", "saber-calibrated"), "seeds": 1,
-         "requests": 40, "warmup": 20, "probe_requests": 40}
+         "requests": 40, "warmup": 20, "probe_requests": 40, "probe_steps": 4}
 
 # (name, prompt tokens, max_tokens, share of requests, deadline floor s): the floors keep deadlines
 # human-scale (an IDE user waits ~1 s for a short answer) on an engine as fast as the tiny model.
@@ -96,14 +95,16 @@ class Scaled:
     prompt_tokens: dict[str, int]
     capacity_rps: float
     best_batch: int
-    model_capacity_rps: float | None = None  # the profile's figure, before the live probe
+    model_capacity_rps: float | None = None  # the profile's figure, where the live search started
+    first_failing_rps: float | None = None    # the lowest probed rate vLLM's own cap did not meet
     probes: tuple = ()
 
     def to_json(self) -> dict:
         return {"classes": {k: {"max_tokens": t.max_tokens, "deadline_s": t.sla_s, "prompt_tokens":
                                 self.prompt_tokens[k], "share": self.shares[k]} for k, t in self.classes.items()},
                 "capacity_rps": self.capacity_rps, "best_batch": self.best_batch,
-                "model_capacity_rps": self.model_capacity_rps, "probes": list(self.probes)}
+                "model_capacity_rps": self.model_capacity_rps, "first_failing_rps": self.first_failing_rps,
+                "probes": list(self.probes)}
 
 
 def mean_context() -> float:
@@ -143,30 +144,29 @@ def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -
 
 
 async def probe_capacity(relay_url: str, engine_url: str, model: str, scaled: Scaled,
-                         n: int) -> Scaled:
-    """The highest probed rate at which the pass-through gate (vLLM's own cap) meets PROBE_TARGET."""
+                         n: int, steps: int = PROBE_STEPS) -> Scaled:
+    """The capacity searched live from the profile's figure (`capacity.search_capacity`): `n`
+    requests of the mix a probe, through the pass-through gate (vLLM's own cap)."""
     import aiohttp
 
     from .calibrate import count_tokens
+    from .capacity import search_capacity
     from .live import replay
 
-    probes = []
-    rate = scaled.capacity_rps
     async with aiohttp.ClientSession() as session:
         async def counter(text):
             return await count_tokens(session, engine_url, model, text)
 
-        for attempt in range(PROBE_ATTEMPTS):
-            specs = await make_specs(scaled, rate, 900 + attempt, n, counter, tag="p")
+        async def probe(rate: float) -> dict:
+            specs = await make_specs(scaled, rate, 900 + len(seen), n, counter, tag="p")
+            seen.append(rate)
             records, _ = await replay(relay_url, model, specs)
-            goodput = run_stats(records).goodput
-            probes.append({"rate": rate, "goodput": goodput})
-            print(f"capacity probe {attempt + 1}: {rate:g} req/s, vLLM's own cap meets {100 * goodput:.0f}%",
-                  flush=True)
-            if goodput >= PROBE_TARGET or attempt == PROBE_ATTEMPTS - 1:
-                break
-            rate = round(rate * min(0.85, max(0.4, goodput / PROBE_TARGET)), 2)
-    return replace(scaled, capacity_rps=rate, model_capacity_rps=scaled.capacity_rps, probes=tuple(probes))
+            return {"goodput": run_stats(records).goodput}
+
+        seen: list[float] = []
+        found = await search_capacity(probe, scaled.capacity_rps, steps=steps)
+    return replace(scaled, capacity_rps=found["capacity_rps"], model_capacity_rps=scaled.capacity_rps,
+                   first_failing_rps=found["first_failing_rps"], probes=tuple(found["probes"]))
 
 
 async def make_specs(scaled: Scaled, rate: float, seed: int, n: int, counter, tag: str = "r") -> list[RequestSpec]:
@@ -232,7 +232,7 @@ def check_policies(policies: list[str]) -> None:
 
 async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = SEEDS, requests: int = REQUESTS,
                     warmup: int = WARMUP, max_num_seqs: int = ENGINE_MAX_NUM_SEQS, compare_sim: bool = False,
-                    probe_requests: int = PROBE_REQUESTS,
+                    probe_requests: int = PROBE_REQUESTS, probe_steps: int = PROBE_STEPS,
                     engine_url: str | None = None, calibration_args: dict | None = None) -> dict:
     """The whole proof; returns the summary written to out/summary.json."""
     import aiohttp
@@ -269,7 +269,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
             if not scaled.capacity_rps > 0 or not math.isfinite(scaled.capacity_rps):
                 raise LiveError(f"no capacity could be derived from the calibration: {scaled}")
             t = time.perf_counter()
-            scaled = await probe_capacity(relay.url, engine_url, model, scaled, probe_requests)
+            scaled = await probe_capacity(relay.url, engine_url, model, scaled, probe_requests, probe_steps)
             timings["capacity_probe_s"] = time.perf_counter() - t
         finally:
             relay.stop()

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from .capacity import PROBE_STEPS
 from .trace_bench import TraceSource
 from .traces import synth_prompt
 from .workloads import RequestSpec
@@ -208,9 +209,6 @@ def plot_demo(out: Path, panels: list[tuple[list[dict], dict, str]]) -> Path:
 # The pass-through sidecar that measures capacity caps far above vLLM's own cap, so the engine's
 # own scheduler is what is measured (as live_vllm's calibration does).
 PASSTHROUGH_FACTOR = 4
-PROBE_TARGET = 0.9       # capacity: the highest rate at which vLLM's own cap meets this share of SLOs
-PROBE_RESOLUTION = 1.15  # the search stops when a passing and a failing rate are this close
-PROBE_STEPS = 7
 
 
 def burst_throughput(records) -> dict:
@@ -227,48 +225,32 @@ def burst_throughput(records) -> dict:
 
 async def measure_capacity(engine_url: str, model: str, specs_at, trace: LiveTrace, out: Path,
                            ignore_eos: bool | None, max_num_seqs: int, steps: int = PROBE_STEPS) -> dict:
-    """The engine's capacity on this window: the highest rate at which vLLM's own cap (a
-    pass-through sidecar, cap `PASSTHROUGH_FACTOR` x max_num_seqs) meets PROBE_TARGET of the SLOs,
-    as live_vllm's probe defines it for the scaled mix. `specs_at(rate)` gives the window at a rate.
-
-    First the window is sent all at once (`burst_throughput`, the start of the search); then the rate
-    is doubled or halved until one probe passes and one fails, and bisected (geometrically) until
-    they are within PROBE_RESOLUTION of each other or `steps` probes are spent."""
+    """The engine's capacity on this window (`capacity.search_capacity`, vLLM's own cap behind a
+    pass-through sidecar, cap `PASSTHROUGH_FACTOR` x max_num_seqs, judged on the window's SLOs).
+    `specs_at(rate)` gives the window at a rate. The search starts at the rate the window sent all
+    at once was served (`burst_throughput`)."""
+    from .capacity import search_capacity
     from .live import replay, start_sidecar
     from .metrics import run_stats
 
     cfg = trace.write_config(f"static-{PASSTHROUGH_FACTOR * max_num_seqs}", out / "configs" / "capacity-probe.yaml")
     sidecar = await start_sidecar(engine_url, cfg, out / "logs", "sidecar-capacity-probe")
-    probes: list[dict] = []
     try:
         base = await specs_at(1.0)
         records, _ = await replay(sidecar.url, model, [replace(s, arrival=0.0) for s in base], ignore_eos=ignore_eos)
         burst = burst_throughput(records)
         print(f"capacity probe: the window at once, {burst['served']} served in {burst['makespan_s']:.1f} s", flush=True)
-        lo = hi = None
-        rate = round(burst["throughput_rps"], 2)
-        for _ in range(steps):
-            records, lag = await replay(sidecar.url, model, await specs_at(rate), ignore_eos=ignore_eos)
-            g = run_stats(records).goodput
-            window = max(s.arrival for s in records_specs) if (records_specs := await specs_at(rate)) else 0.0
-            probes.append({"rate": rate, "goodput": g, "window_s": window, "send_lag_max_s": lag["send_lag_max_s"],
-                           "load1": load1()})
-            print(f"capacity probe: {rate:g} req/s, vLLM's own cap meets {100 * g:.0f}%", flush=True)
-            if g >= PROBE_TARGET:
-                lo = rate if lo is None else max(lo, rate)
-            else:
-                hi = rate if hi is None else min(hi, rate)
-            if lo is not None and hi is not None and hi / lo <= PROBE_RESOLUTION:
-                break
-            rate = round(2 * rate if hi is None else rate / 2 if lo is None else math.sqrt(lo * hi), 2)
+
+        async def probe(rate: float) -> dict:
+            specs = await specs_at(rate)
+            records, lag = await replay(sidecar.url, model, specs, ignore_eos=ignore_eos)
+            return {"goodput": run_stats(records).goodput, "window_s": max((s.arrival for s in specs), default=0.0),
+                    "send_lag_max_s": lag["send_lag_max_s"], "load1": load1()}
+
+        found = await search_capacity(probe, burst["throughput_rps"], steps=steps)
     finally:
         sidecar.stop()
-    if lo is None:
-        raise RuntimeError(f"capacity probe: vLLM's own cap met {100 * PROBE_TARGET:.0f}% at no probed rate: {probes}")
-    cap = {"capacity_rps": lo, "first_failing_rps": hi, "target": PROBE_TARGET, "probes": probes, "burst": burst}
-    print(f"capacity: {lo:g} req/s (vLLM's own cap meets {100 * PROBE_TARGET:.0f}% of the SLOs there"
-          + (f", not at {hi:g})" if hi else ")"), flush=True)
-    return cap
+    return {**found, "burst": burst}
 
 
 def load1() -> float:
