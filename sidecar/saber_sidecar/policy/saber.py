@@ -185,8 +185,10 @@ class SaberPolicy(Policy):
             learned, cap_changed = engine.learn(run, now, output_tokens, first_token_at, prompt_tokens, load.limit)
             if cap_changed:
                 load.invalidate()
-            est = self.estimates.get(run.req.sla_class)
-            if (est is not None and est.add(output_tokens)) or learned:
+            cls = run.req.sla_class
+            est = self.estimates.get(cls)
+            # the class's running requests are censored samples of its lengths (estimates.py)
+            if (est is not None and est.add(output_tokens, lambda: batch.progress(cls))) or learned:
                 load.fresh_need = load.compute_fresh_need()
         return admission.dispatch(now)
 

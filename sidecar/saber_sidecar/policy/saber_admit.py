@@ -121,7 +121,7 @@ class Admission:
             if reason:
                 queues.miss(q, now, reason, out)
             else:
-                if q.cold and q.req.on_miss == "reject":
+                if q.cold:
                     probes[q.req.id] = q.req.sla_class
                 self.admit(q.req, q.expected, q.tpot_speed, now, out, protect=not q.cold)
         if not order:
@@ -160,7 +160,7 @@ class Admission:
                 if hurt and shape in hurt:
                     i += 1
                     continue
-                probe = q.cold and q.req.on_miss == "reject"
+                probe = q.cold
                 if probe and self.probing(q.req.sla_class) >= self.probe_limit:
                     i += 1  # enough of its class are exploring already: it waits for what they teach
                     continue
@@ -228,7 +228,7 @@ class Admission:
                 continue
             L = len(running)
             if L:
-                if self.engine.kv_usage >= self.kv_high:
+                if self.engine.kv_usage >= self.kv_high or self.probes:
                     return
                 slot = L + 1 + self.reserve
                 if slot >= len(table) or table[slot] < self.load.fresh_need * self.headroom:

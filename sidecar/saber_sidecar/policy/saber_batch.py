@@ -42,6 +42,7 @@ class Run:
     burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
     adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
     cluster: float = -1.0  # when its cluster (prompts admitted within one step of each other) began
+    w0: float = 0.0  # W at admission: W - w0 is the plan's count of its tokens so far
 
 
 class Batch:
@@ -130,6 +131,7 @@ class Batch:
         k = self.W + expected
         running = self.running
         run = Run(req, k, self.A, now, sla, tpot_speed if sla else 0.0, self.P, len(running) + 1)
+        run.w0 = self.W
         running[req.id] = run
         t0s = self.run_t0s
         if t0s and now < t0s[-1]:  # (time never runs backwards; kept sorted all the same)
@@ -209,6 +211,13 @@ class Batch:
         if run.tpot_speed:
             self.tpot_running -= 1
         return run
+
+    def progress(self, sla_class: str) -> list[float]:
+        """The tokens so far, as planned (capped by `max_tokens`), of the running requests of a
+        class: what each has produced at least, for its class's length estimate (estimates.py)."""
+        W = self.W
+        return [min(W - r.w0, r.req.max_tokens) for r in self.running.values()
+                if r.req.sla_class == sla_class and not r.adopted]
 
     def max_tpot(self) -> float:
         """The highest speed a running TPOT target needs."""
