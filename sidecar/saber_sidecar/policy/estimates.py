@@ -10,7 +10,9 @@ class sees are its shortest: on the code trace at 3x capacity (outputs p90 ~59) 
 finished had 1-7 tokens while thirty longer ones were still running, and the p90 of the finished
 alone stayed at 7 for six seconds, so every request was planned at a fifth of its length and
 the batch ran late. A running request of the class has produced at least its tokens so far (the
-gate's own plan of them), so when running requests are past the finished lengths' quantile (the
+gate's plan of them, scaled by what planned progress has really been worth for the requests that
+completed: an unconfirmed model planned 3-5x the tokens the engine made on the calibrated CPU
+profile; `Batch.progress`), so when running requests are past the finished lengths' quantile (the
 sign that those are short of it), the estimate is the quantile of the finished lengths and the
 running ones taken at their progress: a lower bound, which the finished lengths replace as they
 come (it is recomputed at every finish while it is above theirs). While no running request is

@@ -190,6 +190,7 @@ class SaberPolicy(Policy):
             learned, cap_changed = engine.learn(run, now, output_tokens, first_token_at, prompt_tokens, load.limit)
             if cap_changed:
                 load.invalidate()
+            batch.note_realised(run, output_tokens)
             cls = run.req.sla_class
             est = self.estimates.get(cls)
             # the class's running requests are censored samples of its lengths (estimates.py)

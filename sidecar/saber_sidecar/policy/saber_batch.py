@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 INF = float("inf")
 LOG_MAX = 1 << 15  # events kept in the integrals' log (halved when full)
 CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
+REAL_DECAY = 0.95  # per completed request: the worth of planned progress follows ~20 of them
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class Batch:
 
     __slots__ = ("running", "by_finish", "ks", "dues", "dues_sorted", "W", "A", "t", "sla_running",
                  "tpot_running", "P", "prefill_end", "burst_at", "burst", "cluster_tokens", "Ae", "A2",
-                 "busy", "log_t", "log", "run_t0s", "run_prompts")
+                 "busy", "log_t", "log", "run_t0s", "run_prompts", "real_tokens", "real_w")
 
     def __init__(self) -> None:
         self.running: dict[str, Run] = {}
@@ -86,6 +87,10 @@ class Batch:
         # first tokens (EngineView.learn).
         self.run_t0s: list[float] = []
         self.run_prompts: list[int] = []
+        # Completed requests' output tokens and their planned progress at the end (W - w0),
+        # decayed per finish: how many tokens the plan's W has really been worth (`progress`).
+        self.real_tokens = 0.0
+        self.real_w = 0.0
 
     def advance(self, now: float, model: EngineModel, seats: int) -> None:
         """Move the integrals on to `now` (L has been constant since the last event)."""
@@ -212,11 +217,24 @@ class Batch:
             self.tpot_running -= 1
         return run
 
+    def note_realised(self, run: Run, output_tokens: int) -> None:
+        """A request completed with `output_tokens`: what its planned progress was worth."""
+        planned = self.W - run.w0
+        if planned > 0:
+            self.real_tokens = self.real_tokens * REAL_DECAY + output_tokens
+            self.real_w = self.real_w * REAL_DECAY + planned
+
     def progress(self, sla_class: str) -> list[float]:
-        """The tokens so far, as planned (capped by `max_tokens`), of the running requests of a
-        class: what each has produced at least, for its class's length estimate (estimates.py)."""
+        """The tokens so far (capped by `max_tokens`) of the running requests of a class: what
+        each has produced at least, for its class's length estimate (estimates.py). Planned
+        progress scaled by what it has really been worth for the requests that completed (at
+        most 1: an unconfirmed model can plan 3-5x the tokens the engine made, and the
+        estimate wants a lower bound); nothing before any has completed."""
+        if self.real_w <= 0:
+            return []
         W = self.W
-        return [min(W - r.w0, r.req.max_tokens) for r in self.running.values()
+        worth = min(1.0, self.real_tokens / self.real_w)
+        return [min((W - r.w0) * worth, r.req.max_tokens) for r in self.running.values()
                 if r.req.sla_class == sla_class and not r.adopted]
 
     def max_tpot(self) -> float:
