@@ -27,9 +27,13 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Callable
+from typing import Protocol
 
 RECOMPUTE_EVERY = 8
+
+
+class Progress(Protocol):
+    def progress(self, sla_class: str) -> list[float]: ...
 
 
 class OutputEstimate:
@@ -46,11 +50,12 @@ class OutputEstimate:
         self._since = 0
         self.bounded = False  # the value counts running requests (a lower bound, recomputed every finish)
 
-    def add(self, tokens: int, censored: Callable[[], list[float]] | None = None) -> bool:
+    def add(self, tokens: int, running: Progress | None = None, sla_class: str = "") -> bool:
         """Record one finished request's output length; True when the estimate changed.
 
-        `censored`, when given, returns the progress (tokens so far, at least) of the class's
-        running requests; it is called only when the estimate is recomputed."""
+        `running`, when given, tells the progress (tokens so far, at least) of the class's running
+        requests (`running.progress(sla_class)`); it is asked only when the estimate is recomputed
+        (passed as the object, not a closure: no allocation per finished request)."""
         _push(self.window, self._sorted, tokens)
         self._since += 1
         if len(self.window) < self.min_samples or (
@@ -59,8 +64,8 @@ class OutputEstimate:
         ordered = self._sorted
         value = None
         self.bounded = False
-        if censored is not None:
-            cs = censored()
+        if running is not None:
+            cs = running.progress(sla_class)
             if cs:
                 value = self._with_running(ordered, cs)
         if value is None:

@@ -191,10 +191,9 @@ class SaberPolicy(Policy):
             if cap_changed:
                 load.invalidate()
             batch.note_realised(run, output_tokens)
-            cls = run.req.sla_class
-            est = self.estimates.get(cls)
+            est = self.estimates.get(run.req.sla_class)
             # the class's running requests are censored samples of its lengths (estimates.py)
-            if (est is not None and est.add(output_tokens, lambda: batch.progress(cls))) or learned:
+            if (est is not None and est.add(output_tokens, batch, run.req.sla_class)) or learned:
                 load.fresh_need = load.compute_fresh_need()
         return admission.dispatch(now)
 

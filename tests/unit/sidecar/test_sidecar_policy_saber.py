@@ -711,17 +711,24 @@ def test_planned_progress_counts_at_what_it_has_been_worth():
 
 
 def test_output_estimate_counts_running_requests_only_past_its_quantile():
+    class Running:
+        def __init__(self, *progress):
+            self.values = list(progress)
+
+        def progress(self, sla_class):
+            return self.values
+
     est = OutputEstimate(256, 0.9, 4)
     for tokens in (10, 20, 30):
-        assert not est.add(tokens, lambda: [500.0])
-    assert est.add(40, lambda: [15.0, 35.0])  # no running request past the p90 (40): the plain one
+        assert not est.add(tokens, Running(500.0))
+    assert est.add(40, Running(15.0, 35.0))  # no running request past the p90 (40): the plain one
     assert est.value == 40 and not est.bounded
     est = OutputEstimate(256, 0.9, 4)
     for tokens in (10, 20, 30, 40):
-        est.add(tokens, lambda: [50.0, 60.5, 70.0, 80.0])
+        est.add(tokens, Running(50.0, 60.5, 70.0, 80.0))
     # p90 of the 4 finished and the 4 running at their progress: the 8th of 8 (ceil(0.9 x 8) = 8)
     assert est.value == 80 and est.bounded
-    assert est.add(5, lambda: []) and est.value == 40 and not est.bounded  # recomputed at once
+    assert est.add(5, Running()) and est.value == 40 and not est.bounded  # recomputed at once
 
 
 def test_cold_requests_of_a_demote_class_explore_a_few_at_a_time():
