@@ -24,9 +24,14 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
   running request late when priced at `max_tokens` (the cautious side for the others) and leaves
   the room best effort leaves for fresh requests; it is demoted only when its deadline passes.
   Protecting it at `max_tokens` would hold every later admission back until it ends. Once its
-  class has an estimate, a still-queued cold request takes it. A reject class explores the same
-  way with at most `Tuning.output_min_samples` cold requests running at once, so an honest `max_tokens`
-  that cannot be met costs a few probes and then gets the strict reading.
+  class has an estimate, a still-queued cold request takes it. At most `Tuning.output_min_samples`
+  cold requests of a class run at once, and best effort waits while any does: admitted freely
+  under a burst, cold requests flooded the engine before any length was known (the code trace
+  at 3x capacity: 36 of its first 40 admitted, each decoding at ~10 tok/s behind the others'
+  prefills). For a reject class the bound also means an honest `max_tokens` that cannot be met
+  costs a few probes and then gets the strict reading.
+- The class's estimate counts its running requests at their planned progress while they are past
+  the finished lengths' quantile: the shortest requests finish first (estimates.py).
 - The engine: planned with `EngineModel` (engine_model.py), step time t0 + t1 L + t2 L^2 + c P
   learned online from completed requests' decode spans and times to first token and from the
   engine's step counters, starting from the configured prior (`engine_profile`, else the speed
@@ -185,8 +190,10 @@ class SaberPolicy(Policy):
             learned, cap_changed = engine.learn(run, now, output_tokens, first_token_at, prompt_tokens, load.limit)
             if cap_changed:
                 load.invalidate()
+            batch.note_realised(run, output_tokens)
             est = self.estimates.get(run.req.sla_class)
-            if (est is not None and est.add(output_tokens)) or learned:
+            # the class's running requests are censored samples of its lengths (estimates.py)
+            if (est is not None and est.add(output_tokens, batch, run.req.sla_class)) or learned:
                 load.fresh_need = load.compute_fresh_need()
         return admission.dispatch(now)
 

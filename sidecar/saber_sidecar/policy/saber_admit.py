@@ -54,12 +54,16 @@ class Admission:
         self.headroom = 1.0 + t.speed_headroom
         self.lookahead = t.lookahead
         self.min_recheck = t.min_recheck_seconds
-        # A reject class that states no output length explores with at most this many cold
-        # requests running at once (`probes`: id -> class): enough to learn its lengths, and a
-        # bounded cost when the client's `max_tokens` is honest and cannot be met (those probes
-        # finish at max_tokens, the class learns that, and the rest get the strict reading at
-        # once). Read strictly from the start, a cap far above the real lengths (an IDE sending
-        # 256 for ~13-token completions) would have it reject everything and never learn a length.
+        # A class that states no output length explores with at most this many cold requests
+        # running at once (`probes`: id -> class): enough to learn its lengths. For a demote
+        # class the bound keeps a burst from flooding the engine with requests of unknown length
+        # (unprotected, they hold no admission back); for a reject class it bounds the cost when
+        # the client's `max_tokens` is honest and cannot be met (those probes finish at
+        # max_tokens, the class learns that, and the rest get the strict reading at once). Read
+        # strictly from the start, a cap far above the real lengths (an IDE sending 256 for
+        # ~13-token completions) would have it reject everything and never learn a length.
+        # Best effort waits while any probe runs: a probe is unprotected for want of a length,
+        # not because its deadline does not matter.
         self.probe_limit = t.output_min_samples
         self.probes: dict[str, str] = {}
         self.replays = REPLAYS_PER_DECISION
@@ -121,7 +125,7 @@ class Admission:
             if reason:
                 queues.miss(q, now, reason, out)
             else:
-                if q.cold and q.req.on_miss == "reject":
+                if q.cold:
                     probes[q.req.id] = q.req.sla_class
                 self.admit(q.req, q.expected, q.tpot_speed, now, out, protect=not q.cold)
         if not order:
@@ -160,7 +164,7 @@ class Admission:
                 if hurt and shape in hurt:
                     i += 1
                     continue
-                probe = q.cold and q.req.on_miss == "reject"
+                probe = q.cold  # (warmed up above if its class has learned a length meanwhile)
                 if probe and self.probing(q.req.sla_class) >= self.probe_limit:
                     i += 1  # enough of its class are exploring already: it waits for what they teach
                     continue
@@ -209,7 +213,7 @@ class Admission:
         return first <= ttft - self.margin
 
     def probing(self, sla_class: str) -> int:
-        """Cold requests of a reject class running now (a handful at most)."""
+        """Cold requests of a class running now (a handful at most)."""
         return sum(1 for c in self.probes.values() if c == sla_class)
 
     def admit_best_effort(self, now: float, out: list[Action]) -> None:
@@ -228,7 +232,7 @@ class Admission:
                 continue
             L = len(running)
             if L:
-                if self.engine.kv_usage >= self.kv_high:
+                if self.engine.kv_usage >= self.kv_high or self.probes:
                     return
                 slot = L + 1 + self.reserve
                 if slot >= len(table) or table[slot] < self.load.fresh_need * self.headroom:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 INF = float("inf")
 LOG_MAX = 1 << 15  # events kept in the integrals' log (halved when full)
 CLUSTERS_KEPT = 4096  # prompt-token totals of recent clusters, for learning from decode spans
+REAL_DECAY = 0.95  # per completed request: the worth of planned progress follows ~20 of them
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ class Run:
     burst: int = 0  # prompt tokens admitted at the same instant up to and including it: one prefill step
     adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
     cluster: float = -1.0  # when its cluster (prompts admitted within one step of each other) began
+    w0: float = 0.0  # W at admission: W - w0 is the plan's count of its tokens so far
 
 
 class Batch:
@@ -49,7 +51,7 @@ class Batch:
 
     __slots__ = ("running", "by_finish", "ks", "dues", "dues_sorted", "W", "A", "t", "sla_running",
                  "tpot_running", "P", "prefill_end", "burst_at", "burst", "cluster_tokens", "Ae", "A2",
-                 "busy", "log_t", "log", "run_t0s", "run_prompts")
+                 "busy", "log_t", "log", "run_t0s", "run_prompts", "real_tokens", "real_w")
 
     def __init__(self) -> None:
         self.running: dict[str, Run] = {}
@@ -85,6 +87,10 @@ class Batch:
         # first tokens (EngineView.learn).
         self.run_t0s: list[float] = []
         self.run_prompts: list[int] = []
+        # Completed requests' output tokens and their planned progress at the end (W - w0),
+        # decayed per finish: how many tokens the plan's W has really been worth (`progress`).
+        self.real_tokens = 0.0
+        self.real_w = 0.0
 
     def advance(self, now: float, model: EngineModel, seats: int) -> None:
         """Move the integrals on to `now` (L has been constant since the last event)."""
@@ -130,6 +136,7 @@ class Batch:
         k = self.W + expected
         running = self.running
         run = Run(req, k, self.A, now, sla, tpot_speed if sla else 0.0, self.P, len(running) + 1)
+        run.w0 = self.W
         running[req.id] = run
         t0s = self.run_t0s
         if t0s and now < t0s[-1]:  # (time never runs backwards; kept sorted all the same)
@@ -209,6 +216,26 @@ class Batch:
         if run.tpot_speed:
             self.tpot_running -= 1
         return run
+
+    def note_realised(self, run: Run, output_tokens: int) -> None:
+        """A request completed with `output_tokens`: what its planned progress was worth."""
+        planned = self.W - run.w0
+        if planned > 0:
+            self.real_tokens = self.real_tokens * REAL_DECAY + output_tokens
+            self.real_w = self.real_w * REAL_DECAY + planned
+
+    def progress(self, sla_class: str) -> list[float]:
+        """The tokens so far (capped by `max_tokens`) of the running requests of a class: what
+        each has produced at least, for its class's length estimate (estimates.py). Planned
+        progress scaled by what it has really been worth for the requests that completed (at
+        most 1: an unconfirmed model can plan 3-5x the tokens the engine made, and the
+        estimate wants a lower bound); nothing before any has completed."""
+        if self.real_w <= 0:
+            return []
+        W = self.W
+        worth = min(1.0, self.real_tokens / self.real_w)
+        return [min((W - r.w0) * worth, r.req.max_tokens) for r in self.running.values()
+                if r.req.sla_class == sla_class and not r.adopted]
 
     def max_tpot(self) -> float:
         """The highest speed a running TPOT target needs."""

@@ -7,6 +7,7 @@ from policy_support import fmt
 from saber_sidecar.config import SaberSchedulingConfig, SidecarConfig
 from saber_sidecar.policy import Admit, EngineSnapshot, Reject, make_policy, request_for
 from saber_sidecar.policy.engine_model import EngineModel
+from saber_sidecar.policy.estimates import OutputEstimate
 from saber_sidecar.policy.saber import SaberPolicy
 from saber_sidecar.policy.saber_tuning import Tuning
 from saber_sidecar.speed_model import SpeedModel
@@ -234,7 +235,8 @@ def test_best_effort_keeps_room_for_fresh_sla_requests():
         {
             "classes": [
                 {"name": "fast", "deadline_seconds": 5, "output_tokens": 400},
-                {"name": "bulk", "deadline_seconds": 5},
+                # sized: a class that states no length would explore with cold requests first
+                {"name": "bulk", "deadline_seconds": 5, "output_tokens": 10000},
             ],
             "default_class": "fast",
             "scheduling": {
@@ -673,3 +675,79 @@ def test_the_slow_start_cap_lifts_on_a_run_of_good_predictions_after_a_wrong_pri
     assert engine.update_cap() and engine.cap == engine.seats
     engine._check_prediction(1.0, 2.0, 10.0, 11.0)  # a miss ends the run
     assert engine.streak == 0 and engine.miss_end == 11.0
+
+
+def test_running_requests_past_the_finished_lengths_raise_a_class_estimate():
+    """Short requests finish first: the first lengths a class sees are its shortest. Six run from
+    0 s; four more go in at 0.45 s and finish at 0.5 s with 5 tokens (what the plan gave them:
+    the plan's progress is worth its tokens). The six still running have made ~47 each (0.45 s
+    at v(6) = 94 tok/s, 0.05 s at v(10) = 90): the class is planned at what those have made at
+    least, not at 5 (the plain p90 of the finished). As the long ones finish, their lengths take over."""
+    d = Driver()
+    for i in range(6):
+        assert d.submit("loose", f"l{i}", 0.0, 100) == f"admit:l{i}"
+    for i in range(4):
+        assert d.submit("loose", f"s{i}", 0.45, 100) == f"admit:s{i}"
+    for i in range(4):
+        d.finish(f"s{i}", 0.5, 5)
+    assert 45 <= d.pol.expected_tokens("loose") <= 47  # 0.45 s at v(6) = 94, 0.05 s at v(10) = 90
+    for i in range(6):
+        d.finish(f"l{i}", 1.2, 100)
+    assert d.pol.expected_tokens("loose") == 100 and not d.pol.estimates["loose"].bounded
+
+
+def test_planned_progress_counts_at_what_it_has_been_worth():
+    """An optimistic model plans more tokens than the engine makes: the four that finish made a
+    fifth of what the plan gave them, so the running ones count at a fifth of their planned
+    progress (~9 of ~45), which is not past the finished lengths' p90: the plain one stands."""
+    d = Driver()
+    for i in range(6):
+        assert d.submit("loose", f"l{i}", 0.0, 100) == f"admit:l{i}"
+    for i in range(4):
+        assert d.submit("loose", f"s{i}", 0.0, 100) == f"admit:s{i}"
+    for i in range(4):
+        d.finish(f"s{i}", 0.5, 9 + i)  # planned ~45 each
+    assert d.pol.expected_tokens("loose") == 12 and not d.pol.estimates["loose"].bounded
+
+
+def test_output_estimate_counts_running_requests_only_past_its_quantile():
+    class Running:
+        def __init__(self, *progress):
+            self.values = list(progress)
+
+        def progress(self, sla_class):
+            return self.values
+
+    est = OutputEstimate(256, 0.9, 4)
+    for tokens in (10, 20, 30):
+        assert not est.add(tokens, Running(500.0))
+    assert est.add(40, Running(15.0, 35.0))  # no running request past the p90 (40): the plain one
+    assert est.value == 40 and not est.bounded
+    est = OutputEstimate(256, 0.9, 4)
+    for tokens in (10, 20, 30, 40):
+        est.add(tokens, Running(50.0, 60.5, 70.0, 80.0))
+    # p90 of the 4 finished and the 4 running at their progress: the 8th of 8 (ceil(0.9 x 8) = 8)
+    assert est.value == 80 and est.bounded
+    assert est.add(5, Running()) and est.value == 40 and not est.bounded  # recomputed at once
+
+
+def test_cold_requests_of_a_demote_class_explore_a_few_at_a_time():
+    """'cold' states no length: its max_tokens (1000) is only a bound, so its first requests go in
+    unprotected, but at most `output_min_samples` (4) at once (as for a reject class): admitted
+    all at once under a burst they would flood the engine before the class knows any length. The
+    rest wait as SLA requests, and go in as the explorers finish."""
+    d = Driver()
+    out = [d.submit("cold", f"c{i}", 0.0, 1000) for i in range(10)]
+    assert out[:4] == [f"admit:c{i}" for i in range(4)] and out[4:] == [""] * 6
+    assert d.pol.stats().queued_sla == 6 and d.pol.stats().queued_best_effort == 0
+    assert d.finish("c0", 0.5, 20) == "admit:c4"
+
+
+def test_best_effort_waits_while_a_cold_request_runs():
+    """A cold request runs unprotected because its length is unknown, not because its deadline
+    does not matter: best effort does not take the engine from it."""
+    d = Driver()
+    assert d.submit("cold", "c", 0.0, 1000) == "admit:c"
+    assert d.submit("tight", "h", 0.0, 500) == "demote:h"  # 500 tokens in 1 s: hopeless
+    assert d.pol.stats().queued_best_effort == 1
+    assert d.finish("c", 1.0, 30) == "be:h"
