@@ -3,7 +3,7 @@
 `static-N` is the `static` policy with cap N in front of an engine whose own cap is large: the
 same thing as vLLM with `max_num_seqs=N` and FIFO waiting, which is what users have today.
 `saber-oracle` is a reference, not a policy one can deploy: `saber` told each request's true
-output length instead of an estimate.
+output length, which it plans with for the whole run instead of the class's learned estimate.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def request_builder(policy: str, config: SidecarConfig):
     def build(spec: RequestSpec, now: float) -> Request:
         req = request_for(config, spec.sla_class, spec.id, now, spec.max_tokens, spec.prompt_tokens)
         if oracle:
-            req.expected_tokens = spec.output_tokens
+            req.expected_tokens, req.exact_length = spec.output_tokens, True
         return req
 
     return build

@@ -42,6 +42,9 @@ class Request:
     on_miss: str = "demote"  # "demote" or "reject"
     ttft_deadline: float | None = None
     tpot_target: float | None = None
+    # expected_tokens is the true length (only the benchmarks' saber-oracle reference can know it):
+    # the policy plans with it instead of the class's learned estimate.
+    exact_length: bool = False
     # Set by the policy:
     best_effort: bool = False
     admitted_at: float | None = None

@@ -117,12 +117,10 @@ class SaberPolicy(Policy):
             return [Reject(req.id, QUEUE_FULL, retry_after_s=queues.retry_after(now))]
         queues.seq += 1
         est = self.estimates.get(req.sla_class)
-        expected = req.expected_tokens
-        cold = False
-        if est is not None and est.value is not None:
-            expected = est.value
-        elif expected >= req.max_tokens and self._unsized.get(req.sla_class, False):
-            cold = True
+        learned = None if est is None or req.exact_length else est.value
+        expected = learned if learned is not None else req.expected_tokens
+        cold = (learned is None and not req.exact_length and expected >= req.max_tokens
+                and self._unsized.get(req.sla_class, False))
         expected = max(1, min(req.max_tokens, expected))
         self.load.note_arrival(expected, now)
         q = Queued(
@@ -205,7 +203,8 @@ class SaberPolicy(Policy):
             raise ValueError(f"request id {req.id!r} is already known to the policy")
         self.batch.advance(now, self.engine.model, self.engine.seats)
         est = self.estimates.get(req.sla_class)
-        expected = est.value if est is not None and est.value is not None else req.expected_tokens
+        learned = None if est is None or req.exact_length else est.value
+        expected = learned if learned is not None else req.expected_tokens
         expected = max(1, min(req.max_tokens, expected))
         tpot = 1.0 / req.tpot_target if req.tpot_target and not req.best_effort else 0.0
         admitted_at, prompt = req.admitted_at, req.prompt_tokens

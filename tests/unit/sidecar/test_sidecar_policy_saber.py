@@ -751,3 +751,19 @@ def test_best_effort_waits_while_a_cold_request_runs():
     assert d.submit("tight", "h", 0.0, 500) == "demote:h"  # 500 tokens in 1 s: hopeless
     assert d.pol.stats().queued_best_effort == 1
     assert d.finish("c", 1.0, 30) == "be:h"
+
+
+def test_a_request_told_its_exact_length_is_planned_with_it_not_the_class_estimate():
+    """The benchmarks' saber-oracle reference: a request whose `expected_tokens` is its true length
+    (`exact_length`) is planned with that length for the whole run. Before, the class's learned
+    estimate replaced it as soon as the class had one, so the 'oracle' was saber after its first
+    few finished requests."""
+    d = Driver()
+    for i in range(4):
+        assert d.submit("est", f"e{i}", 0.0, 500) == f"admit:e{i}"
+        d.finish(f"e{i}", 0.2, 10)
+    assert d.pol.expected_tokens("est") == 10
+    assert d.submit("est", "guess", 0.5, 500) == "admit:guess"  # planned at the class's 10 tokens
+    told = request_for(d.cfg, "est", "told", 0.5, 500)
+    told.expected_tokens, told.exact_length = 500, True  # 500 tokens in 1 s: hopeless
+    assert fmt(d.pol.submit(told, 0.5)).startswith("demote:told")
