@@ -24,7 +24,11 @@ Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that
   with its API server, the relay and the clients, each arrival slows the decoding streams by the
   CPU spent on it; the extra seconds inside the all-decoding window per arrival in it, less the
   arrival's own prefill, is `request_step_s`. (Closed waves alone never see this cost; a stream of
-  arrivals, as in any real load, pays it on every request.)
+  arrivals, as in any real load, pays it on every request.) Off unless asked for
+  (`arrivals_per_wave`): on the 2-core machine it is a threshold, not a constant (0 below some
+  arrival rate, then the engine starves), and in both runs of the proof where it measured non-zero
+  (8.7 and 9.7 ms) the simulator agreed with the live cells better without it (30 against 16 of 32
+  cells within 5 points; 10 against 9 of 12): docs/BENCHMARKS.md, "Sim against live".
 
 The result is one YAML file in the `LatencyProfile` schema (kept under 4 KB: an operator Job writes
 it to /dev/termination-log), the raw samples in a CSV beside it, and a PNG plot.
@@ -227,7 +231,7 @@ async def calibrate(
     prompt_lengths: tuple[int, ...] | list[int] = DEFAULT_PROMPT_LENGTHS,
     prefill_repeats: int = 3,
     context_tokens: int = 1024,
-    arrivals_per_wave: int | None = None,
+    arrivals_per_wave: int = 0,
     duration_s: float = 300.0,
     name: str | None = None,
     progress: bool = True,
@@ -236,8 +240,8 @@ async def calibrate(
 
     `context_tokens` > 0 also measures the cost of KV context (decode waves with prompts that long;
     0 skips it and leaves `context_s_per_token` 0). `arrivals_per_wave` single-token requests arrive
-    through each loaded wave (default: half the wave's N; 0 skips the measurement and leaves
-    `request_step_s` 0). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
+    through each loaded wave at the middle N (default 0: the measurement is skipped and
+    `request_step_s` left 0; half that N is what the proof's runs used). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
     what was measured; at least one decode level and two prompt lengths are needed).
     """
     url = url.rstrip("/")
@@ -253,9 +257,7 @@ async def calibrate(
     ctx_levels = sorted({levels[0], levels[len(levels) // 2], levels[-1]}) if context_tokens else []
     # Per-request cost: waves at a middle N (16 by default) with arrivals through them.
     load_n = levels[len(levels) // 2]
-    # Half as many arrivals as streams: about one a step's worth of a loaded engine's traffic (the
-    # 1x-2x loads of the proof); denser arrivals measured a cost 2-3x what live runs show.
-    n_arrivals = max(1, load_n // 2) if arrivals_per_wave is None else arrivals_per_wave
+    n_arrivals = arrivals_per_wave
     if n_arrivals < 0:
         raise ValueError("arrivals_per_wave must be >= 0")
     t0 = time.perf_counter()

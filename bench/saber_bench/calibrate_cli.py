@@ -39,10 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context-tokens", type=int, default=1024,
                    help="prompt length of the extra decode waves that measure the cost of KV context "
                    "(context_s_per_token); 0 skips them (default 1024)")
-    p.add_argument("--arrivals-per-wave", type=int, default=None,
+    p.add_argument("--arrivals-per-wave", type=int, default=0,
                    help="single-token requests sent through each wave at the middle concurrency, to measure the "
-                   "engine time each request costs under arrivals (request_step_s); 0 skips (default: half "
-                   "that concurrency)")
+                   "engine time each request costs under arrivals (request_step_s; half that concurrency is a "
+                   "start). Default 0: skipped, request_step_s 0. Where the client, relay and engine share a "
+                   "few cores this cost is a threshold, not a constant, and a simulator charging it per "
+                   "request agreed worse with live runs (docs/BENCHMARKS.md)")
     p.add_argument("--duration", type=float, default=300.0,
                    help="time budget in seconds: once spent, remaining waves are skipped and the profile is "
                    "fit on what was measured (default 300)")

@@ -39,7 +39,7 @@ async def test_calibrate_recovers_the_emulators_profile_and_its_file_is_accepted
             subprocess.run,
             [sys.executable, "-m", "saber_cli", "calibrate", "--engine-url", emu.url, "--out", str(out),
              "--max-concurrency", "32", "--concurrency", "1,4,16,32", "--decode-tokens", "64",
-             "--prompt-lengths", "16,512,1536", "--no-progress"],
+             "--prompt-lengths", "16,512,1536", "--arrivals-per-wave", "8", "--no-progress"],
             check=False, capture_output=True, text=True, timeout=240)
     finally:
         emu.stop()

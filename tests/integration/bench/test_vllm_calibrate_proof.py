@@ -76,7 +76,7 @@ async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):
     done = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "saber_cli", "calibrate", "--engine-url", vllm_url, "--out", str(out),
         "--max-concurrency", str(MAX_NUM_SEQS), "--concurrency", "1,4,16", "--prompt-lengths", "16,1024,2048",
-        "--no-progress"], capture_output=True, text=True, timeout=240)
+        "--arrivals-per-wave", "2", "--no-progress"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     p = load_profile(str(out))
     assert p.decode_batch_sizes == [1, 4, 16]
@@ -126,7 +126,9 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
     assert 1 <= len(probes) <= 3 and probes[0]["rate"] == pytest.approx(meta["workload"]["model_capacity_rps"], abs=0.01)
     assert capacity == max(p["rate"] for p in probes if p["goodput"] >= 0.9)
     assert all(p["goodput"] < 0.9 for p in probes if p["rate"] > capacity)
-    assert load_profile(str(tmp_path / "engine-profile.yaml")).name == meta["profile"]["name"]
+    proof_profile = load_profile(str(tmp_path / "engine-profile.yaml"))
+    assert proof_profile.name == meta["profile"]["name"]
+    assert proof_profile.request_step_s == 0.0  # the per-arrival cost is measured only when asked for
     # saber-warm saw its warm-up requests through its own sidecar before the measured run.
     warm = (tmp_path / "logs" / "sidecar-saber-warm.log")
     assert warm.exists()
