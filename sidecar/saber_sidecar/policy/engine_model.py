@@ -64,6 +64,7 @@ _DESIGN_P = (256, 1024)
 EXPORTED_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 OUTLIER_CONFIDENCE = 0.5
 OUTLIER_FACTOR = 10.0
+FLAT_TOLERANCE = 1e-9  # relative: a step time that falls by less than this with L is flat, not falling
 
 
 def prior_from_speeds(batches: Sequence[float], speeds: Sequence[float]) -> tuple[float, float, float]:
@@ -431,10 +432,22 @@ class EngineModel:
         bad = np.nonzero(~ok[1:])[0]
         if len(bad):
             limit = min(limit, int(bad[0]))
-        falling = np.nonzero(np.diff(step[1:]) < 0)[0]
+        # Falling: by more than rounding (an exactly flat curve, e.g. a calibrated small model,
+        # fits with t1 ~ -1e-19, and reading that as a peak at L = 3 priced L = 64 at 21x its step).
+        falling = np.nonzero(np.diff(step[1:]) < -FLAT_TOLERANCE * step[2:])[0]
         if len(falling):
-            limit = min(limit, int(falling[0]) + 1)
+            top = int(falling[0]) + 1
+            if covered is not None and top < covered[1]:
+                # A fit falling inside the batches its data cover (t1 pinned at 0, t2 < 0: a fit
+                # confounded with prefill, or a flat engine's noise) is still evidence up to their
+                # reach: there the step holds at its peak (the running maximum below), and the
+                # cautious rule starts past it. Starting it at the peak (L = 1 or 2) priced the
+                # batches the data had just shown at 8-16x their observed step (a flat engine:
+                # 84-184 ms against 11 ms observed), and the gate ran one request at a time.
+                top = min(TABLE_SIZE - 1, int(covered[1]))
+            limit = min(limit, top)
         limit = max(1, limit)
+        step[1 : limit + 1] = np.maximum.accumulate(np.maximum(step[1 : limit + 1], MIN_STEP_S))
         base = step[limit] if ok[limit] else max(MIN_STEP_S, t0 + t1 + t2)
         if limit < TABLE_SIZE - 1:
             step[limit + 1 :] = base * Ls[limit + 1 :] / limit

@@ -11,8 +11,9 @@
   engine's prompt-token counter; `per_token` is c x ratio, what the plan prices an estimated
   prompt token at.
 - Safe until learned: a slow-start cap on running (8, then 2x the largest batch completed
-  requests ran at) until observations confirm the model, and never more running than the
-  engine's seats (`engine_max_num_seqs`, or what its running/waiting metrics show).
+  requests ran at, or the engine's step counters showed it running as the model predicted)
+  until observations confirm the model, and never more running than the engine's seats
+  (`engine_max_num_seqs`, or what its running/waiting metrics show).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ RATIO_MIN_TOKENS = 2000  # estimated prompt tokens before the engine's counter c
 RATIO_IN_FLIGHT = 0.1  # of those, at most this share admitted too recently to be surely counted
 INF_SEATS = 1 << 30
 SLOW_START_MIN = 8  # batch the gate may plan for before any request has completed
-SLOW_START_FACTOR = 2.0  # how far past the largest batch completed requests have run it plans
+SLOW_START_FACTOR = 2.0  # how far past the largest batch seen (see `batch_seen`) it plans
 # Observations (completed requests, busy scrape intervals of the engine's step counters) that
 # must confirm the model before the slow-start cap lifts, within this log(observed / predicted)
 # (about 25% slower than predicted; faster counts as 0); one within a quarter of that is enough.
@@ -77,7 +78,8 @@ class EngineView:
         self.seats_seen: int | None = None
         self.last_snapshot: EngineSnapshot | None = None
         self.seats = self.seats_config
-        # Slow start: until a completed request has run at a batch, the gate plans for at most
+        # Slow start: until a completed request has run at a batch (or a busy interval of the
+        # engine's counters, predicted within SLOW_START_ERROR), the gate plans for at most
         # SLOW_START_FACTOR x the largest batch seen (the model there is still the prior's guess).
         self.batch_seen = 0.0
         self.confirmed = 0  # completed requests whose times were checked against the model
@@ -256,7 +258,7 @@ class EngineView:
 
     def _compute_cap(self) -> int:
         """The most requests the gate plans to run: the engine's seats, and while learning, the
-        slow-start cap (SLOW_START_FACTOR x the largest batch completed requests ran at)."""
+        slow-start cap (SLOW_START_FACTOR x `batch_seen`)."""
         seats = self.seats_config if self.seats_seen is None else min(self.seats_config, self.seats_seen)
         self.seats = seats
         if not self.model.online:
@@ -307,9 +309,9 @@ class EngineView:
             return True
         return False
 
-    def _check_prediction(self, predicted: float, observed: float, start: float, end: float) -> None:
+    def _check_prediction(self, predicted: float, observed: float, start: float, end: float) -> bool:
         """Track how well the model predicted a completed request's times (before learning from it),
-        observed from `start` to `end`.
+        observed from `start` to `end`; True when within SLOW_START_ERROR (or faster).
 
         Only the unsafe side counts: the slow-start cap guards against a model that is too
         optimistic (an engine slower than planned: admissions that miss). An engine that ran as
@@ -329,6 +331,8 @@ class EngineView:
             elif start >= self.miss_end:
                 self.streak += 1
             self.confirmed += 1
+            return err < SLOW_START_ERROR
+        return False
 
     # -- learning -----------------------------------------------------------------------------
 
@@ -435,7 +439,15 @@ class EngineView:
         if dt <= 0 or dsteps < COUNTER_MIN_STEPS or dprompt < 0 or dgen < 0 or dbusy < BUSY_SHARE * dt:
             return False, False  # too few steps, a counter reset, or the engine idle part of the time
         L = max(1.0, dgen / dsteps)
-        self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps, prev[0], now)
+        held = self._check_prediction(self.model.step_seconds(L, dprompt / dsteps), dbusy / dsteps, prev[0], now)
+        # The engine ran this batch (its mean decode batch over the interval) as the model
+        # predicted: the slow-start cap may grow from it as from a completed request's. Waiting
+        # for completions held a slow engine at 8 running for its first long request's whole run
+        # (16 s on the paper's curve 3.3x slower, a queue of 64 built behind it). A prediction
+        # that failed there grows nothing: the model is still wrong at that batch (a prefill cost
+        # 10x the prior's stalls the batch far more than planned).
+        if held and L > self.batch_seen:
+            self.batch_seen = L
         cap_changed = self.update_cap()
         if self.model.observe_steps(dsteps, dbusy, dgen, dprompt):
             self.model.set_operating_point(max(1, limit))

@@ -139,14 +139,33 @@ def test_a_rising_engine_is_not_read_as_flat_past_its_data(seed):
         assert 1 / model.speed(L) >= 0.9 * step(PAPER, L), L
 
 
-def test_a_peak_below_the_data_keeps_the_cautious_rule():
+def test_a_peak_below_the_data_holds_through_the_data_and_is_cautious_past_them():
     # A fit confounded with prefill can pin t1 at 0 with t2 < 0: "the step falls from L = 0".
-    # That is no evidence of a flat engine, and the table falls back to throughput held flat.
+    # That is no evidence of a flat engine past the data, but inside them it is what they say:
+    # the step holds at its peak up to their reach (not the throughput-flat rule from L = 1,
+    # which priced L = 15 at 15x the step the data had just shown), and past it throughput is
+    # held flat.
     model = EngineModel((0.03, 0.0, -1e-5), 5e-5)
     model._S[0][0], model._S[0][1], model._S[2][2] = 1.0, 10.0, 20.0**4  # data at L ~ 10..20
     model._set_table()
     assert model.data_range() == pytest.approx((10.0, 20.0))
-    assert 1 / model.speed(64) > 10 * 0.03
+    for L in (2, 10, 15, 20):
+        assert 1 / model.speed(L) == pytest.approx(0.03, rel=1e-3), L
+    assert 1 / model.speed(64) == pytest.approx(0.03 * 64 / 20, rel=1e-3)
+
+
+def test_an_exactly_flat_calibrated_engine_is_planned_flat():
+    # A small model bound by per-step overhead, as `saber calibrate` measures it: the same step at
+    # every batch. Its quadratic fit has t1 ~ -1e-19 (rounding); read as a step falling from L = 3,
+    # that priced L = 64 at 21x the measured step and the gate, learning off, served 30% where
+    # every static cap from 40 up served 99%.
+    profile = LatencyProfile(name="flat", decode_batch_sizes=[1, 8, 32, 64], decode_step_s=[0.0105] * 4,
+                             prefill_s_per_token=5e-5)
+    cfg = paper_config("saber")
+    cfg.scheduling.engine_profile = profile
+    model = engine_model_for(cfg.scheduling)
+    for L in (1, 4, 16, 64, 200):
+        assert 1 / model.speed(L) == pytest.approx(0.0105, rel=1e-6), L
 
 
 def test_past_the_data_the_step_follows_the_priors_shape_scaled_to_the_fit():
