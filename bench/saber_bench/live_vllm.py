@@ -65,12 +65,14 @@ EXTRA_POLICIES = ("saber-warm", "saber-calibrated")
 REQUESTS = 200
 WARMUP = 100
 # Capacity probe: the profile's capacity misses per-request costs (HTTP, tokenising, contention of
-# client, sidecar and engine for the cores), so it only starts the live search (capacity.py).
-PROBE_REQUESTS = 100
+# client, sidecar and engine for the cores), so it only starts the live search (capacity.py). Each
+# probe has as many requests as a measured run: a run of n requests at rate r (the paper's method)
+# is a burst once n / r is short against the deadlines, so a probe of fewer requests finds a
+# capacity the runs cannot hold (100-request probes found 110 req/s where the profile said 46).
 SEEDS = 3
 # --quick: an end-to-end check in about a minute and a half, not a measurement.
 QUICK = {"loads": (1.0, 2.0), "policies": ("static-16", "static-64", "saber", "saber-calibrated"), "seeds": 1,
-         "requests": 40, "warmup": 20, "probe_requests": 40, "probe_steps": 4}
+         "requests": 40, "warmup": 20, "probe_steps": 4}
 
 # (name, prompt tokens, max_tokens, share of requests, deadline floor s): the floors keep deadlines
 # human-scale (an IDE user waits ~1 s for a short answer) on an engine as fast as the tiny model.
@@ -232,7 +234,7 @@ def check_policies(policies: list[str]) -> None:
 
 async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = SEEDS, requests: int = REQUESTS,
                     warmup: int = WARMUP, max_num_seqs: int = ENGINE_MAX_NUM_SEQS, compare_sim: bool = False,
-                    probe_requests: int = PROBE_REQUESTS, probe_steps: int = PROBE_STEPS,
+                    probe_requests: int | None = None, probe_steps: int = PROBE_STEPS,
                     engine_url: str | None = None, calibration_args: dict | None = None) -> dict:
     """The whole proof; returns the summary written to out/summary.json."""
     import aiohttp
@@ -269,7 +271,8 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
             if not scaled.capacity_rps > 0 or not math.isfinite(scaled.capacity_rps):
                 raise LiveError(f"no capacity could be derived from the calibration: {scaled}")
             t = time.perf_counter()
-            scaled = await probe_capacity(relay.url, engine_url, model, scaled, probe_requests, probe_steps)
+            scaled = await probe_capacity(relay.url, engine_url, model, scaled, probe_requests or requests,
+                                          probe_steps)
             timings["capacity_probe_s"] = time.perf_counter() - t
         finally:
             relay.stop()
