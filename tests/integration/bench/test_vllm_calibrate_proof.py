@@ -76,7 +76,7 @@ async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):
     done = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "saber_cli", "calibrate", "--engine-url", vllm_url, "--out", str(out),
         "--max-concurrency", str(MAX_NUM_SEQS), "--concurrency", "1,4,16", "--prompt-lengths", "16,1024,2048",
-        "--arrivals-per-wave", "2", "--no-progress"], capture_output=True, text=True, timeout=240)
+        "--no-progress"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     p = load_profile(str(out))
     assert p.decode_batch_sizes == [1, 4, 16]
@@ -84,9 +84,9 @@ async def test_calibrate_on_real_vllm_predicts_the_engine(vllm_url, tmp_path):
     assert p.prefill_s_per_token > 0
     # A real HTTP serving stack costs every request a few ms outside the engine's steps.
     assert 0.0 < p.request_overhead_s < 0.5, p.request_overhead_s
-    assert 0.0 <= p.request_step_s < 0.1
-    loaded = [r for r in out.with_suffix(".samples.csv").read_text().splitlines() if r.startswith("decode-loaded,")]
-    assert loaded and all(int(r.split(",")[-1] or 0) >= 1 for r in loaded)  # arrivals landed inside the windows
+    # The per-arrival cost is measured only when asked for (tests/integration/bench/test_calibrate_emulator.py).
+    assert p.request_step_s == 0.0
+    assert not [r for r in out.with_suffix(".samples.csv").read_text().splitlines() if r.startswith("decode-loaded,")]
 
     # Independent measurements right after: a wave of 8 (between two knots) and one long prompt.
     speed8 = await _wave_speed(vllm_url, "saber-tiny-llama", 8, 192)
