@@ -677,6 +677,14 @@ def test_the_slow_start_cap_lifts_on_a_run_of_good_predictions_after_a_wrong_pri
     assert engine.streak == 0 and engine.miss_end == 11.0
 
 
+def _six_long_then_four_short(d, short_at):
+    """Six `loose` requests admitted at 0 s, four more at `short_at`: the long and the short runners."""
+    for i in range(6):
+        assert d.submit("loose", f"l{i}", 0.0, 100) == f"admit:l{i}"
+    for i in range(4):
+        assert d.submit("loose", f"s{i}", short_at, 100) == f"admit:s{i}"
+
+
 def test_running_requests_past_the_finished_lengths_raise_a_class_estimate():
     """Short requests finish first: the first lengths a class sees are its shortest. Six run from
     0 s; four more go in at 0.45 s and finish at 0.5 s with 5 tokens (what the plan gave them:
@@ -684,10 +692,7 @@ def test_running_requests_past_the_finished_lengths_raise_a_class_estimate():
     at v(6) = 94 tok/s, 0.05 s at v(10) = 90): the class is planned at what those have made at
     least, not at 5 (the plain p90 of the finished). As the long ones finish, their lengths take over."""
     d = Driver()
-    for i in range(6):
-        assert d.submit("loose", f"l{i}", 0.0, 100) == f"admit:l{i}"
-    for i in range(4):
-        assert d.submit("loose", f"s{i}", 0.45, 100) == f"admit:s{i}"
+    _six_long_then_four_short(d, 0.45)
     for i in range(4):
         d.finish(f"s{i}", 0.5, 5)
     assert 45 <= d.pol.expected_tokens("loose") <= 47  # 0.45 s at v(6) = 94, 0.05 s at v(10) = 90
@@ -701,10 +706,7 @@ def test_planned_progress_counts_at_what_it_has_been_worth():
     fifth of what the plan gave them, so the running ones count at a fifth of their planned
     progress (~9 of ~45), which is not past the finished lengths' p90: the plain one stands."""
     d = Driver()
-    for i in range(6):
-        assert d.submit("loose", f"l{i}", 0.0, 100) == f"admit:l{i}"
-    for i in range(4):
-        assert d.submit("loose", f"s{i}", 0.0, 100) == f"admit:s{i}"
+    _six_long_then_four_short(d, 0.0)
     for i in range(4):
         d.finish(f"s{i}", 0.5, 9 + i)  # planned ~45 each
     assert d.pol.expected_tokens("loose") == 12 and not d.pol.estimates["loose"].bounded
