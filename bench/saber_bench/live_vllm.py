@@ -155,17 +155,17 @@ async def probe_capacity(relay_url: str, engine_url: str, model: str, scaled: Sc
     from .capacity import search_capacity
     from .live import replay
 
+    seeds = iter(range(900, 900 + steps))  # other arrivals for every probe
+
     async with aiohttp.ClientSession() as session:
         async def counter(text):
             return await count_tokens(session, engine_url, model, text)
 
         async def probe(rate: float) -> dict:
-            specs = await make_specs(scaled, rate, 900 + len(seen), n, counter, tag="p")
-            seen.append(rate)
+            specs = await make_specs(scaled, rate, next(seeds), n, counter, tag="p")
             records, _ = await replay(relay_url, model, specs)
             return {"goodput": run_stats(records).goodput}
 
-        seen: list[float] = []
         found = await search_capacity(probe, scaled.capacity_rps, steps=steps)
     return replace(scaled, capacity_rps=found["capacity_rps"], model_capacity_rps=scaled.capacity_rps,
                    first_failing_rps=found["first_failing_rps"], probes=tuple(found["probes"]))
