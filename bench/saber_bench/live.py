@@ -337,9 +337,11 @@ def _sim_n(workload: str, rate: float, policy: str, seed: int, n: int) -> float:
 
 
 def comparison_table(cells: list[dict], sim: dict | None) -> str:
+    from .report import markdown_table
+
     head = ["rate", "policy", "goodput %"] + (["sim goodput %", "live − sim"] if sim else []) + [
         "attainment % by class", "e2e p50/p95 s", "TTFT p50 s", "rejected", "demoted"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for c in cells:
         row = [f"{c['rate']:g}", c["policy"], f"{100 * c['goodput']:.0f}"]
         if sim:
@@ -349,8 +351,8 @@ def comparison_table(cells: list[dict], sim: dict | None) -> str:
         att = ", ".join(f"{k} {100 * v:.0f}" for k, v in c["attainment"].items())
         row += [att, f"{c['e2e_p50']:.2f}/{c['e2e_p95']:.2f}", f"{c['ttft_p50']:.3f}", f"{c['rejected']:.0f}",
                 f"{c['demoted']:.0f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(head, rows)
 
 
 def plot_live(out: Path, cells: list[dict], sim: dict | None, title: str) -> Path:

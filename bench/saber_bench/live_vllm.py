@@ -398,16 +398,18 @@ def sim_agreement(cells, sim: dict) -> dict:
 
 
 def agreement_table(agree: dict, agree_table: dict | None) -> str:
+    from .report import markdown_table
+
     head = ["load", "policy", "live %", "sim %", "live − sim"] + (
         ["sim, step table only %", "live − sim (table only)"] if agree_table else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     other = {(r["rate"], r["policy"]): r for r in (agree_table or {}).get("cells", [])}
     for r in agree["cells"]:
         row = [f"{r['load']:g}x", r["policy"], f"{r['live']:.0f}", f"{r['sim']:.0f}", f"{r['diff']:+.0f}"]
         if agree_table:
             o = other.get((r["rate"], r["policy"]))
             row += [f"{o['sim']:.0f}", f"{o['diff']:+.0f}"] if o else ["–", "–"]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
     tail = (f"\nWithin {AGREE_POINTS:g} points: {agree['within']}/{len(agree['cells'])} cells "
             f"({100 * agree['share_within']:.0f}%), mean |live − sim| {agree['mean_abs_diff']:.1f}, "
             f"max {agree['max_abs_diff']:.1f}")
@@ -415,7 +417,7 @@ def agreement_table(agree: dict, agree_table: dict | None) -> str:
         tail += (f"; step table only: {agree_table['within']}/{len(agree_table['cells'])} "
                  f"({100 * agree_table['share_within']:.0f}%), mean {agree_table['mean_abs_diff']:.1f}, "
                  f"max {agree_table['max_abs_diff']:.1f}")
-    return "\n".join(lines) + "\n" + tail + ".\n"
+    return markdown_table(head, rows) + "\n" + tail + ".\n"
 
 
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,

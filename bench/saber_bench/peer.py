@@ -37,6 +37,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .report import markdown_table
 from .trace_bench import TraceSource
 from .workloads import RequestSpec
 
@@ -176,17 +177,18 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
 def summary_table(rows: list[dict]) -> str:
     head = ["rate req/s", "load", "vllm bench serve goodput % (mean ± std; runs)", "saber bench goodput % (mean ± std; runs)",
             "saber − peer, points", f"agree (≤ {AGREE_POINTS:g} pts and ≤ spread)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        def cell(c):
-            return f"{c['mean']:.1f} ± {c['std']:.1f} ({'/'.join(f'{x:.0f}' for x in c['runs'])})"
 
-        lines.append("| " + " | ".join([
+    def cell(c):
+        return f"{c['mean']:.1f} ± {c['std']:.1f} ({'/'.join(f'{x:.0f}' for x in c['runs'])})"
+
+    table = []
+    for r in rows:
+        table.append([
             f"{r['rate']:g}", f"{r['load']:g}x" if r.get("load") else "–", cell(r["vllm_bench_serve"]),
             cell(r["saber_bench"]), f"{r['difference_points']:+.1f}",
             "yes" if r["agree"] else "no" + ("" if r["within_points"] else f" (|Δ| > {AGREE_POINTS:g})")
-            + ("" if r["within_spread"] else " (|Δ| > spread)")]) + " |")
-    return "\n".join(lines)
+            + ("" if r["within_spread"] else " (|Δ| > spread)")])
+    return markdown_table(head, table)
 
 
 CSV_FIELDS = ("rate", "load", "repeat", "client", "order", "requests", "good", "goodput", "completed", "failed",
@@ -216,13 +218,13 @@ def runs_table(runs: list[dict]) -> str:
     """Markdown: one row per run, with the machine's 1-minute load after it (the machine is shared)."""
     head = ["rate", "repeat", "client", "goodput %", "good", "rejected", "miss TTFT", "miss e2e", "send lag max ms",
             "load (1 min)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in runs:
-        lines.append("| " + " | ".join([
+        table.append([
             f"{r['rate']:g}", str(r["repeat"]), r["client"], f"{100 * r['goodput']:.1f}", f"{r['good']}/{r['requests']}",
             str(r["rejected"]), str(r["miss_ttft"]), str(r["miss_e2e"]), f"{1000 * r['send_lag_max_s']:.0f}",
-            f"{r['load1']:.2f}"]) + " |")
-    return "\n".join(lines)
+            f"{r['load1']:.2f}"])
+    return markdown_table(head, table)
 
 
 async def _peer_once(python: Path, sidecar_url: str, model: str, tokenizer: Path, cell_file: Path, specs, goodput: str,

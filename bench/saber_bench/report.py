@@ -44,6 +44,13 @@ def write_summary(out: Path, summary: dict) -> Path:
     return path
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}"
 
@@ -75,16 +82,16 @@ def detail_table(summary: dict, workload: str, policies: Sequence[str]) -> str:
     cells.sort(key=lambda c: (c["rate"], policy_order(c["policy"])))
     head = ["rate", "policy", "goodput %", "attainment % by class", "e2e p50/p95/p99 s", "TTFT p50/p95/p99 s",
             "tok/s", "rejected", "demoted"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for c in cells:
         att = ", ".join(f"{k} {_pct(v)}" for k, v in c.get("attainment", {}).items())
-        lines.append("| " + " | ".join([
+        rows.append([
             _num(c["rate"], "g"), c["policy"], _pct(c["goodput"]), att,
             f"{_num(c.get('e2e_p50'))}/{_num(c.get('e2e_p95'))}/{_num(c.get('e2e_p99'))}",
             f"{_num(c.get('ttft_p50'), '.3f')}/{_num(c.get('ttft_p95'), '.3f')}/{_num(c.get('ttft_p99'), '.3f')}",
             _num(c.get("throughput_tok_s"), ".0f"), _num(c.get("rejected"), ".1f"), _num(c.get("demoted"), ".1f"),
-        ]) + " |")
-    return "\n".join(lines)
+        ])
+    return markdown_table(head, rows)
 
 
 def cv_table(summary: dict) -> str:

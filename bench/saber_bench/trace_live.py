@@ -344,19 +344,21 @@ async def run_vllm_trace(source: TraceSource, policies: list[str], repeats: int,
 
 def repeats_table(cells: list[dict]) -> str:
     """Markdown: per rate and policy the mean goodput over repeats, its spread, and the per-repeat values."""
+    from .report import markdown_table
+
     head = ["rate", "load", "policy", "goodput % mean", "std", "min–max", "per repeat", "TTFT p50 s", "e2e p50/p95 s",
             "rejected (mean)", "demoted (mean)", "client send lag max s", "machine load (1 min)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for c in cells:
         s = c["goodput_spread"]
-        lines.append("| " + " | ".join([
+        rows.append([
             f"{c['rate']:g}", f"{c['load']:g}x" if c.get("load") else "–", c["policy"], f"{100 * s['mean']:.1f}",
             f"{100 * s['std']:.1f}", f"{100 * s['min']:.0f}–{100 * s['max']:.0f}",
             "/".join(f"{100 * g:.0f}" for g in c["goodput_per_seed"]), f"{c['ttft_p50']:.3f}",
             f"{c['e2e_p50']:.2f}/{c['e2e_p95']:.2f}", f"{c['rejected']:.1f}", f"{c.get('demoted', 0):.1f}",
             f"{c['send_lag_max_s']:.2f}",
-            f"{min(c['load1_per_repeat']):.1f}–{max(c['load1_per_repeat']):.1f}" if c.get("load1_per_repeat") else "–"]) + " |")
-    return "\n".join(lines)
+            f"{min(c['load1_per_repeat']):.1f}–{max(c['load1_per_repeat']):.1f}" if c.get("load1_per_repeat") else "–"])
+    return markdown_table(head, rows)
 
 
 def targets_vs_best_static(cells: list[dict], policy: str = "saber") -> list[dict]:
