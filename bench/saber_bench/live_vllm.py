@@ -48,13 +48,11 @@ from saber_emulator.profile import LatencyProfile
 
 from .capacity import PROBE_STEPS
 from .metrics import combine_seeds, run_stats
+from .vllm_server import CPU_MAX_NUM_BATCHED_TOKENS
 from .workloads import RequestSpec, Task, mix_classes, rng_for, uniform_arrivals
 
 TITLE = "real vLLM (CPU build)"
 ENGINE_MAX_NUM_SEQS = 64
-# vLLM's CPU API-server default token budget per step (chunked prefill), passed explicitly so the
-# server and the simulated engine use the same one.
-ENGINE_MAX_NUM_BATCHED_TOKENS = 2048
 AGREE_POINTS = 5.0  # issue 10 item 3: live and sim within this many points of goodput
 KNEE_BATCH = 16        # deadlines are what the engine meets with this many decoding
 DEADLINE_MARGIN = 1.5  # x the latency at the knee: room for queueing a little, not for a full batch of 64
@@ -200,7 +198,7 @@ async def start_vllm(out: Path, max_num_seqs: int):
         model_dir = await asyncio.to_thread(vllm_cpu.build_tiny_model, out / "vllm-model")
         server = vllm_cpu.VLLMServer(model_dir, max_num_seqs=max_num_seqs, max_model_len=4096,
                                      log_path=out / "logs" / "vllm.log",
-                                     extra_args=["--max-num-batched-tokens", str(ENGINE_MAX_NUM_BATCHED_TOKENS)])
+                                     extra_args=["--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS)])
         await asyncio.to_thread(server.start)
     except (RuntimeError, OSError) as exc:
         raise LiveError(f"could not start vLLM: {exc}") from exc
@@ -372,7 +370,7 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
                     shift = max(s.arrival for s in warm) + 30.0  # warm-up drained before the measured run
                     specs = warm + [replace(s, arrival=s.arrival + shift) for s in specs]
                 engine = EngineCore(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=4096,
-                                                 max_num_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS), profile,
+                                                 max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), profile,
                                     seed=seed)
                 res = simulate(specs, make_policy(cfg, seed), engine, request_builder("saber", cfg),
                                engine_priority=cfg.scheduling.engine_priority)

@@ -19,11 +19,10 @@ import aiohttp
 from .capacity import PROBE_STEPS
 from .trace_bench import TraceSource
 from .traces import synth_prompt
+from .vllm_server import CPU_MAX_NUM_BATCHED_TOKENS
 from .workloads import RequestSpec
 
 LOGITS_PROCESSOR = "saber_bench.vllm_stop:StopAtLength"
-# vLLM's CPU default token budget per step (chunked prefill), passed explicitly (as live_vllm does).
-MAX_NUM_BATCHED_TOKENS = 2048
 
 
 @dataclass
@@ -76,7 +75,7 @@ class LiveTrace:
             model_dir = await asyncio.to_thread(vllm_cpu.build_tiny_model, out / "vllm-model")
             server = stop_at_length_vllm(model_dir, max_num_seqs=self.max_num_seqs or 256,
                                          max_model_len=self.source.max_model_len, log_path=out / "logs" / "vllm.log",
-                                         extra_args=["--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
+                                         extra_args=["--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS),
                                                      # every run pays its prefills: the policies replay
                                                      # the same prompts, and a cache hit would make the
                                                      # later runs' prefills free

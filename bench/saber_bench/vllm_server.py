@@ -27,6 +27,9 @@ from .ports import PortInUse, address_in_use, retry_on_port_clash
 from .vllm_model import child_env, require_vllm_python
 
 DEFAULT_MODEL_NAME = "saber-tiny-llama"
+# vLLM's CPU API-server default token budget per step (chunked prefill). The harnesses pass it to
+# the server explicitly, so the server and a simulated engine use the same one.
+CPU_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 class VLLMServerError(RuntimeError):
