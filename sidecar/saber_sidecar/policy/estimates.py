@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 RECOMPUTE_EVERY = 8
@@ -69,7 +70,7 @@ class OutputEstimate:
             if cs:
                 value = self._with_running(ordered, cs)
         if value is None:
-            value = max(1, ordered[max(0, math.ceil(self.quantile * len(ordered)) - 1)])
+            value = max(1, int(_at_quantile(ordered, self.quantile)))
         self._since = 0
         changed = value != self.value
         self.value = value
@@ -78,16 +79,20 @@ class OutputEstimate:
     def _with_running(self, ordered: list[int], cs: list[float]) -> int | None:
         """The quantile of the finished lengths and the running requests at their progress (a
         lower bound); None when no running request is past the plain quantile. Sets `bounded`."""
-        n = len(ordered)
-        plain = ordered[max(0, math.ceil(self.quantile * n) - 1)]
+        plain = _at_quantile(ordered, self.quantile)
         if max(cs) <= plain:
             return None
         merged = sorted(ordered + cs)
-        value = math.ceil(merged[max(0, math.ceil(self.quantile * len(merged)) - 1)])
+        value = math.ceil(_at_quantile(merged, self.quantile))
         if value <= plain:
             return None
         self.bounded = True
         return value
+
+
+def _at_quantile(ordered: Sequence[float], quantile: float) -> float:
+    """The value at `quantile` of a sorted, non-empty list (the ceil(q x n)-th, as a p90 reads)."""
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
 
 
 def _push(window: deque[int], ordered: list[int], value: int) -> None:
