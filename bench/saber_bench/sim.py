@@ -3,7 +3,8 @@
 Virtual time, one heap of events (arrivals, engine scrapes) plus two timers that are always known
 exactly: the end of the engine step in progress and the policy's `next_wake()`. The policy is
 driven as the sidecar's `Gate` drives it: `submit` at arrival, every action carried out in order,
-`finished(id, now, output_tokens, first_token_at)` when the engine finishes an admitted request,
+`first_token(id, now)` when the engine makes an admitted request's first token,
+`finished(id, now, output_tokens, first_token_at)` when the engine finishes it,
 `wake` at `next_wake()`, and `observe_engine` every scrape interval with the engine's state.
 
 An admitted request enters the engine at once; like vLLM, the engine takes it into the batch at
@@ -81,7 +82,7 @@ def simulate(
         heapq.heappush(heap, (min(s.arrival for s in specs), _SCRAPE, seq, ""))
         seq += 1
 
-    def carry_out(actions, now: float) -> None:
+    def carry_out(actions, now: float, start_step: bool = True) -> None:
         nonlocal outstanding, step
         for a in actions:
             rec = records[a.request_id]
@@ -104,7 +105,7 @@ def simulate(
                 outstanding -= 1
             elif isinstance(a, Demote):
                 rec.demoted = True
-        if step is None and engine.has_work:
+        if start_step and step is None and engine.has_work:
             step = engine.step(now)
 
     now = 0.0
@@ -126,6 +127,10 @@ def simulate(
             step = engine.step(now)
         elif step is not None and t_step <= now_next:  # (t_step is finite only with a step)
             done, step = step, None
+            for rid in done.first_token:  # the sidecar sees a streamed first token as it is made
+                calls += 1
+                # (the next step starts once the step's finishes are handled too, as before)
+                carry_out(policy.first_token(rid, now), now, start_step=False)
             for f in done.finished:
                 rec = records[f.id]
                 rec.first_token_at = f.first_token_time

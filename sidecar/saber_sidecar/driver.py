@@ -108,6 +108,12 @@ class Gate:
                 self._drop(req.id)
             raise
 
+    def first_token(self, request_id: str) -> None:
+        """An admitted request's first streamed token reached the sidecar."""
+        policy = self._owner.get(request_id)
+        if policy is not None and request_id not in self._futures:  # admitted, not yet finished
+            self._run(policy, policy.first_token(request_id, self._clock()))
+
     def finished(
         self,
         request_id: str,

@@ -306,8 +306,10 @@ class StreamRelay(Sink):
     # -- Sink: called from the engine connection's callbacks ------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if self.relay.first_token_at is None:
-            self.relay.first_token_at = self.now()
+        relay = self.relay
+        if relay.first_token_at is None:
+            relay.first_token_at = self.now()
+            relay.sc.gate.first_token(relay.req.id)
         self.events += (self.tail + data).count(b"data:")
         self.tail = data[-4:]
         self.prev, self.last = self.last, data

@@ -138,6 +138,11 @@ class Policy(ABC):
         before being cut off, so policies must not learn output lengths or speeds from it.
         """
 
+    def first_token(self, request_id: str, now: float) -> list[Action]:
+        """An admitted request's first token reached the sidecar (streamed responses only); most
+        policies learn nothing from it."""
+        return []
+
     @abstractmethod
     def cancel(self, request_id: str, now: float) -> list[Action]:
         """A queued (not yet admitted) request's client went away."""

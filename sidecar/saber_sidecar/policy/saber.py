@@ -195,6 +195,17 @@ class SaberPolicy(Policy):
                 load.fresh_need = load.compute_fresh_need()
         return admission.dispatch(now)
 
+    def first_token(self, request_id: str, now: float) -> list[Action]:
+        """A first token as fast as planned grows the slow-start cap (`EngineView.note_first_token`)."""
+        run = self.batch.running.get(request_id)
+        engine = self.engine
+        if run is None or not engine.note_first_token(run, now):
+            return []
+        self.load.invalidate()
+        self.batch.advance(now, engine.model, engine.seats)
+        self.admission.version += 1
+        return self.admission.dispatch(now)
+
     def adopt(self, req: Request, now: float) -> None:
         """A running request from the instance this one replaces: priced as if admitted now with
         its whole expected length to go (its progress is unknown here: the cautious side), its

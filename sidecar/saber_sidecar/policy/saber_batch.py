@@ -44,6 +44,7 @@ class Run:
     adopted: bool = False  # taken over from another instance (a reload): its times teach nothing
     cluster: float = -1.0  # when its cluster (prompts admitted within one step of each other) began
     w0: float = 0.0  # W at admission: W - w0 is the plan's count of its tokens so far
+    prefilled: float = -INF  # when the plan had the engine done prefilling its prompt (and those ahead)
 
 
 class Batch:
@@ -181,6 +182,7 @@ class Batch:
             self.P += prompt
             start = self.prefill_end if self.prefill_end > now else now
             self.prefill_end = start + engine.prefill_seconds(prompt, len(running))
+            run.prefilled = self.prefill_end
             self.W -= model.speed(len(running)) * (engine.per_token * prompt)
         if sla:
             self.sla_running += 1

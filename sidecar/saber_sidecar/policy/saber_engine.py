@@ -285,6 +285,29 @@ class EngineView:
             return self.update_cap()
         return False
 
+    def note_first_token(self, run: Run, now: float) -> bool:
+        """A running request's first token: True when the slow-start cap grew from it.
+
+        Its time to first token is engine work at the batch it joined (the prompts ahead of it,
+        its own, the step in progress) that the plan priced at admission. Seen no slower than
+        predicted (within SLOW_START_ERROR), it vouches for that batch as a completed request
+        does, long before one completes: waiting for completions held a flat engine at 8 running
+        for its first 0.7 s, and the requests queued meanwhile (1 s deadlines) missed. An engine
+        slower than the prior (a costly prefill, slow steps) shows it in this very time, so there
+        the cap stays until the model has learned it. The model learns nothing here: the row is
+        learned when the request finishes, with the prompts around it known (`learn`)."""
+        if (not self.model.online or self.confirmed or self.cap >= self.seats or run.adopted
+                or run.n0 > self.seats):
+            return False
+        others = run.n0 - 1
+        model = self.model
+        ready = run.prefilled if run.prefilled > run.t0 else run.t0
+        predicted = ready - run.t0 + model.step_seconds(others) * (1.5 if others else 1.0) + model.ttft_overhead
+        observed = now - run.t0
+        if not (predicted > 0.0 and 0.0 < observed <= predicted * math.exp(SLOW_START_ERROR)):
+            return False
+        return self.note_concurrency(float(run.n0))
+
     def observe_seats(self, snapshot: EngineSnapshot) -> bool:
         """Requests waiting inside the engine while it runs `running`: that is its seat limit
         (vLLM's max_num_seqs, or fewer when its KV cache is full). True when that changed.

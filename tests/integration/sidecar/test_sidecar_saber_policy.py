@@ -54,3 +54,35 @@ async def test_hopeless_request_of_reject_class_gets_429(emulator, start_sidecar
             assert r.status == 429
             assert r.headers["x-saber-outcome"] == "rejected" and int(r.headers["Retry-After"]) >= 1
             assert "cannot meet its deadline" in (await r.json())["error"]["message"]
+
+
+async def test_each_streamed_first_token_reaches_the_policy_before_its_finish(emulator, start_sidecar):
+    """The relay tells the gate when a request's first token arrives (saber grows its slow-start
+    cap from it); once per admitted request, while it is still running."""
+    sidecar = await start_sidecar(emulator_url(emulator), SABER)
+    policy = sidecar.sidecar.gate.policy
+    events: list[tuple[str, str]] = []
+    first_token, finished = policy.first_token, policy.finished
+
+    def on_first(request_id, now):
+        events.append(("first", request_id))
+        return first_token(request_id, now)
+
+    def on_finish(request_id, *args, **kw):
+        events.append(("finish", request_id))
+        return finished(request_id, *args, **kw)
+
+    policy.first_token, policy.finished = on_first, on_finish
+    client = openai.AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="x", max_retries=0)
+
+    async def one():
+        stream = await client.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=True)
+        return sum([1 async for c in stream if c.choices and c.choices[0].text])
+
+    assert await asyncio.gather(*(one() for _ in range(12))) == [8] * 12
+    await asyncio.sleep(0.05)
+    ids = {rid for _, rid in events}
+    assert len(ids) == 12
+    for rid in ids:
+        mine = [kind for kind, r in events if r == rid]
+        assert mine == ["first", "finish"]

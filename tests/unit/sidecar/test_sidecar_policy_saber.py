@@ -588,6 +588,45 @@ def test_slow_start_lifts_on_an_engine_faster_than_predicted_and_holds_on_a_slow
     assert slow.pol.engine.cap < INF_SEATS
 
 
+def test_first_tokens_as_fast_as_planned_grow_the_slow_start_cap_before_any_request_completes():
+    """A first token is engine work at the batch its request joined (the step in progress, the
+    prompts ahead), which the plan priced at admission: one no slower than planned vouches for that
+    batch as a completed request does, so the cap doubles from it long before the first request
+    completes. One far slower than planned (an optimistic prior) grows nothing, and once a
+    completed request has checked the model, first tokens are no longer the evidence."""
+    def gate():
+        d = learning_driver()
+        out = [d.submit("loose", f"r{i}", 0.0, 20) for i in range(30)]
+        assert sum(o.startswith("admit") for o in out) == 8
+        return d
+
+    fast = gate()
+    # r7 joined a batch of 8: first token after about 1.5 steps at v(7) = 93, as planned.
+    admitted = fmt(fast.pol.first_token("r7", 1.5 / 93))
+    assert fast.pol.engine.cap == 16
+    assert admitted == "admit:r8"  # the queue moves at once, no completion needed
+    t = 1.5 / 93
+    for _ in range(20):  # (a decision admits one at a time, then resumes: its work is bounded)
+        t = fast.pol.next_wake() or t
+        fast.pol.wake(t)
+    assert len(fast.pol.batch.running) == 16
+    slow = gate()
+    assert fmt(slow.pol.first_token("r7", 10 * 1.5 / 93)) == ""  # 10x slower than planned
+    assert slow.pol.engine.cap == 8
+    checked = gate()
+    t = 0.01 + 2.0 * 19 / 92
+    checked.pol.finished("r0", t, 20, 0.01)  # twice as slow as predicted: checked, not confirmed
+    cap = checked.pol.engine.cap
+    for _ in range(20):
+        t = checked.pol.next_wake() or t
+        checked.pol.wake(t)
+    last = max(checked.pol.batch.running.values(), key=lambda r: r.n0)
+    assert last.n0 == cap
+    assert fmt(checked.pol.first_token(last.req.id, t + 0.01)) == ""
+    assert checked.pol.engine.cap == cap
+    assert fmt(fast.pol.first_token("unknown", 0.02)) == ""  # not running: nothing to learn
+
+
 def test_a_reject_class_that_states_no_length_explores_then_reads_an_honest_max_tokens_strictly():
     """`rejcold` states no output length: its max_tokens (500 in 1 s: 5x the engine's speed) is
     only a bound. Read strictly, it would reject everything and never learn a length; instead at
