@@ -40,7 +40,8 @@ Where it goes past the paper's Algorithm 1 (more in those modules' docstrings):
   at admission (W steps back) and priced in `FeasibilityCheck.fits`. Prompt tokens are the sidecar's estimate,
   scaled to the engine's count by a learned ratio (usage, else the engine's prompt counter).
 - Safe until learned: a slow-start cap on running (8, then 2x the largest batch completed
-  requests ran at) until observations confirm the model, and never more running than the
+  requests ran at, or a first token came as fast as planned at: `first_token`) until
+  observations confirm the model, and never more running than the
   engine's seats (`engine_max_num_seqs`, or what its running/waiting metrics show).
 - Cut-off requests (`finished(..., completed=False)`) free their slot but feed neither the
   output-length estimates nor the speed model.

@@ -11,7 +11,8 @@
   engine's prompt-token counter; `per_token` is c x ratio, what the plan prices an estimated
   prompt token at.
 - Safe until learned: a slow-start cap on running (8, then 2x the largest batch completed
-  requests ran at, or the engine's step counters showed it running as the model predicted)
+  requests ran at, or the engine's step counters showed it running as the model predicted, or,
+  before either, a request's first token came as fast as planned at the batch it joined)
   until observations confirm the model, and never more running than the engine's seats
   (`engine_max_num_seqs`, or what its running/waiting metrics show).
 """
