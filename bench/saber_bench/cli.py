@@ -86,6 +86,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _trace_args(lv)
     lv.set_defaults(func=_live)
 
+    rs = sub.add_parser(
+        "resim", help="simulate a real-vLLM proof run's cells again, offline, on its calibrated profile varied",
+        description="Rebuilds the arrivals of a `saber bench live --engine vllm` run (RUN_DIR: its --out folder) "
+        "and simulates its cells and capacity probes again on the profile it calibrated, as calibrated and with "
+        "one field varied, to see how a change to the simulator's engine model moves the agreement with the "
+        "live cells (seconds instead of a 20-minute live run). Unvaried, it gives the run's own sim numbers.")
+    rs.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `saber bench live --engine vllm` run")
+    rs.add_argument("--vary", default=None,
+                    help="FIELD=V1,V2,...: a profile field set to each value in turn, or scaled with xF "
+                    "(e.g. request_step_s=0.002,0.004 or context_s_per_token=x1.25 or decode_step_s=x1.1)")
+    rs.add_argument("--tokenizer", default=None,
+                    help="the served model's tokenizer.json (default RUN_DIR/vllm-model/tokenizer.json)")
+    rs.add_argument("--out", default="out/bench-resim", help="output folder (default out/bench-resim)")
+    rs.set_defaults(func=_resim)
+
     # `saber demo` (the README's first command) and `saber bench demo` are the same command.
     for parent in (sub, subparsers):
         _add_demo_parser(parent)
@@ -203,6 +218,12 @@ def _print_targets(summary: dict) -> None:
             f"CV {e['cv_saber']:.3f} vs best static {e['cv_best_static']:.3f}"
             + (f" ({100 * abs(red):.0f}% {'lower' if red >= 0 else 'higher'})" if red is not None and red == red else "")
         )
+
+
+def _resim(args: argparse.Namespace) -> int:
+    from .resim import run_cli
+
+    return run_cli(args)
 
 
 def _live(args: argparse.Namespace) -> int:

@@ -430,6 +430,7 @@ def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, 
     meta = {"mode": "live", "engine": TITLE, "command": command, "machine": describe_machine(),
             "evidence": "live on real vLLM (CPU build); sim on a profile calibrated from that same engine",
             "elapsed_s": timings.get("total_s", 0.0), "timings": timings, "workload": scaled.to_json(),
+            "requests": requests, "warmup": warmup,
             "profile": profile.model_dump(mode="json", exclude_none=True)}
     paths = write_live(out, cells, sim, meta, f"saber bench live: {TITLE}, workload scaled to it")
     summary = json.loads(paths["summary"].read_text())
