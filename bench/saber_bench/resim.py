@@ -89,9 +89,8 @@ def load_run(path: str | Path) -> ProofRun:
 
 
 def token_counter(tokenizer_path: str | Path):
-    """Counts prompt tokens as the engine did (its own tokenizer; no special tokens added: vLLM's
-    /tokenize of a completion prompt adds the BOS token, counted here as well when the
-    tokenizer's post-processor adds it)."""
+    """Counts prompt tokens as the run's harness had the engine count them (vLLM's /tokenize, which
+    encodes with this same tokenizer file, special tokens included)."""
     from tokenizers import Tokenizer
 
     path = Path(tokenizer_path)
