@@ -36,3 +36,11 @@ def test_vary_sets_or_scales_one_field_and_refuses_the_rest():
                       ("decode_step_s=0.01", "scale factors only"), ("request_step_s=-1", "not a valid profile")]:
         with pytest.raises(ResimError, match=says):
             parse_vary(bad, p)
+
+
+def test_the_live_noise_is_the_standard_error_of_a_cells_mean_over_its_seeds():
+    from saber_bench.resim import live_se
+
+    assert live_se({"goodput_per_seed": [0.98, 0.94, 0.61]}) == pytest.approx(11.72, abs=0.01)
+    assert live_se({"goodput_per_seed": [0.5]}) == 0.0
+    assert live_se({"goodput_per_seed": [0.7, 0.7, 0.7]}) == 0.0
