@@ -117,10 +117,15 @@ def decode_step(p: LatencyProfile, batch: int) -> float:
     return p.step_time(batch, 0, round(batch * mean_context()))
 
 
+def join_cost(p: LatencyProfile, batch: int) -> float:
+    """Engine seconds a request costs the step it joins a batch of `batch` decoding in."""
+    return p.request_step_s + p.request_step_s_per_seq * batch
+
+
 def latency_at(p: LatencyProfile, batch: int, prompt: int, out: int) -> float:
     """A request's end-to-end time while `batch` requests decode: its fixed overhead, its prefill step
     (with its own per-request engine cost), then `out` decode steps."""
-    return (p.request_overhead_s + decode_step(p, batch) + prompt * p.prefill_s_per_token + p.request_step_s
+    return (p.request_overhead_s + decode_step(p, batch) + prompt * p.prefill_s_per_token + join_cost(p, batch)
             + (out - 1) * decode_step(p, batch))
 
 
@@ -135,9 +140,9 @@ def scale_workload(p: LatencyProfile, max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -
         if any(latency_at(p, b, prompts[k], t.max_tokens) > t.sla_s for k, t in classes.items()):
             break
         # Engine seconds per request at batch b: its share of b-wide decode steps, its prefill and
-        # the engine time the serving stack takes for each request (profile.request_step_s).
+        # the engine time the serving stack takes for each request (its join: `join_cost`).
         per_req = sum(shares[k] * (t.max_tokens * decode_step(p, b) / b + prompts[k] * p.prefill_s_per_token)
-                      for k, t in classes.items()) + p.request_step_s
+                      for k, t in classes.items()) + join_cost(p, b)
         if 1.0 / per_req > best:
             best, best_b = 1.0 / per_req, b
     return Scaled(classes, shares, prompts, round(best, 2), best_b)
@@ -336,7 +341,8 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
         sim = simulate_proof(arrivals, scaled, profile, loads, policies, seeds, max_num_seqs,
                              records_dir=out / "requests")
         # The step table alone (what the simulator had before the per-request costs were measured).
-        table_only = profile.model_copy(update={"request_overhead_s": 0.0, "request_step_s": 0.0})
+        table_only = profile.model_copy(update={"request_overhead_s": 0.0, "request_step_s": 0.0,
+                                                "request_step_s_per_seq": 0.0})
         sim_table = simulate_proof(arrivals, scaled, table_only, loads, policies, seeds, max_num_seqs)
         timings["sim_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

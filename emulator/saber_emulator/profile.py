@@ -4,10 +4,11 @@ A profile is data (a JSON or YAML file, by suffix), so a user can calibrate it t
 model (`saber calibrate` writes YAML).
 
 Step time = decode_time(num_decode_seqs) + prefill_tokens * prefill_s_per_token
-            + context_tokens * context_s_per_token + new_requests * request_step_s
+            + context_tokens * context_s_per_token
+            + new_requests * (request_step_s + request_step_s_per_seq * num_decode_seqs)
 
-Two per-request costs outside the step table, both 0 by default (the paper profile has neither);
-`saber calibrate` measures them on a real serving stack, where they are what separates a
+Per-request costs outside the step table, all 0 by default (the paper profile has none);
+`saber calibrate` measures the first two on a real serving stack, where they are what separates a
 request's latency from the engine's steps:
 - `request_overhead_s`: fixed latency of every request outside the engine (HTTP, the relay,
   tokenising, streaming the first token back): the engine takes a request into a batch no earlier
@@ -15,6 +16,9 @@ request's latency from the engine's steps:
 - `request_step_s`: engine time each request costs when it enters the batch, beyond its prefill:
   on a host whose cores the engine shares with its API server, the relay and the clients, the CPU
   they spend on each request is taken from the engine's steps.
+- `request_step_s_per_seq`: the same, per sequence decoding in the step it joins (a join that costs
+  in proportion to the batch). Not measured by `saber calibrate` yet; set by hand or varied with
+  `saber bench resim` (docs/BENCHMARKS.md, "Sim against live").
 
 `decode_time` is a monotone piecewise-linear table over the number of sequences decoding in the
 step, exact at its knots. Calibrated from a measured speed curve v(L) (tokens/s per request while L
@@ -73,6 +77,11 @@ class LatencyProfile(BaseModel):
         description="Extra step time per request entering the batch (CPU the serving stack spends on each "
         "request, taken from the engine on a shared host). 0: none.",
     )
+    request_step_s_per_seq: float = Field(
+        default=0.0, ge=0.0, le=0.1,
+        description="Extra step time per request entering the batch, per sequence decoding in that step "
+        "(a join that costs the engine in proportion to the batch it joins). 0: none.",
+    )
 
     @model_validator(mode="after")
     def _check_table(self) -> LatencyProfile:
@@ -112,7 +121,7 @@ class LatencyProfile(BaseModel):
             self.decode_time(num_decode_seqs)
             + prefill_tokens * self.prefill_s_per_token
             + context_tokens * self.context_s_per_token
-            + new_requests * self.request_step_s
+            + new_requests * (self.request_step_s + self.request_step_s_per_seq * num_decode_seqs)
         )
 
     def speed(self, num_seqs: int) -> float:
@@ -151,7 +160,7 @@ class LatencyProfile(BaseModel):
         import yaml
 
         data = self.model_dump(mode="json", exclude_none=True)
-        for key in ("request_overhead_s", "request_step_s"):
+        for key in ("request_overhead_s", "request_step_s", "request_step_s_per_seq"):
             if not data.get(key):
                 data.pop(key, None)
         return yaml.safe_dump(data, sort_keys=False, width=100)

@@ -1,4 +1,4 @@
-"""The profile's per-request costs (request_overhead_s, request_step_s) in the engine model and the simulator."""
+"""The profile's per-request costs (request_overhead_s, request_step_s, request_step_s_per_seq) in the engine model and the simulator."""
 
 import pytest
 import yaml
@@ -40,6 +40,20 @@ def test_each_request_entering_the_batch_adds_request_step_s_once():
     assert first.duration == pytest.approx(0.01 + 30 * 1e-4 + 2 * 0.005)
     second = e.step(first.end)  # both decode now: no newcomer, no extra
     assert second.duration == pytest.approx(profile().step_time(2, 0, second.context_tokens))
+
+
+def test_a_join_costs_request_step_s_per_seq_for_each_sequence_decoding_in_its_step():
+    e = EngineCore(EngineConfig(), profile(request_step_s_per_seq=0.001))
+    e.add_request(EngineRequest("a", 10, 8))
+    e.add_request(EngineRequest("b", 10, 8))
+    first = e.step(0.0)  # both prefill: nobody decodes, the join costs nothing per sequence
+    assert first.duration == pytest.approx(0.01 + 20 * 1e-4)
+    e.add_request(EngineRequest("c", 10, 8))
+    joined = e.step(first.end)  # c joins a step in which a and b decode: 2 x 1 ms
+    assert joined.duration == pytest.approx(profile().step_time(2, 10, joined.context_tokens) + 2 * 0.001)
+    assert "request_step_s_per_seq: 0.001" in profile(request_step_s_per_seq=0.001).to_yaml()
+    with pytest.raises(ValueError):
+        profile(request_step_s_per_seq=0.5)
 
 
 def test_a_request_waits_out_the_fixed_overhead_before_its_first_step():
