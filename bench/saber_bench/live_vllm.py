@@ -117,6 +117,10 @@ def decode_step(p: LatencyProfile, batch: int) -> float:
     return p.step_time(batch, 0, round(batch * mean_context()))
 
 
+PROBE_SEED0 = 900  # the capacity probes' arrival seeds: 900, 901, ... in the order probed
+WARM_SEED0 = 1000  # saber-warm's warm-up arrivals: seed WARM_SEED0 + the run's seed, at the capacity
+
+
 def join_cost(p: LatencyProfile, batch: int) -> float:
     """Engine seconds a request costs the step it joins a batch of `batch` decoding in."""
     return p.request_step_s + p.request_step_s_per_seq * batch
@@ -158,7 +162,7 @@ async def probe_capacity(relay_url: str, engine_url: str, model: str, scaled: Sc
     from .capacity import search_capacity
     from .live import replay
 
-    seeds = iter(range(900, 900 + steps))  # other arrivals for every probe
+    seeds = iter(range(PROBE_SEED0, PROBE_SEED0 + steps))  # other arrivals for every probe
 
     async with aiohttp.ClientSession() as session:
         async def counter(text):
@@ -289,7 +293,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                 rate = round(load * scaled.capacity_rps, 3)
                 for seed in range(seeds):
                     arrivals[(load, seed)] = await make_specs(scaled, rate, seed, requests, counter)
-                    arrivals[("warm", load, seed)] = await make_specs(scaled, scaled.capacity_rps, 1000 + seed,
+                    arrivals[("warm", load, seed)] = await make_specs(scaled, scaled.capacity_rps, WARM_SEED0 + seed,
                                                                       warmup, counter, tag="w")
         cells = []
         t = time.perf_counter()

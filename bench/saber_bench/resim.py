@@ -25,12 +25,18 @@ from typing import Any
 
 from saber_emulator.profile import LatencyProfile
 
-from .live_vllm import ENGINE_MAX_NUM_SEQS, Scaled, make_specs, scale_workload, sim_agreement, simulate_proof
+from .live_vllm import (
+    ENGINE_MAX_NUM_SEQS,
+    PROBE_SEED0,
+    WARM_SEED0,
+    Scaled,
+    make_specs,
+    scale_workload,
+    sim_agreement,
+    simulate_proof,
+)
 from .metrics import run_stats
 from .report import markdown_table
-
-PROBE_SEED0 = 900  # `probe_capacity`'s first arrival seed
-WARM_SEED0 = 1000  # saber-warm's warm-up arrivals: seed 1000 + the run's seed, at the capacity
 
 
 class ResimError(ValueError):
