@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,6 +148,24 @@ def window_spans(streams: list[_Stream]) -> list[tuple[int, float]]:
         if len(inside) >= 2 and inside[-1][0] > inside[0][0] and inside[-1][1] - inside[0][1] >= MIN_WINDOW_TOKENS:
             spans.append((inside[-1][1] - inside[0][1], inside[-1][0] - inside[0][0]))
     return spans
+
+
+REFERENCE_N = 16  # streams of the reference wave (`reference_speed`)
+REFERENCE_TOKENS = 128
+
+
+async def reference_speed(url: str, model: str, seed: int, n: int = REFERENCE_N, tokens: int = REFERENCE_TOKENS) -> float:
+    """Mean per-request decode speed (tokens/s) of one closed wave of n streams: a reading of how fast
+    the engine runs right now, to set beside the same reading taken at calibration (a shared or
+    virtual machine drifts over minutes). NaN when no stream decoded alongside the others."""
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        pool, _ = await token_pool(session, url.rstrip("/"), model)
+        prompts = _Prompts(pool, seed)
+        streams = await asyncio.gather(*(_stream(session, url.rstrip("/"), model, prompts.make(DECODE_PROMPT_TOKENS),
+                                                 tokens) for _ in range(n)))
+    speeds = window_speeds(list(streams))
+    return sum(speeds) / len(speeds) if speeds else math.nan
 
 
 def window_speeds(streams: list[_Stream]) -> list[float]:

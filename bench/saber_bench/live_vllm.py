@@ -119,6 +119,7 @@ def decode_step(p: LatencyProfile, batch: int) -> float:
 
 PROBE_SEED0 = 900  # the capacity probes' arrival seeds: 900, 901, ... in the order probed
 WARM_SEED0 = 1000  # saber-warm's warm-up arrivals: seed WARM_SEED0 + the run's seed, at the capacity
+REFERENCE_SEED0 = 5000  # the reference waves' prompts (`calibrate.reference_speed`)
 
 
 def join_cost(p: LatencyProfile, batch: int) -> float:
@@ -247,7 +248,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
     import aiohttp
     import yaml
 
-    from .calibrate import calibrate, count_tokens, summary_line, write_outputs
+    from .calibrate import calibrate, count_tokens, reference_speed, summary_line, write_outputs
     from .live import LiveError, _dump_records, replay, start_sidecar
 
     check_policies(list(policies))
@@ -284,6 +285,11 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
         finally:
             relay.stop()
         print(f"workload: {json.dumps(scaled.to_json())}", flush=True)
+        # The engine's speed now, read the same way as before each run (`reference_speed`): the sim
+        # of a run can then use the profile scaled to how fast the machine ran at that run.
+        refs = [await reference_speed(engine_url, model, REFERENCE_SEED0 + i) for i in range(3)]
+        ref0 = sorted(refs)[1]
+        timings["reference_speed_tok_s"] = ref0
         async with aiohttp.ClientSession() as session:
             async def counter(text):
                 return await count_tokens(session, engine_url, model, text)
@@ -296,6 +302,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                     arrivals[("warm", load, seed)] = await make_specs(scaled, scaled.capacity_rps, WARM_SEED0 + seed,
                                                                       warmup, counter, tag="w")
         cells = []
+        speed_ratio: dict[tuple[float, str, int], float] = {}  # engine speed before each run / at calibration
         t = time.perf_counter()
         for policy in policies:
             cfg = policy_config(policy, scaled, profile, max_num_seqs)
@@ -306,6 +313,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
             rate = round(load * scaled.capacity_rps, 3)
             runs: dict[str, list] = {p: [] for p in policies}
             ratios: dict[str, list] = {p: [] for p in policies}
+            drift: dict[str, list] = {p: [] for p in policies}
             lags: dict[str, list] = {p: [] for p in policies}
             for seed in range(seeds):
                 # Policies in a rotated order per seed: a slow minute of a shared machine then falls
@@ -315,6 +323,9 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                     sidecar = await start_sidecar(engine_url, out / "configs" / f"{policy}.yaml", logs,
                                                   f"sidecar-{policy}")
                     try:
+                        ref = await reference_speed(engine_url, model, REFERENCE_SEED0 + 3 + len(speed_ratio))
+                        speed_ratio[(load, policy, seed)] = ref / ref0 if ref0 > 0 and ref > 0 else 1.0
+                        drift[policy].append(speed_ratio[(load, policy, seed)])
                         if policy == "saber-warm":
                             await replay(sidecar.url, model, arrivals[("warm", load, seed)])
                         records, info = await replay(sidecar.url, model, arrivals[(load, seed)],
@@ -331,6 +342,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                 cell.update(combine_seeds(runs[policy]))
                 cell["errors"] = sum(r.unfinished for r in runs[policy])
                 cell["send_lag_max_s"] = max(lags[policy])
+                cell["speed_ratio_per_seed"] = drift[policy]
                 cell["ratios"] = ratios[policy]
                 cells.append(cell)
                 print(f"  {load:g}x {policy:>16}: goodput {100 * cell['goodput']:.1f}%  rejected "
@@ -339,11 +351,13 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
     finally:
         if server is not None:
             server.stop()
-    sim = sim_table = None
+    sim = sim_table = sim_drift = None
     if compare_sim:
         t = time.perf_counter()
         sim = simulate_proof(arrivals, scaled, profile, loads, policies, seeds, max_num_seqs,
                              records_dir=out / "requests")
+        sim_drift = simulate_proof(arrivals, scaled, profile, loads, policies, seeds, max_num_seqs,
+                                   speed_ratio=speed_ratio)
         # The step table alone (what the simulator had before the per-request costs were measured).
         table_only = profile.model_copy(update={"request_overhead_s": 0.0, "request_step_s": 0.0,
                                                 "request_step_s_per_seq": 0.0})
@@ -351,15 +365,30 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
         timings["sim_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return write_proof(out, cells, sim, scaled, profile, timings, loads, policies, seeds, requests, warmup,
-                       sim_table=sim_table)
+                       sim_table=sim_table, sim_drift=sim_drift)
+
+
+def at_speed(profile: LatencyProfile, ratio: float) -> LatencyProfile:
+    """The profile of an engine running `ratio` times as fast (every engine-time term / ratio)."""
+    if not (ratio > 0 and math.isfinite(ratio)) or ratio == 1.0:
+        return profile
+    upd: dict[str, Any] = {"decode_step_s": [s / ratio for s in profile.decode_step_s]}
+    for k in ("prefill_s_per_token", "context_s_per_token", "request_step_s", "request_step_s_per_seq"):
+        upd[k] = getattr(profile, k) / ratio
+    if profile.prefill_only_step_s:
+        upd["prefill_only_step_s"] = profile.prefill_only_step_s / ratio
+    return LatencyProfile.model_validate(profile.model_dump() | upd)
 
 
 def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, policies, seeds: int,
-                   max_num_seqs: int, records_dir: Path | None = None) -> dict:
+                   max_num_seqs: int, records_dir: Path | None = None,
+                   speed_ratio: dict[tuple[float, str, int], float] | None = None) -> dict:
     """The same cells in virtual time on the calibrated profile: (rate, policy) -> goodput.
 
     With `records_dir`, each simulated run's per-request records go beside the live ones
-    (`{load}x-{policy}-{seed}.sim.jsonl`), for a request-by-request comparison.
+    (`{load}x-{policy}-{seed}.sim.jsonl`), for a request-by-request comparison. With `speed_ratio`
+    ((load, policy, seed) -> the engine's reference speed before that run over the one at
+    calibration), each run is simulated on the profile at that speed (`at_speed`).
     """
     from saber_emulator.engine import EngineConfig, EngineCore
     from saber_sidecar.policy import make_policy
@@ -379,8 +408,9 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
                     warm = arrivals[("warm", load, seed)]
                     shift = max(s.arrival for s in warm) + 30.0  # warm-up drained before the measured run
                     specs = warm + [replace(s, arrival=s.arrival + shift) for s in specs]
+                run_profile = at_speed(profile, speed_ratio.get((load, policy, seed), 1.0)) if speed_ratio else profile
                 engine = EngineCore(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=4096,
-                                                 max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), profile,
+                                                 max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), run_profile,
                                     seed=seed)
                 res = simulate(specs, make_policy(cfg, seed), engine, request_builder("saber", cfg),
                                engine_priority=cfg.scheduling.engine_priority)
@@ -405,31 +435,34 @@ def sim_agreement(cells, sim: dict) -> dict:
             "mean_abs_diff": sum(abs(r["diff"]) for r in rows) / len(rows) if rows else 0.0}
 
 
-def agreement_table(agree: dict, agree_table: dict | None) -> str:
+def agreement_table(agree: dict, agree_table: dict | None, agree_speed: dict | None = None) -> str:
+    """Per cell live, sim and live − sim, with the sim variants beside it: the step table alone
+    (`agree_table`) and each run at the engine speed read before it (`agree_speed`)."""
     from .report import markdown_table
 
-    head = ["load", "policy", "live %", "sim %", "live − sim"] + (
-        ["sim, step table only %", "live − sim (table only)"] if agree_table else [])
+    extras = [(name, a) for name, a in (("step table only", agree_table), ("at run speed", agree_speed)) if a]
+    head = ["load", "policy", "live %", "sim %", "live − sim"]
+    for name, _ in extras:
+        head += [f"sim, {name} %", f"live − sim ({name})"]
+    others = [{(r["rate"], r["policy"]): r for r in a.get("cells", [])} for _, a in extras]
     rows = []
-    other = {(r["rate"], r["policy"]): r for r in (agree_table or {}).get("cells", [])}
     for r in agree["cells"]:
         row = [f"{r['load']:g}x", r["policy"], f"{r['live']:.0f}", f"{r['sim']:.0f}", f"{r['diff']:+.0f}"]
-        if agree_table:
+        for other in others:
             o = other.get((r["rate"], r["policy"]))
             row += [f"{o['sim']:.0f}", f"{o['diff']:+.0f}"] if o else ["–", "–"]
         rows.append(row)
     tail = (f"\nWithin {AGREE_POINTS:g} points: {agree['within']}/{len(agree['cells'])} cells "
             f"({100 * agree['share_within']:.0f}%), mean |live − sim| {agree['mean_abs_diff']:.1f}, "
             f"max {agree['max_abs_diff']:.1f}")
-    if agree_table:
-        tail += (f"; step table only: {agree_table['within']}/{len(agree_table['cells'])} "
-                 f"({100 * agree_table['share_within']:.0f}%), mean {agree_table['mean_abs_diff']:.1f}, "
-                 f"max {agree_table['max_abs_diff']:.1f}")
+    for name, a in extras:
+        tail += (f"; {name}: {a['within']}/{len(a['cells'])} ({100 * a['share_within']:.0f}%), "
+                 f"mean {a['mean_abs_diff']:.1f}, max {a['max_abs_diff']:.1f}")
     return markdown_table(head, rows) + "\n" + tail + ".\n"
 
 
 def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, timings, loads, policies, seeds,
-                requests, warmup, sim_table: dict | None = None) -> dict:
+                requests, warmup, sim_table: dict | None = None, sim_drift: dict | None = None) -> dict:
     from .live import write_live
     from .machine import describe_machine
 
@@ -470,8 +503,11 @@ def write_proof(out: Path, cells, sim, scaled: Scaled, profile: LatencyProfile, 
         summary["sim_agreement"] = sim_agreement(cells, sim)
         if sim_table:
             summary["sim_agreement_table_only"] = sim_agreement(cells, sim_table)
+        if sim_drift:
+            summary["sim_agreement_at_run_speed"] = sim_agreement(cells, sim_drift)
         agree_md = ("\nLive (real vLLM (CPU build)) against sim on the profile calibrated from it:\n\n"
-                    + agreement_table(summary["sim_agreement"], summary.get("sim_agreement_table_only")))
+                    + agreement_table(summary["sim_agreement"], summary.get("sim_agreement_table_only"),
+                                      summary.get("sim_agreement_at_run_speed")))
         a = summary["sim_agreement"]
         print(f"sim agreement: {a['within']}/{len(a['cells'])} cells within {AGREE_POINTS:g} points "
               f"(mean |live - sim| {a['mean_abs_diff']:.1f}, max {a['max_abs_diff']:.1f})", flush=True)
