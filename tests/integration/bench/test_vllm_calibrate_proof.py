@@ -143,3 +143,10 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
     for row in agree["cells"]:
         assert row["diff"] == pytest.approx(row["live"] - row["sim"])
     assert "sim_agreement_table_only" in summary and "Within 5 points" in (tmp_path / "report.md").read_text()
+    # The engine's speed was read before every run, and each run simulated again at that speed.
+    assert meta["timings"]["reference_speed_tok_s"] > 0
+    for c in cells:
+        (ratio,) = c["speed_ratio_per_seed"]
+        assert 0.2 < ratio < 5.0, c["policy"]
+    assert len(summary["sim_agreement_at_run_speed"]["cells"]) == len(policies)
+    assert "at run speed" in (tmp_path / "report.md").read_text()

@@ -44,3 +44,15 @@ def test_the_live_noise_is_the_standard_error_of_a_cells_mean_over_its_seeds():
     assert live_se({"goodput_per_seed": [0.98, 0.94, 0.61]}) == pytest.approx(11.72, abs=0.01)
     assert live_se({"goodput_per_seed": [0.5]}) == 0.0
     assert live_se({"goodput_per_seed": [0.7, 0.7, 0.7]}) == 0.0
+
+
+def test_a_profile_at_another_speed_scales_every_engine_time_term():
+    from saber_bench.live_vllm import at_speed
+
+    p = load_run(RUN4).profile.model_copy(update={"request_step_s_per_seq": 4e-5})
+    slow = at_speed(p, 0.8)
+    assert slow.decode_step_s == pytest.approx([s / 0.8 for s in p.decode_step_s])
+    for k in ("prefill_s_per_token", "context_s_per_token", "request_step_s_per_seq"):
+        assert getattr(slow, k) == pytest.approx(getattr(p, k) / 0.8)
+    assert slow.request_overhead_s == p.request_overhead_s  # outside the engine: not its speed
+    assert at_speed(p, 1.0) is p and at_speed(p, float("nan")) is p
