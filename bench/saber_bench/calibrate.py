@@ -158,12 +158,13 @@ async def reference_speed(url: str, model: str, seed: int, n: int = REFERENCE_N,
     """Mean per-request decode speed (tokens/s) of one closed wave of n streams: a reading of how fast
     the engine runs right now, to set beside the same reading taken at calibration (a shared or
     virtual machine drifts over minutes). NaN when no stream decoded alongside the others."""
+    url = url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        pool, _ = await token_pool(session, url.rstrip("/"), model)
+        pool, _ = await token_pool(session, url, model)
         prompts = _Prompts(pool, seed)
-        streams = await asyncio.gather(*(_stream(session, url.rstrip("/"), model, prompts.make(DECODE_PROMPT_TOKENS),
-                                                 tokens) for _ in range(n)))
+        streams = await asyncio.gather(*(_stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), tokens)
+                                         for _ in range(n)))
     speeds = window_speeds(list(streams))
     return sum(speeds) / len(speeds) if speeds else math.nan
 

@@ -36,6 +36,7 @@ which the simulator does not model); their token counts come from vLLM's `/token
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import sys
@@ -287,8 +288,8 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
         print(f"workload: {json.dumps(scaled.to_json())}", flush=True)
         # The engine's speed now, read the same way as before each run (`reference_speed`): the sim
         # of a run can then use the profile scaled to how fast the machine ran at that run.
-        refs = [await reference_speed(engine_url, model, REFERENCE_SEED0 + i) for i in range(3)]
-        ref0 = sorted(refs)[1]
+        ref_seeds = itertools.count(REFERENCE_SEED0)  # fresh prompts for every reference wave
+        ref0 = sorted([await reference_speed(engine_url, model, next(ref_seeds)) for _ in range(3)])[1]
         timings["reference_speed_tok_s"] = ref0
         async with aiohttp.ClientSession() as session:
             async def counter(text):
@@ -313,7 +314,6 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
             rate = round(load * scaled.capacity_rps, 3)
             runs: dict[str, list] = {p: [] for p in policies}
             ratios: dict[str, list] = {p: [] for p in policies}
-            drift: dict[str, list] = {p: [] for p in policies}
             lags: dict[str, list] = {p: [] for p in policies}
             for seed in range(seeds):
                 # Policies in a rotated order per seed: a slow minute of a shared machine then falls
@@ -323,9 +323,8 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                     sidecar = await start_sidecar(engine_url, out / "configs" / f"{policy}.yaml", logs,
                                                   f"sidecar-{policy}")
                     try:
-                        ref = await reference_speed(engine_url, model, REFERENCE_SEED0 + 3 + len(speed_ratio))
+                        ref = await reference_speed(engine_url, model, next(ref_seeds))
                         speed_ratio[(load, policy, seed)] = ref / ref0 if ref0 > 0 and ref > 0 else 1.0
-                        drift[policy].append(speed_ratio[(load, policy, seed)])
                         if policy == "saber-warm":
                             await replay(sidecar.url, model, arrivals[("warm", load, seed)])
                         records, info = await replay(sidecar.url, model, arrivals[(load, seed)],
@@ -342,7 +341,7 @@ async def run_proof(out: Path, *, loads=LOADS, policies=POLICIES, seeds: int = S
                 cell.update(combine_seeds(runs[policy]))
                 cell["errors"] = sum(r.unfinished for r in runs[policy])
                 cell["send_lag_max_s"] = max(lags[policy])
-                cell["speed_ratio_per_seed"] = drift[policy]
+                cell["speed_ratio_per_seed"] = [speed_ratio[(load, policy, s)] for s in range(seeds)]
                 cell["ratios"] = ratios[policy]
                 cells.append(cell)
                 print(f"  {load:g}x {policy:>16}: goodput {100 * cell['goodput']:.1f}%  rejected "
@@ -380,6 +379,14 @@ def at_speed(profile: LatencyProfile, ratio: float) -> LatencyProfile:
     return LatencyProfile.model_validate(profile.model_dump() | upd)
 
 
+def cpu_engine(profile: LatencyProfile, max_num_seqs: int, seed: int):
+    """The simulated engine of the proof: the vLLM server's limits (its cap, context, token budget)."""
+    from saber_emulator.engine import EngineConfig, EngineCore
+
+    return EngineCore(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=4096,
+                                   max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), profile, seed=seed)
+
+
 def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, policies, seeds: int,
                    max_num_seqs: int, records_dir: Path | None = None,
                    speed_ratio: dict[tuple[float, str, int], float] | None = None) -> dict:
@@ -390,7 +397,6 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
     ((load, policy, seed) -> the engine's reference speed before that run over the one at
     calibration), each run is simulated on the profile at that speed (`at_speed`).
     """
-    from saber_emulator.engine import EngineConfig, EngineCore
     from saber_sidecar.policy import make_policy
 
     from .policies import request_builder
@@ -409,11 +415,8 @@ def simulate_proof(arrivals, scaled: Scaled, profile: LatencyProfile, loads, pol
                     shift = max(s.arrival for s in warm) + 30.0  # warm-up drained before the measured run
                     specs = warm + [replace(s, arrival=s.arrival + shift) for s in specs]
                 run_profile = at_speed(profile, speed_ratio.get((load, policy, seed), 1.0)) if speed_ratio else profile
-                engine = EngineCore(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=4096,
-                                                 max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), run_profile,
-                                    seed=seed)
-                res = simulate(specs, make_policy(cfg, seed), engine, request_builder("saber", cfg),
-                               engine_priority=cfg.scheduling.engine_priority)
+                res = simulate(specs, make_policy(cfg, seed), cpu_engine(run_profile, max_num_seqs, seed),
+                               request_builder("saber", cfg), engine_priority=cfg.scheduling.engine_priority)
                 measured = [r for r in res.records if not r.id.startswith("w")]
                 if records_dir is not None:
                     from .live import _dump_records

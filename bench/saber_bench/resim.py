@@ -128,20 +128,16 @@ async def rebuild(run: ProofRun, counter) -> tuple[dict, list]:
 
 def simulate_probes(run: ProofRun, probes: list, profile: LatencyProfile) -> list[dict]:
     """The capacity probes (vLLM's own cap behind a pass-through gate) in virtual time."""
-    from saber_emulator.engine import EngineConfig, EngineCore
     from saber_sidecar.policy import make_policy
 
-    from .live_vllm import policy_config
+    from .live_vllm import cpu_engine, policy_config
     from .policies import request_builder
     from .sim import simulate
-    from .vllm_server import CPU_MAX_NUM_BATCHED_TOKENS
 
     cfg = policy_config(f"static-{4 * run.max_num_seqs}", run.scaled, profile, run.max_num_seqs)
     out = []
     for rate, live, specs in probes:
-        engine = EngineCore(EngineConfig(max_num_seqs=run.max_num_seqs, max_model_len=4096,
-                                         max_num_batched_tokens=CPU_MAX_NUM_BATCHED_TOKENS), profile, seed=0)
-        res = simulate(specs, make_policy(cfg, 0), engine, request_builder("saber", cfg))
+        res = simulate(specs, make_policy(cfg, 0), cpu_engine(profile, run.max_num_seqs, 0), request_builder("saber", cfg))
         out.append({"rate": rate, "live": live, "sim": run_stats(res.records).goodput})
     return out
 
@@ -151,8 +147,9 @@ def parse_vary(text: str, profile: LatencyProfile) -> tuple[str, list[tuple[str,
     list field such as `decode_step_s` scales every entry). Returns the field and (label, profile)s."""
     field, sep, values = text.partition("=")
     field = field.strip()
-    numeric = {k for k, v in profile.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    lists = {k for k, v in profile.model_dump().items() if isinstance(v, list) and k != "decode_batch_sizes"}
+    fields = profile.model_dump()
+    numeric = {k for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    lists = {k for k, v in fields.items() if isinstance(v, list) and k != "decode_batch_sizes"}
     if not sep or field not in numeric | lists or not values.strip():
         raise ResimError(f"--vary wants FIELD=V1,V2,... with FIELD one of {', '.join(sorted(numeric | lists))} "
                          f"(a value `xF` scales the field by F); got {text!r}")
@@ -169,7 +166,7 @@ def parse_vary(text: str, profile: LatencyProfile) -> tuple[str, list[tuple[str,
         cur = getattr(profile, field)
         new = [v * x for v in cur] if field in lists else (cur * x if scale else x)
         try:
-            variants.append((f"{field}={raw}", LatencyProfile.model_validate(profile.model_dump() | {field: new})))
+            variants.append((f"{field}={raw}", LatencyProfile.model_validate(fields | {field: new})))
         except ValueError as exc:
             raise ResimError(f"--vary {field}={raw}: not a valid profile ({exc})") from None
     return field, variants
