@@ -19,16 +19,16 @@ Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that
   prompt starts differently: vLLM's prefix cache would otherwise skip the prefill being measured.
   The intercept less one step (the first knot) is `request_overhead_s`: the fixed latency of a
   request outside the engine's steps (HTTP, the relay, tokenising, streaming back).
-- **per-request cost under arrivals.** Decode waves at a middle N again, while single-token
-  requests (short prompts) arrive evenly through the wave. On a host whose cores the engine shares
-  with its API server, the relay and the clients, each arrival slows the decoding streams by the
-  CPU spent on it; the extra seconds inside the all-decoding window per arrival in it, less the
-  arrival's own prefill, is `request_step_s`. (Closed waves alone never see this cost; a stream of
-  arrivals, as in any real load, pays it on every request.) Off unless asked for
-  (`arrivals_per_wave`): on the 2-core machine it is a threshold, not a constant (0 below some
-  arrival rate, then the engine starves), and in both runs of the proof where it measured non-zero
-  (8.7 and 9.7 ms) the simulator agreed with the live cells better without it (30 against 16 of 32
-  cells within 5 points; 10 against 9 of 12): docs/BENCHMARKS.md, "Sim against live".
+- **the cost of a request joining a decoding batch.** At several N (from 4 to 3/4 of
+  `max_concurrency`), a long decode wave of N streams while single-token requests arrive one at a
+  time, spaced apart; each decoding stream's token times around the step an arrival joined, set
+  against the same stream's just before and after (`join_cost.arrival_excess`), give the decode
+  seconds that arrival cost: its prefill, the engine's work to take it in and, where the engine
+  shares its cores with the API server, the relay and the clients, the CPU they spent on it. Less the
+  prefill (charged by `prefill_s_per_token`), a line in N: `request_step_s` + N x
+  `request_step_s_per_seq`. An earlier form of this measurement read the whole wave's extra time per
+  arrival and found 9-10 ms on the 2-core machine, which made the simulator agree worse with live runs;
+  the local reading finds 0.5-1 ms there (docs/BENCHMARKS.md, "Sim against live").
 
 The result is one YAML file in the `LatencyProfile` schema (kept under 4 KB: an operator Job writes
 it to /dev/termination-log), the raw samples in a CSV beside it, and a PNG plot.
@@ -44,12 +44,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 import aiohttp
 import numpy as np
 
 from saber_emulator.profile import LatencyProfile, profile_from_speeds
+
+from .join_cost import BASELINE, SPACING_STEPS, WINDOW_AFTER, WINDOW_BEFORE, arrival_excess, fit_join_cost
 
 # Kubernetes caps a container's termination message at 4096 bytes.
 MAX_PROFILE_BYTES = 4096
@@ -82,14 +83,15 @@ def default_concurrencies(max_concurrency: int) -> list[int]:
 
 @dataclass
 class Sample:
-    kind: str  # "decode" (value: tokens/s of one request while N decode) or "prefill" (value: TTFT s)
+    # "decode"/"decode-context" (value: tokens/s of one request while N decode), "prefill" (value: TTFT
+    # s), "join" (value: decode seconds one arrival cost the N streams decoding, each)
+    kind: str
     concurrency: int
     prompt_tokens: int
     round: int
     value: float
     tokens: int = 0
     target: int = 0  # prefill: the prompt length asked for (prompt_tokens is what the engine counted)
-    injected: int = 0  # decode-loaded: single-token requests that arrived inside this stream's window
 
 
 @dataclass
@@ -251,7 +253,7 @@ async def calibrate(
     prompt_lengths: tuple[int, ...] | list[int] = DEFAULT_PROMPT_LENGTHS,
     prefill_repeats: int = 3,
     context_tokens: int = 1024,
-    arrivals_per_wave: int = 0,
+    join_tokens: int = 512,
     duration_s: float = 300.0,
     name: str | None = None,
     progress: bool = True,
@@ -259,9 +261,9 @@ async def calibrate(
     """Measure the engine at `url`; returns its profile and the raw samples.
 
     `context_tokens` > 0 also measures the cost of KV context (decode waves with prompts that long;
-    0 skips it and leaves `context_s_per_token` 0). `arrivals_per_wave` single-token requests arrive
-    through each loaded wave at the middle N (default 0: the measurement is skipped and
-    `request_step_s` left 0; half that N is what the proof's runs used). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
+    0 skips it and leaves `context_s_per_token` 0). `join_tokens`: tokens per request of the waves that
+    measure the cost of a request joining the batch (0 skips them and leaves `request_step_s` and
+    `request_step_s_per_seq` 0; keep prompt + this under the engine's max-model-len). `duration_s` bounds the run: once spent, the remaining waves are skipped (the profile is fit on
     what was measured; at least one decode level and two prompt lengths are needed).
     """
     url = url.rstrip("/")
@@ -275,18 +277,23 @@ async def calibrate(
         raise ValueError("need at least two distinct prompt lengths >= 1")
     # Context cost: the same waves with long prompts at the smallest, a middle and the largest N.
     ctx_levels = sorted({levels[0], levels[len(levels) // 2], levels[-1]}) if context_tokens else []
-    # Per-request cost: waves at a middle N (16 by default) with arrivals through them.
-    load_n = levels[len(levels) // 2]
-    n_arrivals = arrivals_per_wave
-    if n_arrivals < 0:
-        raise ValueError("arrivals_per_wave must be >= 0")
+    # Join cost: N below the engine's cap (an arrival must find a seat) and up to 3/4 of it.
+    top = max_concurrency * 3 // 4
+    join_levels = sorted({n for n in levels if 4 <= n < max_concurrency} | ({top} if top >= 4 else set()))
+    if join_tokens < 0:
+        raise ValueError("join_tokens must be >= 0")
+    if 0 < join_tokens < 4 * SPACING_STEPS:
+        raise ValueError(f"join_tokens must be 0 (skip) or >= {4 * SPACING_STEPS}: each wave needs room for a few "
+                         "spaced arrivals")
+    if not join_tokens:
+        join_levels = []
     t0 = time.perf_counter()
     samples: list[Sample] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=(len(levels) + len(ctx_levels) + (1 if n_arrivals else 0)) * rounds
+        bar = tqdm(total=(len(levels) + len(ctx_levels) + 2 * len(join_levels)) * rounds
                    + len(lengths) * prefill_repeats + 1, unit="wave",
                    desc="saber calibrate")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -311,26 +318,14 @@ async def calibrate(
                     if time.perf_counter() - t0 > duration_s and any(s.kind == "decode" for s in samples):
                         skipped = True
                         break
-                    decodes = [_stream(session, url, model, prompts.make(prompt_len), decode_tokens) for _ in range(n)]
-                    sent: list[float] = []
-                    streams: list[_Stream]
-                    if kind == "decode-loaded":
-                        # Spread over the wave as the unloaded level predicts it lasts.
-                        wave_s = decode_tokens * step_of(n)
-
-                        *decoded, _ = await asyncio.gather(*decodes, asyncio.gather(
-                            *(arrival(wave_s * (i + 0.5) / n_arrivals, sent) for i in range(n_arrivals))))
-                        streams = cast("list[_Stream]", decoded)  # the decodes' results (gather mixes the types)
-                    else:
-                        streams = await asyncio.gather(*decodes)
+                    streams = await asyncio.gather(*(_stream(session, url, model, prompts.make(prompt_len),
+                                                             decode_tokens) for _ in range(n)))
                     spans = window_spans(streams)
                     if len(spans) * 2 < n:
                         continue
                     good += 1
-                    lo, hi = max(s.chunks[0][0] for s in streams), min(s.chunks[-1][0] for s in streams)
-                    inside = sum(lo <= t <= hi for t in sent)
                     # tokens = the tokens counted in the window (the level's speed weighs by them).
-                    samples.extend(Sample(kind, n, prompt_len, r, k / dt, k, injected=inside) for k, dt in spans)
+                    samples.extend(Sample(kind, n, prompt_len, r, k / dt, k) for k, dt in spans)
                     if bar:
                         bar.update()
 
@@ -339,17 +334,18 @@ async def calibrate(
             for n in ctx_levels:
                 await waves(n, context_tokens, "decode-context")
 
-            async def arrival(delay: float, sent: list[float]) -> None:
-                await asyncio.sleep(delay)
-                sent.append(time.perf_counter())
-                await _stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), 1)
-
-            def step_of(n: int) -> float:
-                dec = [x for x in samples if x.kind == "decode" and x.concurrency == n]
-                return sum(x.tokens / x.value for x in dec) / sum(x.tokens for x in dec) if dec else 0.01
-
-            if n_arrivals:
-                await waves(load_n, DECODE_PROMPT_TOKENS, "decode-loaded")
+            if join_levels:
+                steps = _step_means(samples, "decode")
+                # Twice the rounds: a join costs a fraction of the steps' own spread around it.
+                for r in range(2 * rounds):
+                    for n in join_levels:
+                        if time.perf_counter() - t0 > duration_s:
+                            skipped = True
+                            break
+                        step = float(np.interp(n, sorted(steps), [steps[k] for k in sorted(steps)]))
+                        samples.extend(await _join_wave(session, url, model, prompts, n, join_tokens, step, r))
+                        if bar:
+                            bar.update()
             # An untimed pass first (rep -1): the first request at a new prompt length costs 2-4x the
             # next ones on vLLM's CPU build (kernels set up per shape), which steady traffic never pays.
             # Then longest first, then interleaved, so a drift in machine load does not tilt the slope.
@@ -378,19 +374,49 @@ async def calibrate(
     return _build(samples, url, model, name, exact, skipped, time.perf_counter() - t0, decode_tokens)
 
 
+async def _join_wave(session: aiohttp.ClientSession, url: str, model: str, prompts: _Prompts, n: int,
+                     tokens: int, step: float, r: int) -> list[Sample]:
+    """One wave of n decoding streams with single-token requests sent one at a time through it,
+    SPACING_STEPS apart; a "join" sample (value: decode seconds it cost) per arrival that could be read."""
+    decodes = [asyncio.ensure_future(_stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), tokens))
+               for _ in range(n)]
+    t_start = time.perf_counter()
+    # From when all n are decoding plus a baseline's worth of steps, to a window and baseline before
+    # the wave's end as its first step predicts it (the steps grow with context: it ends later).
+    await asyncio.sleep(0.05 + (WINDOW_BEFORE + BASELINE + 5) * step)
+    end_by = t_start + tokens * step - (WINDOW_AFTER + BASELINE + 10) * step
+    firsts: list[float] = []
+    while time.perf_counter() < end_by and not any(d.done() for d in decodes):
+        s = await _stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), 1)
+        assert s.first is not None, "the engine streamed no token"
+        firsts.append(s.first)
+        await asyncio.sleep(SPACING_STEPS * step)
+    streams = [x.chunks for x in await asyncio.gather(*decodes)]
+    out = []
+    for f in firsts:
+        x = arrival_excess(streams, f)
+        if x is not None:
+            out.append(Sample("join", n, DECODE_PROMPT_TOKENS, r, x))
+    return out
+
+
+def _step_means(samples: list[Sample], kind: str) -> dict[int, float]:
+    """Step time at N = all tokens counted in the windows / all their seconds (a ratio of sums): when
+    the client reads a stream late, its chunks bunch up and its own speed looks high over a short
+    span; weighing by span keeps such a stream from pulling the level's mean."""
+    toks: dict[int, float] = {}
+    secs: dict[int, float] = {}
+    for s in samples:
+        if s.kind == kind:
+            toks[s.concurrency] = toks.get(s.concurrency, 0.0) + s.tokens
+            secs[s.concurrency] = secs.get(s.concurrency, 0.0) + s.tokens / s.value
+    return {n: secs[n] / toks[n] for n in toks}
+
+
 def _build(samples: list[Sample], url: str, model: str, name: str | None, exact: bool, skipped: bool,
            elapsed: float, decode_tokens: int = 192) -> Calibration:
     def step_means(kind: str) -> dict[int, float]:
-        # Step time at N = all tokens counted in the windows / all their seconds (a ratio of sums):
-        # when the client reads a stream late, its chunks bunch up and its own speed looks high over
-        # a short span; weighing by span keeps such a stream from pulling the level's mean.
-        toks: dict[int, float] = {}
-        secs: dict[int, float] = {}
-        for s in samples:
-            if s.kind == kind:
-                toks[s.concurrency] = toks.get(s.concurrency, 0.0) + s.tokens
-                secs[s.concurrency] = secs.get(s.concurrency, 0.0) + s.tokens / s.value
-        return {n: secs[n] / toks[n] for n in toks}
+        return _step_means(samples, kind)
 
     short = step_means("decode")
     if not short:
@@ -424,15 +450,8 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
     # request spends outside the engine; that rest is the per-request fixed latency.
     first_step = steps[min(steps)]
     overhead = min(max(intercept - first_step, 0.0), 10.0)
-    # Per-request engine cost under arrivals: the loaded waves' extra seconds in their windows over
-    # the unloaded level's, per arrival inside the window, less that arrival's own prefill.
-    loaded = [s for s in samples if s.kind == "decode-loaded" and s.concurrency in short]
-    req_step = 0.0
-    if loaded:
-        extra_s = sum(s.tokens / s.value - s.tokens * short[s.concurrency] for s in loaded)
-        arrivals = sum(s.injected for s in loaded)
-        if arrivals:
-            req_step = float(min(max(extra_s / arrivals - DECODE_PROMPT_TOKENS * slope, 0.0), 1.0))
+    joins = [s for s in samples if s.kind == "join"]
+    req_step, per_seq = fit_join_cost([(s.concurrency, s.value) for s in joins], DECODE_PROMPT_TOKENS * slope)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
     text = (
         f"Measured by saber calibrate at {stamp} against {url} (model {model}) in {elapsed:.0f} s. "
@@ -442,14 +461,15 @@ def _build(samples: list[Sample], url: str, model: str, name: str | None, exact:
         + f". Prefill: TTFT of single requests with prompts of {[round(x) for x in lengths]} tokens "
         f"({'text, counted by /tokenize' if exact else 'token-id prompts'}), least-squares slope; "
         f"intercept {intercept * 1000:.1f} ms, less one step = request_overhead_s."
-        + (f" request_step_s: decode waves at N={sorted({s.concurrency for s in loaded})} with "
-           f"{sum(s.injected for s in loaded)} single-token arrivals inside their windows (all streams)." if loaded else "")
+        + (f" Join cost: {len(joins)} single-token arrivals into decode waves at "
+           f"N={sorted({s.concurrency for s in joins})}, the streams' extra time around each, less its prefill, "
+           f"a line in N." if joins else "")
         + (" Cut short by the duration limit." if skipped else "")
     )
     profile = profile_from_speeds(
         means, name or f"calibrated-{model}"[:200], prefill_s_per_token=slope, description=text,
         context_s_per_token=_sig(ctx_cost),
-        request_overhead_s=_sig(overhead), request_step_s=_sig(req_step),
+        request_overhead_s=_sig(overhead), request_step_s=_sig(req_step), request_step_s_per_seq=_sig(per_seq),
     )
     # Six significant digits: far finer than the measurement, and a short readable file.
     profile = profile.model_copy(update={
@@ -476,11 +496,11 @@ def write_outputs(cal: Calibration, out: str | Path, plot: bool = True) -> dict[
     csv_path = out.with_suffix(".samples.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens",
-                    "arrivals_in_window"])
+        w.writerow(["kind", "concurrency", "prompt_tokens", "target_prompt_tokens", "round", "value", "unit", "tokens"])
+        units = {"prefill": "ttft_s", "join": "excess_s"}
         for s in cal.samples:
             w.writerow([s.kind, s.concurrency, s.prompt_tokens, s.target or "", s.round, f"{s.value:.6g}",
-                        "ttft_s" if s.kind == "prefill" else "tokens_per_s", s.tokens, s.injected or ""])
+                        units.get(s.kind, "tokens_per_s"), s.tokens])
     paths["samples"] = csv_path
     if plot:
         paths["plot"] = plot_calibration(cal, out.with_suffix(".png"))
@@ -528,6 +548,7 @@ def summary_line(cal: Calibration) -> str:
     p = cal.profile
     speeds = ", ".join(f"N={n}: {p.speed(n):.0f}" for n in p.decode_batch_sizes)
     return (f"prefill {p.prefill_s_per_token * 1000:.3f} ms/token (intercept {cal.prefill_fit[0] * 1000:.1f} ms); "
-            f"per request: overhead {p.request_overhead_s * 1000:.1f} ms, engine {p.request_step_s * 1000:.2f} ms; "
+            f"per request: overhead {p.request_overhead_s * 1000:.1f} ms, engine {p.request_step_s * 1000:.2f} ms "
+            f"+ {p.request_step_s_per_seq * 1e6:.1f} us per sequence decoding; "
             f"decode tokens/s per request {speeds}; {cal.elapsed_s:.0f} s")
 

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "against the number of requests decoding together (waves of N concurrent streamed ignore_eos "
         "completions, counted only while all N decode), and prefill cost per prompt token (TTFT of single "
         "requests at several prompt lengths, least-squares slope), and the cost of KV context (the same waves with "
-        "long prompts). Writes one YAML profile (LatencyProfile "
+        "long prompts), and what a request costs the batch it joins (single-token arrivals into decode waves). "
+        "Writes one YAML profile (LatencyProfile "
         "schema, under 4 KB) that `scheduling.engine_profile` of the sidecar config, `saber bench sim "
         "--profile` and `saber emulator --profile` accept; the raw samples go to FILE.samples.csv and a plot "
         "to FILE.png. Send nothing else to the engine meanwhile. Takes about a minute on a small engine.",
@@ -39,12 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context-tokens", type=int, default=1024,
                    help="prompt length of the extra decode waves that measure the cost of KV context "
                    "(context_s_per_token); 0 skips them (default 1024)")
-    p.add_argument("--arrivals-per-wave", type=int, default=0,
-                   help="single-token requests sent through each wave at the middle concurrency, to measure the "
-                   "engine time each request costs under arrivals (request_step_s; half that concurrency is a "
-                   "start). Default 0: skipped, request_step_s 0. Where the client, relay and engine share a "
-                   "few cores this cost is a threshold, not a constant, and a simulator charging it per "
-                   "request agreed worse with live runs (docs/BENCHMARKS.md)")
+    p.add_argument("--join-tokens", type=int, default=512,
+                   help="tokens per request of the waves that measure what a request costs the batch it joins "
+                   "(request_step_s + N x request_step_s_per_seq, from the decoding streams' token times around "
+                   "each of a few spaced single-token arrivals, N from 4 to 3/4 of --max-concurrency); keep "
+                   "16 + this under the engine's max-model-len; 0 skips it and leaves both 0 (default 512)")
     p.add_argument("--duration", type=float, default=300.0,
                    help="time budget in seconds: once spent, remaining waves are skipped and the profile is "
                    "fit on what was measured (default 300)")
@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
             args.engine_url, args.model, max_concurrency=args.max_concurrency, concurrencies=args.concurrency,
             decode_tokens=args.decode_tokens, rounds=args.rounds,
             prompt_lengths=args.prompt_lengths or DEFAULT_PROMPT_LENGTHS, prefill_repeats=args.prefill_repeats,
-            context_tokens=args.context_tokens, arrivals_per_wave=args.arrivals_per_wave,
+            context_tokens=args.context_tokens, join_tokens=args.join_tokens,
             duration_s=args.duration, name=args.name,
             progress=not args.no_progress,
         ))

@@ -8,7 +8,7 @@ Step time = decode_time(num_decode_seqs) + prefill_tokens * prefill_s_per_token
             + new_requests * (request_step_s + request_step_s_per_seq * num_decode_seqs)
 
 Per-request costs outside the step table, all 0 by default (the paper profile has none);
-`saber calibrate` measures the first two on a real serving stack, where they are what separates a
+`saber calibrate` measures them on a real serving stack, where they are what separates a
 request's latency from the engine's steps:
 - `request_overhead_s`: fixed latency of every request outside the engine (HTTP, the relay,
   tokenising, streaming the first token back): the engine takes a request into a batch no earlier
@@ -17,8 +17,8 @@ request's latency from the engine's steps:
   on a host whose cores the engine shares with its API server, the relay and the clients, the CPU
   they spend on each request is taken from the engine's steps.
 - `request_step_s_per_seq`: the same, per sequence decoding in the step it joins (a join that costs
-  in proportion to the batch). Not measured by `saber calibrate` yet; set by hand or varied with
-  `saber bench resim` (docs/BENCHMARKS.md, "Sim against live").
+  in proportion to the batch). `saber calibrate` measures both from single arrivals into decode
+  waves at several batch sizes; `saber bench resim` varies them against a kept live run.
 
 `decode_time` is a monotone piecewise-linear table over the number of sequences decoding in the
 step, exact at its knots. Calibrated from a measured speed curve v(L) (tokens/s per request while L
@@ -221,6 +221,7 @@ def profile_from_speeds(
     prefill_only_step_s: float | None = None,
     request_overhead_s: float = 0.0,
     request_step_s: float = 0.0,
+    request_step_s_per_seq: float = 0.0,
 ) -> LatencyProfile:
     """A profile whose step time at each batch size L is 1 / mean speed at L (tokens/s per request).
 
@@ -247,6 +248,7 @@ def profile_from_speeds(
         prefill_only_step_s=prefill_only_step_s,
         request_overhead_s=request_overhead_s,
         request_step_s=request_step_s,
+        request_step_s_per_seq=request_step_s_per_seq,
     )
 
 

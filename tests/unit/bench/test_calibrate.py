@@ -97,7 +97,7 @@ def test_fit_recovers_speeds_and_prefill_line_exactly_from_clean_samples():
     # The intercept is one step (the first knot, 4 ms) plus 2 ms outside the engine.
     assert p.prefill_only_step_s is None
     assert p.request_overhead_s == pytest.approx(0.002, rel=1e-4)
-    assert p.request_step_s == 0.0  # no loaded waves measured
+    assert p.request_step_s == 0.0 and p.request_step_s_per_seq == 0.0  # no join waves measured
     assert "http://e" in p.description and "counted by /tokenize" in p.description
 
 
@@ -197,22 +197,21 @@ def test_calibrate_command_is_registered_and_checks_its_arguments(capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
-def test_loaded_waves_give_the_engine_cost_per_arrival_less_its_prefill():
+def test_join_samples_give_the_per_request_costs_less_the_prefill():
     steps = {1: 0.004, 4: 0.005, 16: 0.008, 64: 0.02}
     samples = _samples(steps, 0.006, 2e-5)
-    # 16 streams, 96 tokens each in the window at 8 ms/token = 0.768 s; 12 arrivals inside it made
-    # the window 0.768 + 12 x (1 ms + 16 tokens x 2e-5 s of prefill) s long for every stream.
-    window = 96 * 0.008 + 12 * (0.001 + 16 * 2e-5)
-    samples += [Sample("decode-loaded", 16, 16, r, 96 / window, 96, injected=12) for r in range(16)]
+    # Each arrival cost the streams its 16-token prefill (0.32 ms) + 1 ms + N x 50 us.
+    samples += [Sample("join", n, 16, r, 16 * 2e-5 + 0.001 + n * 5e-5) for n in (4, 16, 48) for r in range(3)]
     p = _build(samples, "u", "m", None, False, False, 1.0).profile
     assert p.request_step_s == pytest.approx(0.001, rel=1e-3)
-    assert p.decode_step_s == pytest.approx(list(steps.values()), rel=1e-5)  # the table ignores loaded waves
-    assert "request_step_s" in p.description
+    assert p.request_step_s_per_seq == pytest.approx(5e-5, rel=1e-3)
+    assert p.decode_step_s == pytest.approx(list(steps.values()), rel=1e-5)  # the table ignores the join waves
+    assert "9 single-token arrivals" in p.description and "N=[4, 16, 48]" in p.description
 
 
-def test_loaded_waves_no_slower_than_closed_ones_give_no_cost():
+def test_joins_that_cost_only_their_prefill_give_no_cost():
     steps = {1: 0.004, 16: 0.008}
-    samples = _samples(steps, 0.003, 2e-5) + [Sample("decode-loaded", 16, 16, 0, 1 / 0.0079, 96, injected=10)]
+    samples = _samples(steps, 0.003, 2e-5) + [Sample("join", n, 16, 0, 16 * 2e-5 * 0.9) for n in (4, 16)]
     p = _build(samples, "u", "m", None, False, False, 1.0).profile
-    assert p.request_step_s == 0.0
+    assert p.request_step_s == 0.0 and p.request_step_s_per_seq == 0.0
     assert p.request_overhead_s == 0.0  # intercept below one step: clamped, not negative
