@@ -1,6 +1,6 @@
 """`saber calibrate`: measure an OpenAI-compatible engine and write its latency profile.
 
-Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that streams
+Measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that streams
 `/v1/completions` and honours `ignore_eos`):
 
 - **decode speed against concurrency.** For each N (1, 2, 4, ... up to `max_concurrency`), waves of N
@@ -28,7 +28,7 @@ Two measurements, over plain HTTP (vLLM, or `saber emulator`, or any engine that
   prefill (charged by `prefill_s_per_token`), a line in N: `request_step_s` + N x
   `request_step_s_per_seq`. An earlier form of this measurement read the whole wave's extra time per
   arrival and found 9-10 ms on the 2-core machine, which made the simulator agree worse with live runs;
-  the local reading finds 0.5-1 ms there (docs/BENCHMARKS.md, "Sim against live").
+  the local reading finds 0.35-0.5 ms + 3-30 us x N there (docs/BENCHMARKS.md, run 9).
 
 The result is one YAML file in the `LatencyProfile` schema (kept under 4 KB: an operator Job writes
 it to /dev/termination-log), the raw samples in a CSV beside it, and a PNG plot.
@@ -386,12 +386,16 @@ async def _join_wave(session: aiohttp.ClientSession, url: str, model: str, promp
     await asyncio.sleep(0.05 + (WINDOW_BEFORE + BASELINE + 5) * step)
     end_by = t_start + tokens * step - (WINDOW_AFTER + BASELINE + 10) * step
     firsts: list[float] = []
-    while time.perf_counter() < end_by and not any(d.done() for d in decodes):
-        s = await _stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), 1)
-        assert s.first is not None, "the engine streamed no token"
-        firsts.append(s.first)
-        await asyncio.sleep(SPACING_STEPS * step)
-    streams = [x.chunks for x in await asyncio.gather(*decodes)]
+    try:
+        while time.perf_counter() < end_by and not any(d.done() for d in decodes):
+            s = await _stream(session, url, model, prompts.make(DECODE_PROMPT_TOKENS), 1)
+            assert s.first is not None  # _stream raises when no token came
+            firsts.append(s.first)
+            await asyncio.sleep(SPACING_STEPS * step)
+        streams = [x.chunks for x in await asyncio.gather(*decodes)]
+    finally:
+        for d in decodes:  # an arrival that failed leaves no wave streaming behind it
+            d.cancel()
     out = []
     for f in firsts:
         x = arrival_excess(streams, f)
@@ -415,16 +419,13 @@ def _step_means(samples: list[Sample], kind: str) -> dict[int, float]:
 
 def _build(samples: list[Sample], url: str, model: str, name: str | None, exact: bool, skipped: bool,
            elapsed: float, decode_tokens: int = 192) -> Calibration:
-    def step_means(kind: str) -> dict[int, float]:
-        return _step_means(samples, kind)
-
-    short = step_means("decode")
+    short = _step_means(samples, "decode")
     if not short:
         raise CalibrationError("no decode samples: every wave ended before all its streams were decoding "
                                "(raise decode_tokens)")
     # Context cost c: step(N) grows by N x (extra context per sequence) x c with long prompts. Each
     # sequence's mean context inside the window is about its prompt + half its output.
-    long_ = step_means("decode-context")
+    long_ = _step_means(samples, "decode-context")
     ctx_prompt = next((s.prompt_tokens for s in samples if s.kind == "decode-context"), 0)
     short_ctx = DECODE_PROMPT_TOKENS + decode_tokens / 2
     both = [n for n in long_ if n in short]

@@ -133,7 +133,10 @@ async def test_tiny_proof_runs_end_to_end_on_real_vllm(vllm_url, tmp_path):
     assert all(p["goodput"] < 0.9 for p in probes if p["rate"] > capacity)
     proof_profile = load_profile(str(tmp_path / "engine-profile.yaml"))
     assert proof_profile.name == meta["profile"]["name"]
-    assert proof_profile.request_step_s == 0.0  # the per-arrival cost is measured only when asked for
+    # The join cost is measured in the proof's calibration too, and the sim's profile carries it.
+    assert "Join cost:" in proof_profile.description
+    samples = (tmp_path / "engine-profile.samples.csv").read_text().splitlines()
+    assert sum(r.startswith("join,") for r in samples) >= 10
     # saber-warm saw its warm-up requests through its own sidecar before the measured run.
     warm = (tmp_path / "logs" / "sidecar-saber-warm.log")
     assert warm.exists()
