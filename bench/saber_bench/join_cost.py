@@ -9,7 +9,8 @@ it. Arrivals are spaced so that each one's window and baseline hold no other arr
 
 A local baseline, not the wave's mean: the step grows during a long wave (KV context) and a shared
 machine drifts, both far more than a join costs. On the 2-core machine, reading the whole window's
-extra time per arrival instead measured 9-10 ms; this reads 0.5-2 ms (docs/BENCHMARKS.md).
+extra time per arrival instead measured 9-10 ms; this reads 0.35-0.5 ms + 3-30 us per running
+sequence (docs/BENCHMARKS.md, run 9).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 # In tokens of a decoding stream (one per engine step) around token c, the one made in the step the
 # arrival joined: the window is the steps that made tokens c - WINDOW_BEFORE + 1 ... c + WINDOW_AFTER.
 # The request's HTTP and API-server work overlaps the few steps before its join (on the 2-core
-# machine, 4-5 of them); a wider window only adds the steps' own spread (measured: 1.5x the error).
+# machine, 4-5 of them); a wider window only adds more of the steps' own spread to each reading.
 WINDOW_BEFORE = 6
 WINDOW_AFTER = 2
 BASELINE = 16  # steps on each side beyond the window
